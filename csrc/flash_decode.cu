@@ -1,0 +1,136 @@
+// Host side of the flash-decode kernel: template dispatch (dtype x head_dim x group tile, like
+// FlashAttention's head-dim switch), the split heuristic and the launch.
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+
+#include "flash_decode.h"
+#include "flash_decode_kernel.cuh"
+
+namespace flash_decode {
+
+int group_tile_for(int group_size) {
+    // The smallest power of two that holds the group: a GQA ratio of 3 (Llama 3.2 3B, SmolLM2) runs the
+    // 4-head kernel with one idle head slot rather than a kernel per ratio.
+    int tile = 1;
+    while (tile < group_size && tile < kMaxGroupTile) tile *= 2;
+    return tile;
+}
+
+// One compiled variant of the kernel.
+struct Variant {
+    const void* kernel;  // for the occupancy query
+    int threads;
+    int rows_per_block_tile;  // the split granularity
+    void (*launch)(const Params&, dim3, cudaStream_t);
+};
+
+template <typename Element, int kHeadDim, int kGroupTile>
+static void launch_variant(const Params& params, dim3 grid, cudaStream_t stream) {
+    flash_decode_kernel<Element, kHeadDim, kGroupTile>
+        <<<grid, KernelTraits<Element, kHeadDim, kGroupTile>::kThreads, 0, stream>>>(params);
+}
+
+template <typename Element, int kHeadDim, int kGroupTile>
+static Variant make_variant() {
+    return {reinterpret_cast<const void*>(&flash_decode_kernel<Element, kHeadDim, kGroupTile>),
+            KernelTraits<Element, kHeadDim, kGroupTile>::kThreads,
+            KernelTraits<Element, kHeadDim, kGroupTile>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim, kGroupTile>};
+}
+
+// The runtime choice of dtype, head_dim and group tile -> the template instance (false: unsupported).
+template <typename Element, int kHeadDim>
+static bool select_group_tile(int group_tile, Variant* out) {
+    switch (group_tile) {
+        case 1: *out = make_variant<Element, kHeadDim, 1>(); return true;
+        case 2: *out = make_variant<Element, kHeadDim, 2>(); return true;
+        case 4: *out = make_variant<Element, kHeadDim, 4>(); return true;
+        case 8: *out = make_variant<Element, kHeadDim, 8>(); return true;
+        default: return false;
+    }
+}
+
+template <typename Element>
+static bool select_head_dim(int head_dim, int group_tile, Variant* out) {
+    switch (head_dim) {
+        case 64: return select_group_tile<Element, 64>(group_tile, out);
+        case 128: return select_group_tile<Element, 128>(group_tile, out);
+        default: return false;
+    }
+}
+
+static bool select_variant(DType dtype, int head_dim, int group_tile, Variant* out) {
+    return dtype == DType::kBFloat16 ? select_head_dim<__nv_bfloat16>(head_dim, group_tile, out)
+                                     : select_head_dim<__half>(head_dim, group_tile, out);
+}
+
+struct DeviceInfo {
+    int num_sms = 0;
+    int blocks_per_sm = 0;
+    int rows_per_block_tile = 1;
+};
+
+// Resident blocks per SM for one kernel variant on one device (asked once, then cached).
+static DeviceInfo device_info(int device, DType dtype, int head_dim, int group_tile) {
+    static std::mutex mutex;
+    static std::unordered_map<int64_t, DeviceInfo> cache;
+    const int64_t key = ((int64_t)device << 16) | ((int)dtype << 12) | (head_dim << 4) | group_tile;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    DeviceInfo info;
+    cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device);
+    Variant variant;
+    if (select_variant(dtype, head_dim, group_tile, &variant)) {
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, variant.kernel, variant.threads, 0);
+        info.rows_per_block_tile = variant.rows_per_block_tile;
+    }
+    info.num_sms = std::max(info.num_sms, 1);
+    info.blocks_per_sm = std::max(info.blocks_per_sm, 1);
+    cache[key] = info;
+    return info;
+}
+
+int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, int device) {
+    if (batch <= 0 || kv_heads <= 0 || max_seqlen <= 0) return 1;
+    const int group_size = q_heads / kv_heads;
+    const int group_tile = group_tile_for(group_size);
+    const int head_groups = (group_size + group_tile - 1) / group_tile;
+    const DeviceInfo info = device_info(device, DType::kBFloat16, head_dim, group_tile);
+    const int rows_per_tile = info.rows_per_block_tile;
+
+    const int base_blocks = batch * kv_heads * head_groups;
+    const int wave = info.num_sms * info.blocks_per_sm;
+    // No point in a split shorter than one tile of rows, nor in more splits than the combine is sized for.
+    const int max_splits = std::min(kMaxSplits, (max_seqlen + rows_per_tile - 1) / rows_per_tile);
+    if (max_splits <= 1 || base_blocks >= wave) return 1;
+
+    // Among the split counts that do not exceed one full wave, take the one whose last wave is fullest
+    // (every block of a split-KV launch does the same work, so a half-empty last wave is wasted time),
+    // preferring fewer splits (less combine work) when two are within 5%.
+    int best = 1;
+    float best_eff = 0.f;
+    for (int s = 1; s <= max_splits; ++s) {
+        const int blocks = base_blocks * s;
+        const int waves = (blocks + wave - 1) / wave;
+        if (waves > 1) break;
+        const float eff = (float)blocks / (float)(waves * wave);
+        if (eff > best_eff * 1.05f) {
+            best_eff = eff;
+            best = s;
+        }
+    }
+    return best;
+}
+
+cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
+    const int group_tile = group_tile_for(params.group_size);
+    if (params.num_splits < 1 || params.num_splits > kMaxSplits) return cudaErrorInvalidValue;
+    const dim3 grid(params.num_splits, params.batch * params.kv_heads * params.head_groups);
+    Variant variant;
+    if (!select_variant(dtype, params.head_dim, group_tile, &variant)) return cudaErrorInvalidValue;
+    variant.launch(params, grid, stream);
+    return cudaGetLastError();
+}
+
+}  // namespace flash_decode

@@ -1,0 +1,64 @@
+// Flash-decode (split-KV) attention for one new query token per sequence.
+//
+// Plain CUDA C++ interface: no torch headers, so `nvcc -c csrc/flash_decode.cu` builds on its own
+// (CI does exactly that). The torch binding lives in flash_decode_binding.cpp.
+//
+// Layouts (element strides, the last dimension of every tensor is contiguous):
+//   q        [batch, q_heads, head_dim]
+//   k, v     [batch, seq, kv_heads, head_dim]   (the model's static KV cache, FlashAttention's kvcache
+//                                              layout; any batch/seq/head strides, e.g. a batch slice)
+//   out      [batch, q_heads, head_dim]
+//   lse      [batch, q_heads] float32, natural log of sum_j exp(scale * q.k_j) (optional)
+//   seqlens  [batch] int32 on the device: valid cache rows of each sequence (ragged batches)
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace flash_decode {
+
+enum class DType { kBFloat16, kFloat16 };
+
+// Query heads that share one KV head are processed by the same thread block, at most this many at
+// a time; a larger group (GQA ratio 16, ...) is cut into several head groups.
+constexpr int kMaxGroupTile = 8;
+// Upper bound on splits of one sequence: bounds the combine's work and its shared memory.
+constexpr int kMaxSplits = 128;
+
+struct Params {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    float* lse;              // optional, nullptr when not requested
+    const int* seqlens;
+
+    // Split-KV workspace, used only when num_splits > 1.
+    float* partial_out;      // [batch, q_heads, num_splits, head_dim]
+    float* partial_lse;      // [batch, q_heads, num_splits], log2 domain
+    int* split_counters;     // [batch * kv_heads * head_groups], zero between launches (self-resetting)
+
+    int64_t q_batch_stride, q_head_stride;
+    int64_t k_batch_stride, k_seq_stride, k_head_stride;
+    int64_t v_batch_stride, v_seq_stride, v_head_stride;
+    int64_t out_batch_stride, out_head_stride;
+
+    int batch, q_heads, kv_heads, head_dim, seq_capacity;
+    int group_size;          // q_heads / kv_heads
+    int head_groups;         // ceil(group_size / group tile)
+    int num_splits;          // blocks along the sequence, >= 1
+    float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
+};
+
+// The number of splits the launcher uses when the caller passes 0: enough blocks to fill the GPU
+// once, balanced across waves, no split shorter than one tile of rows.
+int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen,
+                       int device);
+
+// The group tile (query heads per block) the launcher picks for this GQA ratio.
+int group_tile_for(int group_size);
+
+// Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued).
+cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
+
+}  // namespace flash_decode

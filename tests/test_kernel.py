@@ -1,0 +1,190 @@
+"""The CUDA flash-decode kernel against the float32 PyTorch reference.
+
+The GPU tests (marked `cuda`) run where a GPU is present; the build test compiles csrc/ with plain nvcc
+for sm_80 and sm_90 on any machine that has nvcc (CI has it and sets REQUIRE_NVCC=1 so it cannot skip).
+"""
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama3 import decode_attention_naive, decode_attention_reference
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------------------
+# Build check: nvcc only, no GPU
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernel_compiles_with_plain_nvcc_without_spills(arch, tmp_path):
+    nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not Path(nvcc).exists():
+        if os.environ.get("REQUIRE_NVCC"):
+            pytest.fail("REQUIRE_NVCC is set but nvcc was not found on PATH or in CUDA_HOME")
+        pytest.skip("nvcc not found")
+    cmd = [str(nvcc), "-O3", "-std=c++17", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v",
+           "-c", str(REPO_DIR / "csrc" / "flash_decode.cu"), "-o", str(tmp_path / "flash_decode.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc failed:\n{result.stderr}"
+    report = result.stderr
+    kernels = re.findall(r"Compiling entry function '(\w*flash_decode_kernel\w*)'", report)
+    assert len(kernels) == 16, f"expected 2 dtypes x 2 head dims x 4 group tiles, got {kernels}"
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
+    stacks = [int(n) for n in re.findall(r"(\d+) bytes stack frame", report)]
+    assert spills and max(spills) == 0, f"register spills in the kernel:\n{report}"
+    assert max(stacks) == 0, f"local-memory stack frame in the kernel:\n{report}"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU tests
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ext():
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    import load_custom_kernels
+    module = load_custom_kernels.load_kernels()
+    assert module is not None, load_custom_kernels.load_error()
+    return module
+
+
+def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, q_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    v = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    return q, k, v, gen
+
+
+def check_against_reference(ext, q, k, v, lens, num_splits=0, tol=1e-2):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
+    torch.cuda.synchronize()
+    ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
+    assert not out.isnan().any(), "unwritten or NaN output elements"
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < tol, f"relative error {err:.3e} >= {tol}"
+    empty = lens == 0
+    assert torch.equal(lse[empty], ref_lse[empty])  # -inf where nothing is attended to
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=1e-3, atol=1e-3)
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("q_heads,kv_heads", [(8, 8), (16, 8), (32, 8), (64, 8), (9, 3), (24, 8), (32, 2)])
+def test_random_shapes_and_gqa_ratios(ext, dtype, head_dim, q_heads, kv_heads):
+    # GQA ratios 1, 2, 4, 8, 3 (SmolLM2 / Llama 3.2 3B) and 16 (two head groups per KV head)
+    for trial, (batch, seq) in enumerate([(1, 1), (3, 77), (5, 1031), (2, 4099)]):
+        q, k, v, gen = make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed=trial)
+        lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        lens[0] = seq  # the full cache too
+        check_against_reference(ext, q, k, v, lens)
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("batch,seq", [(1, 65536), (16, 4097), (64, 2048)])
+def test_long_and_wide(ext, head_dim, batch, seq):
+    q, k, v, gen = make_inputs(batch, seq, 32, 8, head_dim, torch.bfloat16, seed=seq)
+    lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+    lens[0] = seq
+    check_against_reference(ext, q, k, v, lens)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 17, 128])
+def test_explicit_splits_including_empty_ones(ext, num_splits):
+    # Lengths much shorter than num_splits tiles leave splits with no rows; length 0 gives zeros.
+    q, k, v, _ = make_inputs(4, 3000, 32, 8, 64, torch.bfloat16, seed=num_splits)
+    lens = torch.tensor([1, 63, 0, 3000], dtype=torch.int32, device="cuda")
+    out = check_against_reference(ext, q, k, v, lens, num_splits=num_splits)
+    assert torch.count_nonzero(out[2]) == 0
+
+
+@needs_cuda
+def test_strided_views_of_a_larger_cache(ext):
+    # The model passes a batch slice of its [max_batch, max_seq, kv_heads, head_dim] cache and a q that
+    # is a view of the fused QKV projection.
+    max_batch, seq, q_heads, kv_heads, d = 6, 700, 32, 8, 128
+    full_k = torch.randn(max_batch, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    full_v = torch.randn(max_batch, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(3, (q_heads + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
+    q = qkv[:, : q_heads * d].view(3, q_heads, d)
+    lens = torch.tensor([700, 5, 321], dtype=torch.int32, device="cuda")
+    check_against_reference(ext, q, full_k[:3], full_v[:3], lens)
+
+
+@needs_cuda
+def test_deterministic_and_race_free(ext):
+    q, k, v, _ = make_inputs(2, 50000, 32, 8, 64, torch.bfloat16, seed=7)
+    lens = torch.tensor([50000, 31337], dtype=torch.int32, device="cuda")
+    first = ext.flash_decode(q, k, v, lens, 0.125)
+    for _ in range(20):
+        assert torch.equal(ext.flash_decode(q, k, v, lens, 0.125), first)
+
+
+@needs_cuda
+def test_cuda_graph_replay_follows_device_lengths(ext):
+    # One capture serves every decode step: the kernel reads the lengths from the device.
+    q, k, v, _ = make_inputs(2, 4096, 32, 8, 64, torch.bfloat16, seed=3)
+    lens = torch.tensor([10, 20], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    ext.flash_decode(q, k, v, lens, 0.125, out=out)  # warm-up outside capture (workspace, counters)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ext.flash_decode(q, k, v, lens, 0.125, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    for new_lens in ([1, 4096], [4000, 77], [2048, 2049]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_naive(q.float(), k.float(), v.float(), lens, 0.125)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_cuda
+def test_default_num_splits_fills_the_gpu(ext):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    long_single = ext.default_num_splits(1, 32, 8, 64, 131072)
+    assert 8 * long_single >= sms, "batch 1 long context must cover every SM"
+    assert ext.default_num_splits(1, 32, 8, 64, 64) == 1  # one tile: nothing to split
+    assert ext.default_num_splits(256, 32, 8, 64, 4096) == 1  # the batch alone fills the GPU
+
+
+@needs_cuda
+def test_bad_inputs_give_clear_errors(ext):
+    q, k, v, _ = make_inputs(2, 16, 8, 2, 64, torch.bfloat16, seed=0)
+    lens = torch.tensor([16, 16], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="head_dim 96 is not supported"):
+        q96 = torch.randn(2, 8, 96, device="cuda", dtype=torch.bfloat16)
+        ext.flash_decode(q96, q96.new_zeros(2, 16, 2, 96), q96.new_zeros(2, 16, 2, 96), lens, 0.1)
+    with pytest.raises(RuntimeError, match="use bfloat16 or float16"):
+        ext.flash_decode(q.float(), k.float(), v.float(), lens, 0.1)
+    with pytest.raises(RuntimeError, match="must all be CUDA tensors"):
+        ext.flash_decode(q.cpu(), k, v, lens, 0.1)
+    with pytest.raises(RuntimeError, match="cache_seqlens must be a 1-D int32"):
+        ext.flash_decode(q, k, v, lens.long(), 0.1)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        ext.flash_decode(q[:, :7], k, v, lens, 0.1)
+    with pytest.raises(RuntimeError, match="contiguous in its last"):
+        ext.flash_decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, lens, 0.1)
+    with pytest.raises(RuntimeError, match="batch mismatch"):
+        ext.flash_decode(q, k[:1], v[:1], lens, 0.1)
