@@ -492,10 +492,7 @@ class Transformer(nn.Module):
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
         device, B = self.device, len(lens)
-        tokens = torch.zeros(B, max(lens), dtype=torch.long)
-        for b, p in enumerate(prompt_tokens):
-            tokens[b, :len(p)] = torch.tensor(p)
-        tokens, prompt_lens = tokens.to(device), torch.tensor(lens, device=device)
+        tokens, prompt_lens = pad_prompts(prompt_tokens, device)
         generator = torch.Generator(device=device)
         if seed is None:
             generator.seed()
@@ -633,6 +630,14 @@ class Transformer(nn.Module):
                 p + "mlp.down_proj.weight": layer.feed_forward.w_down.weight.data,
             })
         return targets
+
+
+def pad_prompts(prompt_tokens: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [B, T] (long) and prompt lengths [B], the input of Transformer.prefill."""
+    tokens = torch.zeros(len(prompt_tokens), max(map(len, prompt_tokens)), dtype=torch.long)
+    for b, p in enumerate(prompt_tokens):
+        tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return tokens.to(device), torch.tensor([len(p) for p in prompt_tokens], device=device)
 
 
 # --------------------------------------------------------------------------------------------- sampling

@@ -125,11 +125,7 @@ def compare_with_transformers(model, checkpoint, prompt_ids, n_tokens, dtype, de
     print(f"\nchecking against transformers LlamaForCausalLM: greedy, EOS ignored, first {n_tokens} tokens")
     hf_model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     ours = model.generate(prompt_ids, n_tokens, temperature=0, ignore_eos=True)
-    padded = torch.zeros(len(prompt_ids), max(map(len, prompt_ids)), dtype=torch.long)
-    for b, p in enumerate(prompt_ids):
-        padded[b, :len(p)] = torch.tensor(p)
-    lens = torch.tensor([len(p) for p in prompt_ids], device=device)
-    our_prefill = model.prefill(padded.to(device), lens)
+    our_prefill = model.prefill(*llama3.pad_prompts(prompt_ids, device))
 
     ok, worst = True, 0.0
     for i, ids in enumerate(prompt_ids):

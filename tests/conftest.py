@@ -20,6 +20,11 @@ TINY_VARIANTS = {
 }
 
 
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,28 +8,19 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DEFAULT_ROPE, VOCAB_SIZE, tiny_llama_config, write_checkpoint
+from conftest import DEFAULT_ROPE, VOCAB_SIZE, random_prompts, tiny_llama_config, write_checkpoint
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import llama3
-from test_llama3 import hf_greedy_reference
+from test_llama3 import hf_greedy_reference, relative_error
 
 FP32_TOLERANCE = 1e-4  # ||ours - hf|| / ||hf||
-
-
-def relative_error(ours, reference):
-    return float((ours - reference).norm() / reference.norm())
 
 
 def load(directory, max_batch_size=4, max_seq_len=96):
     return llama3.Transformer.from_pretrained(directory, device="cpu", dtype=torch.float32,
                                               max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-
-
-def random_prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
 
 
 # ------------------------------------------------------------------------------ against transformers
@@ -129,10 +120,7 @@ def test_ragged_batch_equals_one_by_one(gqa_checkpoint):
     model = load(gqa_checkpoint[0])
     prompts = random_prompts([3, 17, 9, 1], seed=2)
     batched = model.generate(prompts, 24, temperature=0, ignore_eos=True)
-    padded = torch.zeros(4, 17, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        padded[b, :len(p)] = torch.tensor(p)
-    batched_prefill = model.prefill(padded, torch.tensor([len(p) for p in prompts]))
+    batched_prefill = model.prefill(*llama3.pad_prompts(prompts, "cpu"))
     for b, prompt in enumerate(prompts):
         assert model.generate([prompt], 24, temperature=0, ignore_eos=True)[0] == batched[b]
         alone = model.prefill(torch.tensor([prompt]))[0]
