@@ -1,0 +1,87 @@
+"""CPU tests of benchmark_kernel.py: runs the script as the user does (subprocess) on tiny sizes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmark_kernel.py")
+TINY = ["--device", "cpu", "--batch_size", "2", "--seq_n", "48", "--q_num_heads", "4",
+        "--kv_num_heads", "2", "--iters", "3", "--warmup", "1"]
+
+
+def run(*args, check_rc=0):
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def field(text, name):
+    """The number after 'name:' in the printout."""
+    match = re.search(rf"^{re.escape(name)}: ([-+0-9.e]+)", text, re.M)
+    assert match, f"no '{name}:' line in:\n{text}"
+    return float(match.group(1))
+
+
+def test_pytorch_kernel_on_cpu():
+    out = run(*TINY, "--use_pytorch_kernel", "--head_size", "64", "--verbose").stdout
+    assert "implementation: PyTorch split-KV + LSE combine" in out
+    assert field(out, "time") > 0
+    assert field(out, "bandwidth") > 0
+    assert field(out, "copy bandwidth") > 0
+    assert field(out, "timing floor (1-element kernel, same method)") > 0
+    # K+V for 2 x 48 positions x 2 kv heads x 64 x bf16, plus q and out (2 x 4 x 64 each)
+    expected_mb = (2 * 2 * 48 * 2 * 64 * 2 + 2 * 2 * 4 * 64 * 2) / 1e6
+    assert field(out, "bytes moved") == pytest.approx(expected_mb, abs=1e-3)
+    assert re.search(r"rel error vs float32 reference: [0-9.e+-]+ OK", out), out
+
+
+def test_compare_json_ragged_fp16(tmp_path):
+    path = tmp_path / "r.json"
+    out = run(*TINY, "--compare", "--ragged", "--dtype", "fp16", "--num_splits", "2",
+              "--json", str(path)).stdout
+    assert "| impl" in out and "| status" in out
+    data = json.loads(path.read_text())
+    by_impl = {r["impl"]: r for r in data["results"]}
+    assert by_impl["pytorch"]["status"] == "OK" and by_impl["pytorch"]["rel_err"] < 1e-2
+    assert by_impl["naive"]["status"] == "OK"
+    assert by_impl["custom"]["status"] == "unsupported"  # no CUDA device here
+    assert by_impl["sdpa_flash"]["status"] == "skipped"  # SDPA ignores cache_seqlens
+    assert by_impl["pytorch"]["sum_seqlens"] <= 2 * 48
+    assert data["meta"]["copy_gbps"] > 0 and data["meta"]["timing_floor_us"] > 0
+
+
+def test_sweep_writes_markdown_and_json(tmp_path):
+    run(*TINY, "--sweep", "--sweep_batches", "1,2", "--sweep_seq", "16,32",
+        "--impls", "pytorch,sdpa_flash,flash_attn", "--out_dir", str(tmp_path), "--json")
+    md = (tmp_path / "kernel_sweep_h64_b2.md").read_text()
+    assert "| S | pytorch | sdpa_flash | flash_attn |" in md
+    assert re.search(r"^\| 32 \| [0-9.]+ \([0-9.]+\) \|", md, re.M), md
+    data = json.loads((tmp_path / "kernel_bench_sweep_h64.json").read_text())
+    assert len(data["results"]) == 2 * 2 * 3
+    assert (tmp_path / "kernel_sweep_h64_b1.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head_size", "96"], "head sizes 64 and 128"),
+    (["--q_num_heads", "6", "--kv_num_heads", "4", "--use_pytorch_kernel"], "must be a multiple"),
+    ([], "--use_pytorch_kernel"),  # custom kernel asked for on the CPU
+])
+def test_bad_input_errors(args, message):
+    proc = run("--device", "cpu", "--seq_n", "16", *args, check_rc=None)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_shows_ncu_command():
+    out = run("--help").stdout
+    assert 'ncu --clock-control none --nvtx --nvtx-include "decode_attention/"' in out
+    for flag in ("--use_ncu", "--dont_flush_gpu_cache", "--use_pytorch_kernel", "--compare", "--sweep"):
+        assert flag in out
