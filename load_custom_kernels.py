@@ -3,9 +3,9 @@
     python3 load_custom_kernels.py            # build (or reuse the build), print the time and a self-check
     python3 load_custom_kernels.py --verbose  # show the compiler's commands and register/spill report
 
-The build goes through torch.utils.cpp_extension.load (ninja) into ./build/flash_decode_ext for the GPU
-that is present (its compute capability, sm_80 and newer), and is reused as long as csrc/ and the flags
-do not change. From Python:
+The build goes through torch.utils.cpp_extension.load (ninja) into ./build/flash_decode_ext_<digest> for
+the GPU that is present (its compute capability, sm_80 and newer); the digest covers csrc/, the flags, the
+arch and the torch version, so the build is reused exactly as long as none of them changes. From Python:
 
     import load_custom_kernels
     ext = load_custom_kernels.load_kernels()      # the module, or None when there is no GPU / no nvcc
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
 CSRC_DIR = REPO_DIR / "csrc"
-BUILD_DIR = REPO_DIR / "build" / "flash_decode_ext"
+BUILD_ROOT = REPO_DIR / "build"
 EXTENSION_NAME = "flash_decode_ext"
 SOURCES = ["flash_decode.cu", "flash_decode_binding.cpp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
@@ -61,6 +61,27 @@ def _check_environment():
     return f"{major}.{minor}"
 
 
+def _build_key(arch: str, cuda_flags: list[str]) -> str:
+    """A digest of everything the binary depends on. Builds live in a folder named after it, so a changed
+    source is never served by a stale build, whatever the file times say (copied trees keep old mtimes)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha1()
+    for path in sorted(CSRC_DIR.iterdir()):
+        if path.suffix in (".cu", ".cuh", ".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join([arch, torch.__version__, str(torch.version.cuda)] + cuda_flags).encode())
+    return digest.hexdigest()[:12]
+
+
+def build_dir() -> Path:
+    """Where the current sources are (or will be) built for this GPU."""
+    arch = _check_environment()
+    return BUILD_ROOT / f"{EXTENSION_NAME}_{_build_key(arch, NVCC_FLAGS)}"
+
+
 def build_kernels(verbose: bool = False):
     """Compile (or reuse) the extension and import it; raises KernelBuildError with the reason."""
     arch = _check_environment()
@@ -68,21 +89,23 @@ def build_kernels(verbose: bool = False):
 
     # Build for this GPU only: one architecture keeps the JIT build short and uses the chip's own code.
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    key = _build_key(arch, NVCC_FLAGS)
+    directory = BUILD_ROOT / f"{EXTENSION_NAME}_{key}"
+    directory.mkdir(parents=True, exist_ok=True)
     cuda_flags = NVCC_FLAGS + (["-Xptxas", "-v"] if verbose else [])
     try:
         return cpp_extension.load(
-            name=EXTENSION_NAME,
+            name=f"{EXTENSION_NAME}_{key}",
             sources=[str(CSRC_DIR / s) for s in SOURCES],
             extra_cflags=["-O3"],
             extra_cuda_cflags=cuda_flags,
             extra_include_paths=[str(CSRC_DIR)],
-            build_directory=str(BUILD_DIR),
+            build_directory=str(directory),
             verbose=verbose,
         )
     except Exception as e:  # the compiler's own output is in the exception text
         raise KernelBuildError(
-            f"building the kernel in {BUILD_DIR} failed: {e}\n"
+            f"building the kernel in {directory} failed: {e}\n"
             "Run `python3 load_custom_kernels.py --verbose` to see the full compiler output.") from e
 
 
@@ -138,11 +161,12 @@ def main():
     parser.add_argument("--rebuild", action="store_true", help="delete the build folder first")
     args = parser.parse_args()
 
-    if args.rebuild and BUILD_DIR.exists():
-        shutil.rmtree(BUILD_DIR)
-    print(f"building {EXTENSION_NAME} from {CSRC_DIR} into {BUILD_DIR} ...", flush=True)
     start = time.perf_counter()
     try:
+        directory = build_dir()
+        if args.rebuild and directory.exists():
+            shutil.rmtree(directory)
+        print(f"building {EXTENSION_NAME} from {CSRC_DIR} into {directory} ...", flush=True)
         ext = build_kernels(verbose=args.verbose)
     except KernelBuildError as e:
         print(f"error: {e}", file=sys.stderr)

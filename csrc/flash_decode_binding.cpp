@@ -7,23 +7,29 @@
 #include <torch/extension.h>
 
 #include <mutex>
+#include <stdexcept>
 #include <vector>
 
 #include "flash_decode.h"
 
 namespace {
 
+// Bad arguments raise ValueError in Python (pybind11 maps std::invalid_argument to it), with a message
+// that names the problem and the fix; a failed launch raises RuntimeError.
+#define FD_CHECK(cond, ...) \
+    do { if (!(cond)) throw std::invalid_argument(c10::str(__VA_ARGS__)); } while (0)
+
 void check_cuda(cudaError_t err, const char* what) {
-    TORCH_CHECK(err == cudaSuccess, "flash_decode: ", what, " failed: ", cudaGetErrorString(err));
+    if (err != cudaSuccess) throw std::runtime_error(c10::str("flash_decode: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 void check_rows_aligned(const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.stride(-1) == 1, "flash_decode: ", name, " must be contiguous in its last (head_dim) dimension, "
+    FD_CHECK(t.stride(-1) == 1, "flash_decode: ", name, " must be contiguous in its last (head_dim) dimension, "
                 "got strides ", t.strides(), "; call .contiguous() on it");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+    FD_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
                 "flash_decode: ", name, " must start on a 16-byte boundary (the kernel uses 16-byte loads)");
     for (int d = 0; d < t.dim() - 1; ++d)
-        TORCH_CHECK(t.stride(d) % 8 == 0, "flash_decode: ", name, " stride ", t.stride(d), " of dimension ", d,
+        FD_CHECK(t.stride(d) % 8 == 0, "flash_decode: ", name, " stride ", t.stride(d), " of dimension ", d,
                     " is not a multiple of 8 elements (16 bytes); make the tensor contiguous");
 }
 
@@ -37,7 +43,7 @@ at::Tensor split_counters(const at::Device& device, int64_t needed) {
     if ((int)per_device.size() <= index) per_device.resize(index + 1);
     at::Tensor& counters = per_device[index];
     if (!counters.defined() || counters.numel() < needed) {
-        TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+        FD_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
                     "flash_decode: the split workspace must grow to ", needed, " counters, which cannot happen while "
                     "a CUDA graph is being captured; run one decode step with the same shapes before capturing");
         counters = at::zeros({std::max<int64_t>(needed, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
@@ -47,9 +53,9 @@ at::Tensor split_counters(const at::Device& device, int64_t needed) {
 
 int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                            int64_t max_seqlen) {
-    TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0,
+    FD_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0,
                 "flash_decode: num_q_heads (", num_q_heads, ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
-    TORCH_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
+    FD_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
                 " is not supported; the kernel is built for head_dim 64 and 128");
     return flash_decode::default_num_splits((int)batch_size, (int)num_q_heads, (int)num_kv_heads, (int)head_dim,
                                             (int)max_seqlen, c10::cuda::current_device());
@@ -58,37 +64,37 @@ int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_
 at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& cache_seqlens, double softmax_scale, int64_t num_splits,
                                 c10::optional<at::Tensor> out_, c10::optional<at::Tensor> lse_) {
-    TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && cache_seqlens.is_cuda(),
+    FD_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && cache_seqlens.is_cuda(),
                 "flash_decode: q, k_cache, v_cache and cache_seqlens must all be CUDA tensors; on the CPU use "
                 "llama3.decode_attention_reference");
-    TORCH_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device() &&
+    FD_CHECK(k_cache.device() == q.device() && v_cache.device() == q.device() &&
                     cache_seqlens.device() == q.device(),
                 "flash_decode: all tensors must be on the same device as q (", q.device(), ")");
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+    FD_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
                 "flash_decode: dtype ", q.scalar_type(), " is not supported; use bfloat16 or float16");
-    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+    FD_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
                 "flash_decode: q, k_cache and v_cache must have the same dtype, got ", q.scalar_type(), ", ",
                 k_cache.scalar_type(), ", ", v_cache.scalar_type());
-    TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1,
+    FD_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1,
                 "flash_decode: cache_seqlens must be a 1-D int32 tensor, got ", cache_seqlens.scalar_type(),
                 " with shape ", cache_seqlens.sizes());
-    TORCH_CHECK(q.dim() == 3, "flash_decode: q must be [batch, q_heads, head_dim], got shape ", q.sizes());
-    TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+    FD_CHECK(q.dim() == 3, "flash_decode: q must be [batch, q_heads, head_dim], got shape ", q.sizes());
+    FD_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
                 "flash_decode: k_cache and v_cache must both be [batch, seq, kv_heads, head_dim], got ",
                 k_cache.sizes(), " and ", v_cache.sizes());
 
     const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
     const int64_t seq_capacity = k_cache.size(1), kv_heads = k_cache.size(2);
-    TORCH_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
+    FD_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
                 " is not supported; the kernel is built for head_dim 64 and 128");
-    TORCH_CHECK(k_cache.size(3) == head_dim, "flash_decode: k_cache head_dim ", k_cache.size(3),
+    FD_CHECK(k_cache.size(3) == head_dim, "flash_decode: k_cache head_dim ", k_cache.size(3),
                 " does not match q head_dim ", head_dim);
-    TORCH_CHECK(k_cache.size(0) == batch && cache_seqlens.size(0) == batch,
+    FD_CHECK(k_cache.size(0) == batch && cache_seqlens.size(0) == batch,
                 "flash_decode: batch mismatch: q has ", batch, ", k_cache ", k_cache.size(0), ", cache_seqlens ",
                 cache_seqlens.size(0), "; slice the cache to the active batch (k_cache[:batch])");
-    TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "flash_decode: q_heads (", q_heads,
+    FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "flash_decode: q_heads (", q_heads,
                 ") must be a multiple of kv_heads (", kv_heads, ")");
-    TORCH_CHECK(cache_seqlens.is_contiguous(), "flash_decode: cache_seqlens must be contiguous");
+    FD_CHECK(cache_seqlens.is_contiguous(), "flash_decode: cache_seqlens must be contiguous");
     check_rows_aligned(q, "q");
     check_rows_aligned(k_cache, "k_cache");
     check_rows_aligned(v_cache, "v_cache");
@@ -96,16 +102,16 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     at::Tensor out;
     if (out_.has_value()) {
         out = out_.value();
-        TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+        FD_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
                     "flash_decode: out must match q in shape, dtype and device");
-        TORCH_CHECK(out.stride(-1) == 1, "flash_decode: out must be contiguous in its last dimension");
+        FD_CHECK(out.stride(-1) == 1, "flash_decode: out must be contiguous in its last dimension");
     } else {
         out = at::empty_like(q, at::MemoryFormat::Contiguous);
     }
     float* lse_ptr = nullptr;
     if (lse_.has_value()) {
         const at::Tensor& lse = lse_.value();
-        TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
+        FD_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
                         lse.dim() == 2 && lse.size(0) == batch && lse.size(1) == q_heads,
                     "flash_decode: lse must be a contiguous float32 [batch, q_heads] tensor on q's device");
         lse_ptr = lse.data_ptr<float>();
@@ -117,7 +123,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     const int group_tile = flash_decode::group_tile_for(group_size);
     const int head_groups = (group_size + group_tile - 1) / group_tile;
     if (num_splits <= 0) num_splits = default_num_splits(batch, q_heads, kv_heads, head_dim, seq_capacity);
-    TORCH_CHECK(num_splits <= flash_decode::kMaxSplits, "flash_decode: num_splits ", num_splits,
+    FD_CHECK(num_splits <= flash_decode::kMaxSplits, "flash_decode: num_splits ", num_splits,
                 " is larger than the supported maximum ", flash_decode::kMaxSplits);
 
     flash_decode::Params p{};

@@ -173,18 +173,18 @@ def test_default_num_splits_fills_the_gpu(ext):
 def test_bad_inputs_give_clear_errors(ext):
     q, k, v, _ = make_inputs(2, 16, 8, 2, 64, torch.bfloat16, seed=0)
     lens = torch.tensor([16, 16], dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match="head_dim 96 is not supported"):
+    with pytest.raises(ValueError, match="head_dim 96 is not supported"):
         q96 = torch.randn(2, 8, 96, device="cuda", dtype=torch.bfloat16)
         ext.flash_decode(q96, q96.new_zeros(2, 16, 2, 96), q96.new_zeros(2, 16, 2, 96), lens, 0.1)
-    with pytest.raises(RuntimeError, match="use bfloat16 or float16"):
+    with pytest.raises(ValueError, match="use bfloat16 or float16"):
         ext.flash_decode(q.float(), k.float(), v.float(), lens, 0.1)
-    with pytest.raises(RuntimeError, match="must all be CUDA tensors"):
+    with pytest.raises(ValueError, match="must all be CUDA tensors"):
         ext.flash_decode(q.cpu(), k, v, lens, 0.1)
-    with pytest.raises(RuntimeError, match="cache_seqlens must be a 1-D int32"):
+    with pytest.raises(ValueError, match="cache_seqlens must be a 1-D int32"):
         ext.flash_decode(q, k, v, lens.long(), 0.1)
-    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
         ext.flash_decode(q[:, :7], k, v, lens, 0.1)
-    with pytest.raises(RuntimeError, match="contiguous in its last"):
+    with pytest.raises(ValueError, match="contiguous in its last"):
         ext.flash_decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, lens, 0.1)
-    with pytest.raises(RuntimeError, match="batch mismatch"):
+    with pytest.raises(ValueError, match="batch mismatch"):
         ext.flash_decode(q, k[:1], v[:1], lens, 0.1)
