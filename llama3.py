@@ -27,6 +27,10 @@ from torch import nn
 # Decode attention goes through the custom CUDA kernel when this is True, the kernel builds and q is on
 # CUDA. Tests and benchmarks flip it to compare against the PyTorch reference.
 USE_CUSTOM_DECODE_KERNEL = os.environ.get("LLAMA3_NO_CUSTOM_KERNEL", "0") != "1"
+# Decode steps of bf16/fp16 CUDA models use the fused ops of csrc/fused_ops.cu (residual add + RMSNorm,
+# RoPE + cache write, SiLU * up) when this is True and the kernels build: ~9 kernels per layer instead of
+# ~35, the same rounding as the PyTorch modules they replace.
+USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
 DTYPES = {
@@ -281,11 +285,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
     cache_seqlens int32 [B] = valid positions per sequence including the token just written.
     Returns [B, Hq, D] in q.dtype. Uses the CUDA flash-decode kernel when possible.
     """
-    if USE_CUSTOM_DECODE_KERNEL and q.is_cuda:
+    if USE_CUSTOM_DECODE_KERNEL and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         kernels = _custom_decode_kernels()
         if kernels is not None:
             return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+def _fused_decode_ops(x: torch.Tensor):
+    """The kernel module when the fused decode ops apply to activations like x, else None."""
+    if USE_FUSED_DECODE_OPS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return _custom_decode_kernels()
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -397,6 +408,7 @@ class Transformer(nn.Module):
         self.eos_token_ids: tuple[int, ...] = config.eos_token_ids
         self.checkpoint_dir: Path | None = None  # where the weights came from; None for random weights
         self.max_batch_size = self.max_seq_len = 0
+        self._decode_graphs: dict = {}  # (batch, sampling) -> _DecodeStepper replaying a CUDA graph
 
     @property
     def device(self) -> torch.device:
@@ -411,6 +423,7 @@ class Transformer(nn.Module):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._decode_graphs.clear()  # captured graphs point into the old cache
         c, device, dtype = self.config, self.device, self.dtype
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
@@ -455,26 +468,89 @@ class Transformer(nn.Module):
         positions[b] and returns float logits [B, V]. Static shapes, no host syncs: CUDA-graph capturable."""
         B = tokens.shape[0]
         positions = positions.long()
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         cache_seqlens = (positions + 1).to(torch.int32)
-        batch_index = self.batch_index[:B]
         x = self.tok_embeddings(tokens)
+        ops = _fused_decode_ops(x)
+        if ops is not None:
+            return self._forward_decode_fused(ops, x, positions, cache_seqlens)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        batch_index = self.batch_index[:B]
         for layer in self.layers:
             x = layer.decode(x, cos, sin, batch_index, positions, cache_seqlens)
         return self.output(self.norm(x)).float()
+
+    def _forward_decode_fused(self, ops, x, positions, cache_seqlens):
+        """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
+        follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm."""
+        B = x.shape[0]
+        h, delta = None, x  # the stream is h + delta; the embedding starts it alone
+        for layer in self.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
+            q = ops.rope_kv_write(att.wqkv(normed), self.rope_cos, self.rope_sin, positions,
+                                  att.kv_cache.k, att.kv_cache.v, att.n_heads)
+            attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
+            normed, h = ops.add_rmsnorm(att.wo(attn.reshape(B, att.q_size)), h, layer.ffn_norm.weight,
+                                        layer.ffn_norm.eps)
+            delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
+        normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
+        return self.output(normed).float()
 
     def _decode_and_sample(self, tokens, positions, temperature: float, top_p, top_k, generator):
         """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""
         return sample_next_token(self.forward_decode(tokens, positions), temperature, top_p, top_k, generator)
 
+    def _decode_stepper(self, batch_size: int, temperature: float, top_p, top_k, use_cuda_graph: bool):
+        """The decode loop's state and step: tokens [B] (the last sampled tokens) and positions [B] (where
+        they go in the cache) are device tensors that step() advances in place by one token.
+
+        With CUDA graphs the whole step (embedding, every layer, lm_head, sampling and the state update) is
+        one graph replay, captured on first use for this batch size and sampling setting and kept until the
+        cache is reallocated. Capturing runs two warm-up steps that write cache position 0 of rows < B, so
+        it must happen before the prefill that fills those rows."""
+        device = self.device
+        key = (batch_size, temperature, top_p, top_k)
+        if use_cuda_graph and key in self._decode_graphs:
+            return self._decode_graphs[key]
+        tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        generator = torch.Generator(device=device)
+
+        def advance():
+            tokens.copy_(self._decode_and_sample(tokens, positions, temperature, top_p, top_k, generator))
+            positions.add_(1)
+
+        if not use_cuda_graph:
+            return _DecodeStepper(tokens, positions, generator, advance)
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}; "
+                             "pass use_cuda_graph=False")
+        # Warm up on a side stream (cuBLAS handles, the kernel's split workspace), as graph capture requires.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                advance()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if temperature > 0:
+            graph.register_generator_state(generator)  # replays draw fresh random numbers from it
+        with torch.cuda.graph(graph):
+            advance()
+        stepper = _DecodeStepper(tokens, positions, generator, graph.replay)
+        self._decode_graphs[key] = stepper
+        return stepper
+
     @torch.no_grad()
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
                  top_p: float | None = 0.9, top_k: int | None = None, ignore_eos: bool = False,
-                 seed: int | None = None, stop_token_ids=None, progress: bool = False) -> list[list[int]]:
+                 seed: int | None = None, stop_token_ids=None, progress: bool = False,
+                 use_cuda_graph: bool | None = None) -> list[list[int]]:
         """Batched generation for prompts of any lengths. Returns the generated tokens of each prompt,
         cut before its first stop token (stop_token_ids, by default every EOS id of the checkpoint;
         ignore_eos disables stopping). temperature 0 is greedy; otherwise temperature, top-k and top-p
-        sampling with a torch.Generator seeded by `seed` (same seed, same output)."""
+        sampling with a torch.Generator seeded by `seed` (same seed, same output). use_cuda_graph (default:
+        on for CUDA models) runs each decode step as one CUDA graph replay."""
         _check_sampling(temperature, top_p, top_k)
         lens = [len(p) for p in prompt_tokens]
         if not lens:
@@ -490,22 +566,25 @@ class Transformer(nn.Module):
         bad = [t for p in prompt_tokens for t in p if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if use_cuda_graph is None:
+            use_cuda_graph = self.device.type == "cuda"
 
         device, B = self.device, len(lens)
-        tokens, prompt_lens = pad_prompts(prompt_tokens, device)
-        generator = torch.Generator(device=device)
+        stepper = self._decode_stepper(B, temperature, top_p, top_k, use_cuda_graph)  # before prefill
         if seed is None:
-            generator.seed()
+            stepper.generator.seed()
         else:
-            generator.manual_seed(seed)
+            stepper.generator.manual_seed(seed)
+        tokens, prompt_lens = pad_prompts(prompt_tokens, device)
         stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         stop_ids_tensor = torch.tensor(stop_ids or (-1,), device=device)
 
         out = torch.zeros(B, max_gen_len, dtype=torch.long, device=device)
-        next_tokens = sample_next_token(self.prefill(tokens, prompt_lens), temperature, top_p, top_k, generator)
-        out[:, 0] = next_tokens
-        done = torch.isin(next_tokens, stop_ids_tensor)
-        positions = prompt_lens.clone()
+        logits = self.prefill(tokens, prompt_lens)
+        stepper.tokens.copy_(sample_next_token(logits, temperature, top_p, top_k, stepper.generator))
+        stepper.positions.copy_(prompt_lens)
+        out[:, 0] = stepper.tokens
+        done = torch.isin(stepper.tokens, stop_ids_tensor)
         n_generated = 1
         bar = _progress_bar(max_gen_len, progress)
         bar.update(1)
@@ -514,10 +593,10 @@ class Transformer(nn.Module):
             # stop are trimmed below.
             if stop_ids and step % DONE_CHECK_INTERVAL == 0 and bool(done.all()):
                 break
-            next_tokens = self._decode_and_sample(next_tokens, positions, temperature, top_p, top_k, generator)
-            positions = positions + 1
-            out[:, step] = next_tokens
-            done |= torch.isin(next_tokens, stop_ids_tensor)
+            stepper.step()
+            out[:, step] = stepper.tokens
+            if stop_ids:
+                done |= torch.isin(stepper.tokens, stop_ids_tensor)
             n_generated += 1
             bar.update(1)
         bar.close()
@@ -632,6 +711,14 @@ class Transformer(nn.Module):
         return targets
 
 
+@dataclass
+class _DecodeStepper:
+    tokens: torch.Tensor  # [B] long, the last sampled tokens
+    positions: torch.Tensor  # [B] long, the cache positions they are written to by the next step
+    generator: torch.Generator  # sampling randomness; reseeded by every generate call
+    step: object  # advances tokens and positions by one decode step, in place
+
+
 def pad_prompts(prompt_tokens: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens [B, T] (long) and prompt lengths [B], the input of Transformer.prefill."""
     tokens = torch.zeros(len(prompt_tokens), max(map(len, prompt_tokens)), dtype=torch.long)
@@ -662,10 +749,13 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None = None, top_p: fl
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        # Unnormalized probabilities relative to the largest (the first after the sort): an exp and a scan
+        # instead of a softmax, whose single-row kernel is slow for a 128K vocabulary at batch 1.
+        weights = torch.exp(sorted_logits - sorted_logits[..., :1])
+        covered = weights.cumsum(dim=-1)
         # A token is dropped once the strictly more likely tokens already cover top_p; the most likely
         # token always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted = covered - weights >= top_p * covered[..., -1:]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -675,11 +765,13 @@ def sample_next_token(logits, temperature: float, top_p=None, top_k=None, genera
     """Next token per row of logits [B, V], on the device. Greedy when temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(dim=-1)
-    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i. Unlike
-    # torch.multinomial it needs no host sync, so it can live inside a CUDA graph.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    scores = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i; in logs,
+    # argmax_i (score_i - log E_i), where the softmax's normalizer drops out, so no softmax is needed.
+    # Unlike torch.multinomial it needs no host sync, so it can live inside a CUDA graph.
+    # (clamped: an exact 0 would turn a filtered -inf score into NaN, which argmax would pick)
+    race = torch.empty_like(scores).exponential_(1.0, generator=generator).clamp_min_(1e-30).log_()
+    return (scores - race).argmax(dim=-1)
 
 
 class _SimpleBar:

@@ -1,4 +1,4 @@
-// Torch binding of the flash-decode kernel: argument checks with errors that say what to fix, the split
+// Torch binding of the flash-decode kernel and the fused decode-step ops: argument checks with errors that say what to fix, the split
 // workspace, and the launch on the current stream. Graph-safe: no host sync, no data-dependent shapes;
 // lengths are read by the kernel from the device.
 #include <c10/cuda/CUDAStream.h>
@@ -8,19 +8,46 @@
 
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "flash_decode.h"
+#include "fused_ops.h"
 
 namespace {
+
+// Error messages are built without iostreams: c10::str (and so TORCH_CHECK) formats through an
+// std::ostringstream instantiated in this library, which crashed (SIGSEGV in the locale's codecvt) when
+// this extension was built by the GPU machine's newer g++ against the older libstdc++ that the process had
+// loaded (H100 machine, torch 2.11, 2026-11-26). std::to_string has no locale and no such mismatch.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, at::IntArrayRef v) {
+    s += "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    s += "]";
+}
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const at::Device& v) { s += v.str(); }
+template <typename... Args>
+std::string message(const Args&... args) {
+    std::string s;
+    (append(s, args), ...);
+    return s;
+}
 
 // Bad arguments raise ValueError in Python (pybind11 maps std::invalid_argument to it), with a message
 // that names the problem and the fix; a failed launch raises RuntimeError.
 #define FD_CHECK(cond, ...) \
-    do { if (!(cond)) throw std::invalid_argument(c10::str(__VA_ARGS__)); } while (0)
+    do { if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__)); } while (0)
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(c10::str("flash_decode: ", what, " failed: ", cudaGetErrorString(err)));
+    if (err != cudaSuccess) throw std::runtime_error(message("flash_decode: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 void check_rows_aligned(const at::Tensor& t, const char* name) {
@@ -169,6 +196,90 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     return out;
 }
 
+flash_decode::DType model_dtype(const at::Tensor& t, const char* op) {
+    FD_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": dtype ", t.scalar_type(),
+             " is not supported; use bfloat16 or float16");
+    return t.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
+}
+
+void check_fused_input(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+    FD_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be a CUDA tensor on ", like.device());
+    FD_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
+             like.scalar_type());
+    FD_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Returns (weight * norm(h), h) with h = x + residual, or h = x when residual is None.
+std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, c10::optional<at::Tensor> residual,
+                                               const at::Tensor& weight, double eps) {
+    const flash_decode::DType dtype = model_dtype(x, "add_rmsnorm");
+    check_fused_input(x, x, "add_rmsnorm", "x");
+    check_fused_input(weight, x, "add_rmsnorm", "weight");
+    const int64_t dim = x.size(-1);
+    FD_CHECK(weight.dim() == 1 && weight.size(0) == dim, "add_rmsnorm: weight must be [", dim, "]");
+    at::Tensor h = x;
+    const void* residual_ptr = nullptr;
+    if (residual.has_value()) {
+        check_fused_input(*residual, x, "add_rmsnorm", "residual");
+        FD_CHECK(residual->sizes() == x.sizes(), "add_rmsnorm: residual shape ", residual->sizes(),
+                 " differs from x shape ", x.sizes());
+        residual_ptr = residual->data_ptr();
+        h = at::empty_like(x);
+    }
+    at::Tensor out = at::empty_like(x);
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_cuda(fused_ops::add_rmsnorm(x.data_ptr(), residual_ptr, residual_ptr ? h.data_ptr() : nullptr,
+                                      weight.data_ptr(), out.data_ptr(), (int)(x.numel() / dim), (int)dim,
+                                      (float)eps, dtype, c10::cuda::getCurrentCUDAStream().stream()),
+               "add_rmsnorm launch");
+    return {out, h};
+}
+
+// Rotates q and k of the fused projection qkv [B, (Hq + 2 Hkv) D], writes k and v into the caches at
+// positions [B] (int64) and returns q [B, Hq, D].
+at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         int64_t q_heads) {
+    const flash_decode::DType dtype = model_dtype(qkv, "rope_kv_write");
+    for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{qkv, "qkv"}, {cos, "cos"}, {sin, "sin"},
+                           {k_cache, "k_cache"}, {v_cache, "v_cache"}})
+        check_fused_input(t, qkv, "rope_kv_write", name);
+    FD_CHECK(positions.is_cuda() && positions.scalar_type() == at::kLong && positions.is_contiguous(),
+             "rope_kv_write: positions must be a contiguous int64 CUDA tensor");
+    FD_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+             "rope_kv_write: caches must be [max_batch, max_seq, kv_heads, head_dim]");
+    const int64_t batch = qkv.size(0), max_seq = k_cache.size(1), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+    FD_CHECK(qkv.dim() == 2 && qkv.size(1) == (q_heads + 2 * kv_heads) * head_dim,
+             "rope_kv_write: qkv must be [batch, (q_heads + 2 kv_heads) head_dim], got ", qkv.sizes());
+    FD_CHECK(positions.numel() == batch && batch <= k_cache.size(0), "rope_kv_write: batch mismatch");
+    FD_CHECK(cos.dim() == 2 && cos.size(0) == max_seq && cos.size(1) == head_dim && sin.sizes() == cos.sizes(),
+             "rope_kv_write: cos/sin must be [max_seq, head_dim] = [", max_seq, ", ", head_dim, "]");
+    at::Tensor q = at::empty({batch, q_heads, head_dim}, qkv.options());
+    const c10::cuda::CUDAGuard guard(qkv.device());
+    check_cuda(fused_ops::rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr<int64_t>(),
+                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), (int)batch,
+                                        (int)q_heads, (int)kv_heads, (int)head_dim, (int)max_seq, dtype,
+                                        c10::cuda::getCurrentCUDAStream().stream()),
+               "rope_kv_write launch");
+    return q;
+}
+
+// silu(gate) * up for gate_up [..., 2 F] -> [..., F]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+    const flash_decode::DType dtype = model_dtype(gate_up, "silu_mul");
+    check_fused_input(gate_up, gate_up, "silu_mul", "gate_up");
+    const int64_t width2 = gate_up.size(-1);
+    FD_CHECK(width2 % 2 == 0, "silu_mul: last dimension ", width2, " is not even");
+    std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+    shape.back() = width2 / 2;
+    at::Tensor out = at::empty(shape, gate_up.options());
+    const c10::cuda::CUDAGuard guard(gate_up.device());
+    check_cuda(fused_ops::silu_mul(gate_up.data_ptr(), out.data_ptr(), (int)(gate_up.numel() / width2),
+                                   (int)(width2 / 2), dtype, c10::cuda::getCurrentCUDAStream().stream()),
+               "silu_mul launch");
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -183,4 +294,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "The number of splits flash_decode picks when num_splits=0 for these sizes on the current device.",
           py::arg("batch_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
           py::arg("max_seqlen"));
+    m.def("add_rmsnorm", &add_rmsnorm,
+          "(weight * rmsnorm(h), h) with h = x + residual (h = x without residual); replaces the PyTorch "
+          "residual add and RMSNorm of llama3.py with the same rounding.",
+          py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+    m.def("rope_kv_write", &rope_kv_write,
+          "RoPE on q and k of the fused qkv projection [B, (Hq + 2 Hkv) D]; writes k, v into the caches at "
+          "positions [B] (int64); returns q [B, Hq, D].",
+          py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("q_heads"));
+    m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [..., 2F] -> [..., F]", py::arg("gate_up"));
 }

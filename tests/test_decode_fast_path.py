@@ -1,0 +1,153 @@
+"""The fast decode path on the GPU: the fused ops of csrc/fused_ops.cu against the PyTorch code they
+replace (fresh random data, odd sizes, poisoned caches), and CUDA-graph generation against eager generation
+and transformers. Tolerances: the fused ops round where PyTorch rounds, so they differ from it by at most
+one bf16/fp16 ulp in rare elements (fp32 sum order, fast exp/rsqrt)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_prompts
+from transformers import LlamaForCausalLM
+
+import llama3
+from test_llama3 import compare_greedy, hf_greedy_reference, relative_error
+
+pytestmark = pytest.mark.cuda
+
+ULP = {torch.bfloat16: 2**-7, torch.float16: 2**-10}  # relative spacing of representable values
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import load_custom_kernels
+    module = load_custom_kernels.load_kernels()
+    assert module is not None, load_custom_kernels.load_error()
+    return module
+
+
+def assert_within_one_ulp(ours, expected, dtype):
+    assert not ours.isnan().any()
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 1e-2)
+    mismatched = (ours != expected).float().mean().item()
+    assert mismatched < 0.01, f"{mismatched:.2%} of elements differ from PyTorch's rounding"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,dim", [(1, 2048), (3, 576), (64, 3072), (7, 4104), (2, 9000), (3, 1001)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
+    g = torch.Generator(device="cuda").manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(rows, dim, generator=g, device="cuda").to(dtype) if with_residual else None
+    norm = llama3.RMSNorm(dim, 1e-5).cuda().to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(dim, generator=g, device="cuda")).to(dtype)
+    expected_h = x + residual if with_residual else x
+    out, h = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(h, expected_h)  # one rounding of one add: must be exact
+    assert_within_one_ulp(out, norm(expected_h), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(32, 8, 64), (9, 3, 64), (24, 8, 128), (4, 4, 128)])
+def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim):
+    batch, max_batch, max_seq = 5, 7, 300
+    config = llama3.ModelArgs(vocab_size=10, dim=n_heads * head_dim, n_layers=1, n_heads=n_heads,
+                              n_kv_heads=n_kv_heads, head_dim=head_dim, intermediate_size=8, norm_eps=1e-5,
+                              rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=False)
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(n_heads + head_dim)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
+    positions = torch.tensor([0, 299, 17, 17, 150], device="cuda")
+    k_cache = torch.full((max_batch, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+
+    q = ops.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+
+    q_ref, k_ref, v_ref = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    q_ref = llama3.apply_rope(q_ref.view(batch, n_heads, head_dim), c, s)
+    k_ref = llama3.apply_rope(k_ref.view(batch, n_kv_heads, head_dim), c, s)
+    assert_within_one_ulp(q, q_ref, dtype)
+    rows = torch.arange(batch, device="cuda")
+    assert_within_one_ulp(k_cache[rows, positions], k_ref, dtype)
+    assert torch.equal(v_cache[rows, positions], v_ref.view(batch, n_kv_heads, head_dim))
+    written = torch.zeros(max_batch, max_seq, dtype=torch.bool, device="cuda")
+    written[rows, positions] = True
+    assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all(), "wrote outside its rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 16384), (3, 2 * 1537), (64, 2 * 8192)])
+def test_silu_mul_matches_pytorch(ops, dtype, shape):
+    gate_up = (3 * torch.randn(*shape, device="cuda")).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_within_one_ulp(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+def load_cuda(directory, max_batch_size=4, max_seq_len=96):
+    return llama3.Transformer.from_pretrained(directory, device="cuda", dtype=torch.bfloat16,
+                                              max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+
+@pytest.fixture
+def fused_ops_switch():
+    saved = llama3.USE_FUSED_DECODE_OPS
+    yield
+    llama3.USE_FUSED_DECODE_OPS = saved
+
+
+def test_fused_decode_step_matches_pytorch_modules(gqa_checkpoint, fused_ops_switch):
+    model = load_cuda(gqa_checkpoint[0])
+    tokens, lengths = llama3.pad_prompts(random_prompts([5, 23, 12], seed=21), "cuda")
+    fed = model.prefill(tokens, lengths).argmax(-1)
+    positions = lengths.clone()
+    for step in range(16):
+        llama3.USE_FUSED_DECODE_OPS = False
+        expected = model.forward_decode(fed, positions)  # writes the same cache rows as the fused step
+        llama3.USE_FUSED_DECODE_OPS = True
+        logits = model.forward_decode(fed, positions)
+        assert relative_error(logits, expected) < 1e-2, f"decode step {step}"
+        fed, positions = expected.argmax(-1), positions + 1
+
+
+@pytest.mark.parametrize("lengths", [[9], [3, 17, 9, 1]])
+def test_cuda_graph_generation_equals_eager_and_transformers(gqa_checkpoint, lengths):
+    directory, _ = gqa_checkpoint
+    model = load_cuda(directory)
+    prompts = random_prompts(lengths, seed=22)
+    eager = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=False)
+    graphed = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=True)
+    assert graphed == eager  # the same kernels on the same data
+    again = model.generate(prompts, 32, temperature=0, ignore_eos=True)  # the cached graph, replayed anew
+    assert again == graphed
+    hf_model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
+    for b, prompt in enumerate(prompts):
+        reference, reference_logits = hf_greedy_reference(hf_model, prompt, 32)
+        ok, message = compare_greedy(graphed[b], reference, reference_logits, torch.bfloat16)
+        assert ok, f"prompt {b}: {message}"
+
+
+def test_cuda_graph_sampling_is_seeded_and_respects_top_k(gqa_checkpoint):
+    model = load_cuda(gqa_checkpoint[0])
+    prompts = random_prompts([4, 10], seed=23)
+    first = model.generate(prompts, 24, temperature=1.0, top_k=3, ignore_eos=True, seed=5)
+    assert model.generate(prompts, 24, temperature=1.0, top_k=3, ignore_eos=True, seed=5) == first
+    assert model.generate(prompts, 24, temperature=1.0, top_k=3, ignore_eos=True, seed=6) != first
+    eager = model.generate(prompts, 24, temperature=1.0, top_k=3, ignore_eos=True, seed=5, use_cuda_graph=False)
+    # every token is among the 3 most likely ones given the sampled prefix (checked with the eager model)
+    for prompt, generated in zip(prompts, eager):
+        sequence = list(prompt)
+        for token in generated:
+            logits = model.prefill(torch.tensor([sequence], device="cuda"))[0]
+            assert token in logits.topk(3).indices.tolist()
+            sequence.append(token)
+
+
+def test_cuda_graphs_are_recaptured_after_the_cache_is_reallocated(gqa_checkpoint):
+    model = load_cuda(gqa_checkpoint[0], max_batch_size=2, max_seq_len=64)
+    prompts = random_prompts([7], seed=24)
+    before = model.generate(prompts, 16, temperature=0, ignore_eos=True)
+    model.setup_cache(3, 128)  # the old graphs point into the freed cache
+    assert model.generate(prompts, 16, temperature=0, ignore_eos=True) == before
