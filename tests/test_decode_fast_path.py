@@ -1,7 +1,8 @@
 """The fast decode path on the GPU: the fused ops of csrc/fused_ops.cu against the PyTorch code they
 replace (fresh random data, odd sizes, poisoned caches), and CUDA-graph generation against eager generation
-and transformers. Tolerances: the fused ops round where PyTorch rounds, so they differ from it by at most
-one bf16/fp16 ulp in rare elements (fp32 sum order, fast exp/rsqrt)."""
+and transformers. Tolerances: the fused ops round where PyTorch rounds, so they differ from it only in rare
+elements (under 1%), where an fp32 sum order or a fast exp/rsqrt moves an intermediate by one bf16/fp16 ulp
+and the output by at most two (measured on an H100: 6 of 196608 RMSNorm outputs, 15 of 524288 SiLU ones)."""
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ def ops():
     return module
 
 
-def assert_within_one_ulp(ours, expected, dtype):
+def assert_matches_rounding(ours, expected, dtype):
     assert not ours.isnan().any()
-    torch.testing.assert_close(ours.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 1e-2)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=2 * ULP[dtype], atol=ULP[dtype] * 1e-2)
     mismatched = (ours != expected).float().mean().item()
     assert mismatched < 0.01, f"{mismatched:.2%} of elements differ from PyTorch's rounding"
 
@@ -46,7 +47,7 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
     expected_h = x + residual if with_residual else x
     out, h = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
     assert torch.equal(h, expected_h)  # one rounding of one add: must be exact
-    assert_within_one_ulp(out, norm(expected_h), dtype)
+    assert_matches_rounding(out, norm(expected_h), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -69,9 +70,9 @@ def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim
     c, s = cos[positions][:, None], sin[positions][:, None]
     q_ref = llama3.apply_rope(q_ref.view(batch, n_heads, head_dim), c, s)
     k_ref = llama3.apply_rope(k_ref.view(batch, n_kv_heads, head_dim), c, s)
-    assert_within_one_ulp(q, q_ref, dtype)
+    assert_matches_rounding(q, q_ref, dtype)
     rows = torch.arange(batch, device="cuda")
-    assert_within_one_ulp(k_cache[rows, positions], k_ref, dtype)
+    assert_matches_rounding(k_cache[rows, positions], k_ref, dtype)
     assert torch.equal(v_cache[rows, positions], v_ref.view(batch, n_kv_heads, head_dim))
     written = torch.zeros(max_batch, max_seq, dtype=torch.bool, device="cuda")
     written[rows, positions] = True
@@ -83,7 +84,7 @@ def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim
 def test_silu_mul_matches_pytorch(ops, dtype, shape):
     gate_up = (3 * torch.randn(*shape, device="cuda")).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert_within_one_ulp(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+    assert_matches_rounding(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
 
 
 def load_cuda(directory, max_batch_size=4, max_seq_len=96):
