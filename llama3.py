@@ -496,9 +496,9 @@ class Transformer(nn.Module):
         normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
         return self.output(normed).float()
 
-    def _decode_and_sample(self, tokens, positions, temperature: float, top_p, top_k, generator):
+    def _decode_and_sample(self, tokens, positions, sampler: "TokenSampler"):
         """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""
-        return sample_next_token(self.forward_decode(tokens, positions), temperature, top_p, top_k, generator)
+        return sampler(self.forward_decode(tokens, positions))
 
     def _decode_stepper(self, batch_size: int, temperature: float, top_p, top_k, use_cuda_graph: bool):
         """The decode loop's state and step: tokens [B] (the last sampled tokens) and positions [B] (where
@@ -514,14 +514,14 @@ class Transformer(nn.Module):
             return self._decode_graphs[key]
         tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         positions = torch.zeros(batch_size, dtype=torch.long, device=device)
-        generator = torch.Generator(device=device)
+        sampler = TokenSampler(device, temperature, top_p, top_k)
 
         def advance():
-            tokens.copy_(self._decode_and_sample(tokens, positions, temperature, top_p, top_k, generator))
+            tokens.copy_(self._decode_and_sample(tokens, positions, sampler))
             positions.add_(1)
 
         if not use_cuda_graph:
-            return _DecodeStepper(tokens, positions, generator, advance)
+            return _DecodeStepper(tokens, positions, sampler, advance)
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}; "
                              "pass use_cuda_graph=False")
@@ -534,10 +534,10 @@ class Transformer(nn.Module):
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if temperature > 0:
-            graph.register_generator_state(generator)  # replays draw fresh random numbers from it
+            graph.register_generator_state(sampler.generator)  # replays draw fresh random numbers from it
         with torch.cuda.graph(graph):
             advance()
-        stepper = _DecodeStepper(tokens, positions, generator, graph.replay)
+        stepper = _DecodeStepper(tokens, positions, sampler, graph.replay)
         self._decode_graphs[key] = stepper
         return stepper
 
@@ -571,17 +571,14 @@ class Transformer(nn.Module):
 
         device, B = self.device, len(lens)
         stepper = self._decode_stepper(B, temperature, top_p, top_k, use_cuda_graph)  # before prefill
-        if seed is None:
-            stepper.generator.seed()
-        else:
-            stepper.generator.manual_seed(seed)
+        stepper.sampler.reseed(seed)
         tokens, prompt_lens = pad_prompts(prompt_tokens, device)
         stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         stop_ids_tensor = torch.tensor(stop_ids or (-1,), device=device)
 
         out = torch.zeros(B, max_gen_len, dtype=torch.long, device=device)
         logits = self.prefill(tokens, prompt_lens)
-        stepper.tokens.copy_(sample_next_token(logits, temperature, top_p, top_k, stepper.generator))
+        stepper.tokens.copy_(stepper.sampler(logits))
         stepper.positions.copy_(prompt_lens)
         out[:, 0] = stepper.tokens
         done = torch.isin(stepper.tokens, stop_ids_tensor)
@@ -715,7 +712,7 @@ class Transformer(nn.Module):
 class _DecodeStepper:
     tokens: torch.Tensor  # [B] long, the last sampled tokens
     positions: torch.Tensor  # [B] long, the cache positions they are written to by the next step
-    generator: torch.Generator  # sampling randomness; reseeded by every generate call
+    sampler: "TokenSampler"  # sampling settings and randomness; reseeded by every generate call
     step: object  # advances tokens and positions by one decode step, in place
 
 
@@ -761,8 +758,50 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None = None, top_p: fl
     return logits
 
 
-def sample_next_token(logits, temperature: float, top_p=None, top_k=None, generator=None) -> torch.Tensor:
-    """Next token per row of logits [B, V], on the device. Greedy when temperature == 0."""
+class TokenSampler:
+    """The sampling settings and randomness of one decode loop: a torch.Generator for the PyTorch path and,
+    on CUDA, the device-side {seed, counter} of the fused sort-free sampler (csrc/sampling.cu), which a CUDA
+    graph advances without the host. reseed(seed) makes a run reproducible."""
+
+    def __init__(self, device, temperature: float, top_p=None, top_k=None):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = torch.Generator(device=device)
+        self.rng_state = torch.zeros(2, dtype=torch.long, device=device)
+
+    def reseed(self, seed: int | None):
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        seed_value = torch.randint(0, 2**62, (1,), generator=self.generator, device=self.rng_state.device)
+        self.rng_state[:1].copy_(seed_value)  # drawn on the device: no host sync
+        self.rng_state[1:].zero_()
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_next_token(logits, self.temperature, self.top_p, self.top_k, self.generator, self.rng_state)
+
+
+def _fused_sampling_ops(logits: torch.Tensor, temperature: float, top_k, rng_state):
+    """The kernel module when the fused sampler can serve this call, else None (top-k is PyTorch's)."""
+    if (USE_FUSED_DECODE_OPS and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
+            and top_k is None and (temperature == 0 or rng_state is not None)):
+        return _custom_decode_kernels()
+    return None
+
+
+def sample_next_token(logits, temperature: float, top_p=None, top_k=None, generator=None,
+                      rng_state=None) -> torch.Tensor:
+    """Next token per row of logits [B, V], on the device. Greedy when temperature == 0.
+
+    On CUDA without top-k (and, for sampling, with a device rng_state {seed, counter}, which this
+    advances), the fused kernel of csrc/sampling.cu finds the same top-p set without sorting the
+    vocabulary; otherwise the PyTorch code below, its reference."""
+    ops = _fused_sampling_ops(logits, temperature, top_k, rng_state)
+    if ops is not None:
+        tokens = ops.sample_tokens(logits.contiguous(), temperature, 1.0 if top_p is None else top_p, rng_state)
+        if temperature > 0:
+            rng_state[1:].add_(1)
+        return tokens
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = filter_top_k_top_p(logits / temperature, top_k, top_p)

@@ -16,6 +16,7 @@
 
 #include "flash_decode.h"
 #include "fused_ops.h"
+#include "sampling.h"
 
 namespace {
 
@@ -280,6 +281,37 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     return out;
 }
 
+// Next tokens [B] (int64) from logits [B, V] float32: greedy when temperature <= 0, else top-p sampling
+// (top_p >= 1: plain temperature sampling) driven by rng_state = int64 {seed, counter} on the device.
+at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double top_p,
+                         c10::optional<at::Tensor> rng_state, c10::optional<at::Tensor> keep_mask) {
+    FD_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
+             "sample_tokens: logits must be a contiguous float32 CUDA tensor [batch, vocab]");
+    FD_CHECK(top_p > 0.0, "sample_tokens: top_p must be in (0, 1], got ", top_p);
+    const int64_t* rng_ptr = nullptr;
+    if (temperature > 0) {
+        FD_CHECK(rng_state.has_value(), "sample_tokens: sampling (temperature > 0) needs rng_state");
+        FD_CHECK(rng_state->is_cuda() && rng_state->device() == logits.device() &&
+                     rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 && rng_state->is_contiguous(),
+                 "sample_tokens: rng_state must be a contiguous int64 CUDA tensor {seed, counter}");
+        rng_ptr = rng_state->data_ptr<int64_t>();
+    }
+    uint8_t* mask_ptr = nullptr;
+    if (keep_mask.has_value()) {
+        FD_CHECK(keep_mask->is_cuda() && keep_mask->scalar_type() == at::kBool && keep_mask->is_contiguous() &&
+                     keep_mask->sizes() == logits.sizes(),
+                 "sample_tokens: keep_mask must be a contiguous bool tensor shaped like logits");
+        mask_ptr = reinterpret_cast<uint8_t*>(keep_mask->data_ptr<bool>());
+    }
+    at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+    const c10::cuda::CUDAGuard guard(logits.device());
+    check_cuda(sampling::sample(logits.data_ptr<float>(), out.data_ptr<int64_t>(), mask_ptr, (int)logits.size(0),
+                                (int)logits.size(1), (float)temperature, (float)top_p, rng_ptr,
+                                c10::cuda::getCurrentCUDAStream().stream()),
+               "sample_tokens launch");
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -304,4 +336,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("q_heads"));
     m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [..., 2F] -> [..., F]", py::arg("gate_up"));
+    m.def("sample_tokens", &sample_tokens,
+          "Next tokens [B] from float32 logits [B, V] without sorting: greedy for temperature <= 0, else top-p "
+          "sampling with rng_state = int64 {seed, counter} on the device (the caller advances the counter); "
+          "keep_mask (bool [B, V], optional) receives the kept top-p set.",
+          py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none(),
+          py::arg("keep_mask") = py::none());
 }

@@ -152,3 +152,68 @@ def test_cuda_graphs_are_recaptured_after_the_cache_is_reallocated(gqa_checkpoin
     before = model.generate(prompts, 16, temperature=0, ignore_eos=True)
     model.setup_cache(3, 128)  # the old graphs point into the freed cache
     assert model.generate(prompts, 16, temperature=0, ignore_eos=True) == before
+
+
+# ---------------------------------------------------------------------------------------- fused sampling
+
+def reference_keep_mask(logits, temperature, top_p):
+    return torch.isfinite(llama3.filter_top_k_top_p(logits / temperature, None, top_p))
+
+
+@pytest.mark.parametrize("vocab", [1000, 128256, 50001])
+@pytest.mark.parametrize("spread", [0.01, 1.0, 8.0])  # flat (random weights) to peaked (a trained model)
+@pytest.mark.parametrize("top_p", [0.9, 0.5, 1.0])
+def test_fused_top_p_set_matches_the_sorting_reference(ops, vocab, spread, top_p):
+    g = torch.Generator(device="cuda").manual_seed(vocab + int(100 * spread))
+    logits = spread * torch.randn(6, vocab, generator=g, device="cuda")
+    keep = torch.zeros(6, vocab, dtype=torch.bool, device="cuda")
+    rng_state = torch.tensor([123, 0], device="cuda")
+    tokens = ops.sample_tokens(logits, 0.7, top_p, rng_state, keep)
+    expected = reference_keep_mask(logits, 0.7, top_p)
+    # fp32 sums in another order may move the boundary by one token, never more
+    differing = (keep != expected).sum(dim=-1)
+    assert differing.max().item() <= 1, f"kept sets differ by {differing.tolist()} tokens"
+    assert (differing == 0).float().mean().item() >= 0.5
+    assert keep[torch.arange(6), tokens].all(), "sampled a token outside the top-p set"
+
+
+def test_fused_sampling_follows_the_renormalized_distribution(ops):
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -5.0, 0.5], device="cuda")
+    rows = 200_000  # every row is an independent draw (the hash mixes the row index)
+    batch = logits.expand(rows, -1).contiguous()
+    tokens = ops.sample_tokens(batch, 0.8, 0.85, torch.tensor([7, 3], device="cuda"))
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    keep = reference_keep_mask(logits[None], 0.8, 0.85)[0]
+    expected = torch.where(keep, probs, 0.0)
+    expected /= expected.sum()
+    observed = torch.bincount(tokens, minlength=8).float() / rows
+    assert (observed - expected).abs().max().item() < 0.005, (observed, expected)
+
+
+def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops):
+    logits = torch.randn(5, 128256, device="cuda")
+    state = torch.tensor([99, 0], device="cuda")
+    first = ops.sample_tokens(logits, 1.0, 0.9, state)
+    assert torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state), first)  # same seed and counter
+    state[1] += 1
+    assert not torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state), first)  # next step: new draws
+    logits[2, 77] = logits[2, 78] = logits[2].max() + 1  # a tie: the first index, like torch.argmax
+    assert torch.equal(ops.sample_tokens(logits, 0.0, 1.0), logits.argmax(dim=-1))
+    with pytest.raises(ValueError, match="needs rng_state"):
+        ops.sample_tokens(logits, 1.0, 0.9)
+
+
+def test_fused_sampling_in_generate_graph_equals_eager_and_stays_in_top_p(gqa_checkpoint):
+    model = load_cuda(gqa_checkpoint[0])
+    prompts = random_prompts([4, 10], seed=25)
+    settings = dict(temperature=1.0, top_p=0.5, ignore_eos=True)
+    graphed = model.generate(prompts, 24, seed=5, **settings)
+    assert model.generate(prompts, 24, seed=5, **settings) == graphed
+    assert model.generate(prompts, 24, seed=6, **settings) != graphed
+    assert model.generate(prompts, 24, seed=5, use_cuda_graph=False, **settings) == graphed
+    for prompt, generated in zip(prompts, graphed):
+        sequence = list(prompt)
+        for token in generated:
+            logits = model.prefill(torch.tensor([sequence], device="cuda"))
+            assert reference_keep_mask(logits, 1.0, 0.5)[0, token], "token outside the top-p set"
+            sequence.append(token)
