@@ -31,6 +31,9 @@ USE_CUSTOM_DECODE_KERNEL = os.environ.get("LLAMA3_NO_CUSTOM_KERNEL", "0") != "1"
 # RoPE + cache write, SiLU * up) when this is True and the kernels build: ~9 kernels per layer instead of
 # ~35, the same rounding as the PyTorch modules they replace.
 USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
+# The fused sampler runs one thread block per row, so below this batch size the PyTorch sampling (whose
+# sort and softmax spread one row over many blocks) is the faster one (measured on an H100, 2026-11-26).
+FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
 DTYPES = {
@@ -784,7 +787,8 @@ class TokenSampler:
 def _fused_sampling_ops(logits: torch.Tensor, temperature: float, top_k, rng_state):
     """The kernel module when the fused sampler can serve this call, else None (top-k is PyTorch's)."""
     if (USE_FUSED_DECODE_OPS and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
-            and top_k is None and (temperature == 0 or rng_state is not None)):
+            and logits.shape[0] >= FUSED_SAMPLING_MIN_BATCH and top_k is None
+            and (temperature == 0 or rng_state is not None)):
         return _custom_decode_kernels()
     return None
 

@@ -32,10 +32,20 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64's finaliz
     return z ^ (z >> 31);
 }
 
-// Uniform in (0, 1), never 0 or 1, so the Gumbel noise is finite.
-__device__ __forceinline__ float uniform(uint64_t seed, uint64_t counter, uint64_t row, uint64_t index) {
-    const uint64_t h = mix64(mix64(mix64(seed ^ mix64(counter)) ^ row) ^ index);
-    return ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {  // murmur3's finalizer
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+// Uniform in (0, 1), never 0 or 1, so the Gumbel noise is finite. The (seed, counter, row) part is mixed
+// once per block into `key`; per token only two 32-bit rounds, because at batch 1 a single block hashes the
+// whole vocabulary (a 64-bit mix per token made the kernel 4x slower there).
+__device__ __forceinline__ float uniform(uint64_t key, uint32_t index) {
+    const uint32_t h = fmix32(fmix32(index ^ (uint32_t)key) ^ (uint32_t)(key >> 32));
+    return ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
 }
 
 // Calls f(value, index) for every element of the row, each thread reading kUnroll float4s before using
@@ -223,14 +233,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     const uint32_t tau_bits = prefix;  // all 32 bits fixed: the exact weight of the last kept token
 
     // Gumbel race among the kept tokens.
-    const uint64_t seed = (uint64_t)rng_state[0], counter = (uint64_t)rng_state[1];
+    const uint64_t key = mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
     ArgMax best{-INFINITY, 0x7fffffff};
     for_each(row, vocab, vectorized, [&](float v, int i) {
         const float x = __fmul_rn(v, inv_t);
         const bool keep = keep_all || __float_as_uint(__expf(x - m)) >= tau_bits;
         if (keep_mask != nullptr) keep_mask[row_index * vocab + i] = keep;
         if (!keep) return;
-        const float gumbel = -__logf(-__logf(uniform(seed, counter, row_index, i)));
+        const float gumbel = -__logf(-__logf(uniform(key, (uint32_t)i)));
         best = better(best, ArgMax{x + gumbel, i});
     });
     best = block_argmax(best, smem_arg);

@@ -203,7 +203,8 @@ def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops):
         ops.sample_tokens(logits, 1.0, 0.9)
 
 
-def test_fused_sampling_in_generate_graph_equals_eager_and_stays_in_top_p(gqa_checkpoint):
+def test_fused_sampling_in_generate_graph_equals_eager_and_stays_in_top_p(gqa_checkpoint, monkeypatch):
+    monkeypatch.setattr(llama3, "FUSED_SAMPLING_MIN_BATCH", 1)  # the fused sampler at every batch size
     model = load_cuda(gqa_checkpoint[0])
     prompts = random_prompts([4, 10], seed=25)
     settings = dict(temperature=1.0, top_p=0.5, ignore_eos=True)
