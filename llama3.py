@@ -31,9 +31,12 @@ USE_CUSTOM_DECODE_KERNEL = os.environ.get("LLAMA3_NO_CUSTOM_KERNEL", "0") != "1"
 # RoPE + cache write, SiLU * up) when this is True and the kernels build: ~9 kernels per layer instead of
 # ~35, the same rounding as the PyTorch modules they replace.
 USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
-# The fused sampler runs one thread block per row, so below this batch size the PyTorch sampling (whose
-# sort and softmax spread one row over many blocks) is the faster one (measured on an H100, 2026-11-26).
-FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
+# The fused sampler runs one thread block per row (about 0.2 to 0.9 ms per row of 128K logits on an H100),
+# so at small batches the PyTorch sampling, whose sort and softmax spread a row over many blocks, is faster
+# (84 us per step at batch 1 in a CUDA graph). Llama-3.2-1B end to end on an H100, 2026-11-26: the fused
+# sampler lost at batch 1 (569 vs 627 tokens/s) and won from batch 16 on (6,789 vs 6,270 at 16x2048+2048;
+# 59,305 vs 30,226 at 256x128+128).
+FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "16"))
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
 DTYPES = {
