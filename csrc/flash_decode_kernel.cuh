@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "element_convert.cuh"
 #include "flash_decode.h"
 
 namespace flash_decode {
@@ -83,12 +84,7 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8])
     }
 }
 
-template <typename Element>
-__device__ __forceinline__ Element from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using element::from_float;
 
 // Elements past the valid rows must never produce NaN: exp2(-inf - -inf) would. When nothing was seen
 // yet (m == -inf) the reference point is 0, which makes every weight exp2(-inf) = 0.

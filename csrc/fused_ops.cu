@@ -6,30 +6,34 @@
 #include <algorithm>
 #include <tuple>
 
+#include "element_convert.cuh"
 #include "fused_ops.h"
 
 namespace fused_ops {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using element::from_float;
+using element::to_float;
 
 // The value PyTorch would hold after storing x in a T tensor.
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
 
 constexpr int kNormThreads = 256;
+
+// Sum of every thread's v, returned to all threads of the (kNormThreads-wide) block.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[kNormThreads / 32];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
+    return total;
+}
+
 
 // Any dim: one block per row, two passes over the row (the second from L1/L2).
 template <typename T>
@@ -48,15 +52,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_kernel(const T* __re
         if (residual != nullptr) h = round_to<T>(h + to_float(residual[i]));
         sum_sq += h * h;
     }
-    __shared__ float warp_sums[kNormThreads / 32];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum_sq;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
-    const float inv_rms = rsqrtf(total / dim + eps);
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / dim + eps);
 
     // The second pass re-reads x (and residual) from L1/L2; it is a few KB per row.
     for (int i = threadIdx.x; i < dim; i += kNormThreads) {
@@ -97,15 +93,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
             }
         }
     }
-    __shared__ float warp_sums[kNormThreads / 32];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum_sq;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNormThreads / 32; ++w) total += warp_sums[w];
-    const float inv_rms = rsqrtf(total / dim + eps);
+    const float inv_rms = rsqrtf(block_sum(sum_sq) / dim + eps);
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
         const int col = (j * kNormThreads + threadIdx.x) * kElems;

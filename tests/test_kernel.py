@@ -26,23 +26,25 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernel_compiles_with_plain_nvcc_without_spills(arch, tmp_path):
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 14), ("sampling.cu", 1)])
+def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
     if not Path(nvcc).exists():
         if os.environ.get("REQUIRE_NVCC"):
             pytest.fail("REQUIRE_NVCC is set but nvcc was not found on PATH or in CUDA_HOME")
         pytest.skip("nvcc not found")
     cmd = [str(nvcc), "-O3", "-std=c++17", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v",
-           "-c", str(REPO_DIR / "csrc" / "flash_decode.cu"), "-o", str(tmp_path / "flash_decode.o")]
+           "-c", str(REPO_DIR / "csrc" / source), "-o", str(tmp_path / "kernels.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr}"
     report = result.stderr
-    kernels = re.findall(r"Compiling entry function '(\w*flash_decode_kernel\w*)'", report)
-    assert len(kernels) == 16, f"expected 2 dtypes x 2 head dims x 4 group tiles, got {kernels}"
+    kernels = re.findall(r"Compiling entry function '(\w+)'", report)
+    # flash_decode: 2 dtypes x 2 head dims x 4 group tiles; fused_ops: 7 kernels x 2 dtypes
+    assert len(kernels) == kernel_count, f"expected {kernel_count} kernels, got {kernels}"
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
     stacks = [int(n) for n in re.findall(r"(\d+) bytes stack frame", report)]
-    assert spills and max(spills) == 0, f"register spills in the kernel:\n{report}"
-    assert max(stacks) == 0, f"local-memory stack frame in the kernel:\n{report}"
+    assert spills and max(spills) == 0, f"register spills:\n{report}"
+    assert max(stacks) == 0, f"local-memory stack frame:\n{report}"
 
 
 # ------------------------------------------------------------------------------------------------
