@@ -72,32 +72,41 @@ struct DeviceInfo {
 };
 
 // Resident blocks per SM for one kernel variant on one device (asked once, then cached).
-static DeviceInfo device_info(int device, DType dtype, int head_dim, int group_tile) {
+static cudaError_t device_info(int device, DType dtype, int head_dim, int group_tile, DeviceInfo* out) {
     static std::mutex mutex;
     static std::unordered_map<int64_t, DeviceInfo> cache;
     const int64_t key = ((int64_t)device << 16) | ((int)dtype << 12) | (head_dim << 4) | group_tile;
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-    DeviceInfo info;
-    cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device);
-    Variant variant;
-    if (select_variant(dtype, head_dim, group_tile, &variant)) {
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, variant.kernel, variant.threads, 0);
-        info.rows_per_block_tile = variant.rows_per_block_tile;
+    if (it != cache.end()) {
+        *out = it->second;
+        return cudaSuccess;
     }
+    DeviceInfo info;
+    Variant variant;
+    if (!select_variant(dtype, head_dim, group_tile, &variant)) return cudaErrorInvalidValue;
+    cudaError_t err = cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, variant.kernel, variant.threads, 0);
+    if (err != cudaSuccess) return err;
+    info.rows_per_block_tile = variant.rows_per_block_tile;
     info.num_sms = std::max(info.num_sms, 1);
     info.blocks_per_sm = std::max(info.blocks_per_sm, 1);
     cache[key] = info;
-    return info;
+    *out = info;
+    return cudaSuccess;
 }
 
-int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, int device) {
+int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, int device,
+                       cudaError_t* error) {
+    *error = cudaSuccess;
     if (batch <= 0 || kv_heads <= 0 || max_seqlen <= 0) return 1;
     const int group_size = q_heads / kv_heads;
     const int group_tile = group_tile_for(group_size);
     const int head_groups = (group_size + group_tile - 1) / group_tile;
-    const DeviceInfo info = device_info(device, DType::kBFloat16, head_dim, group_tile);
+    DeviceInfo info;
+    *error = device_info(device, DType::kBFloat16, head_dim, group_tile, &info);
+    if (*error != cudaSuccess) return 1;
     const int rows_per_tile = info.rows_per_block_tile;
 
     const int base_blocks = batch * kv_heads * head_groups;

@@ -51,9 +51,10 @@ struct Params {
 };
 
 // The number of splits the launcher uses when the caller passes 0: enough blocks to fill the GPU
-// once, balanced across waves, no split shorter than one tile of rows.
-int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen,
-                       int device);
+// once, balanced across waves, no split shorter than one tile of rows. *error receives the result of the
+// device queries it needs (then 1 is returned).
+int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, int device,
+                       cudaError_t* error);
 
 // The group tile (query heads per block) the launcher picks for this GQA ratio.
 int group_tile_for(int group_size);

@@ -85,8 +85,12 @@ int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_
                 "flash_decode: num_q_heads (", num_q_heads, ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
     FD_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
                 " is not supported; the kernel is built for head_dim 64 and 128");
-    return flash_decode::default_num_splits((int)batch_size, (int)num_q_heads, (int)num_kv_heads, (int)head_dim,
-                                            (int)max_seqlen, c10::cuda::current_device());
+    cudaError_t err = cudaSuccess;
+    const int splits = flash_decode::default_num_splits((int)batch_size, (int)num_q_heads, (int)num_kv_heads,
+                                                        (int)head_dim, (int)max_seqlen, c10::cuda::current_device(),
+                                                        &err);
+    check_cuda(err, "querying the device for the split heuristic");
+    return splits;
 }
 
 at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
