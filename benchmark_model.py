@@ -744,7 +744,8 @@ def parse_args(argv=None):
     p.add_argument("--profile_steps", type=int, default=32, help="decode steps profiled")
     p.add_argument("--profile_trace", default=None, metavar="PATH", help="also write a Chrome/Perfetto trace")
     p.add_argument("--no_cuda_graph", action="store_true", help="eager decode steps in llama3 (for comparison)")
-    p.add_argument("--no_custom_kernel", action="store_true", help="PyTorch split-KV decode attention in llama3")
+    p.add_argument("--no_custom_kernel", action="store_true",
+                   help="no CUDA extension in llama3: PyTorch split-KV decode attention, PyTorch norms/RoPE/sampling")
     args = p.parse_args(argv)
     validate_args(p, args)
     return args
@@ -790,8 +791,9 @@ def main(argv=None):
     if "vllm" in impls and importlib.util.find_spec("vllm") is None:
         print(VLLM_MISSING_MESSAGE, file=sys.stderr)
         sys.exit(VLLM_MISSING_EXIT)
-    if args.no_custom_kernel:
+    if args.no_custom_kernel:  # the extension's fused ops and sampler too, not only its attention
         llama3.USE_CUSTOM_DECODE_KERNEL = False
+        llama3.USE_FUSED_DECODE_OPS = False
     device = torch.device(args.device)
     try:
         ceilings = measure_ceilings(device, llama3.resolve_dtype(args.dtype))  # first, while the card is empty

@@ -37,6 +37,7 @@ USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 # sampler lost at batch 1 (569 vs 627 tokens/s) and won from batch 16 on (6,789 vs 6,270 at 16x2048+2048;
 # 59,305 vs 30,226 at 256x128+128).
 FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "16"))
+MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
 DTYPES = {
@@ -511,12 +512,16 @@ class Transformer(nn.Module):
         they go in the cache) are device tensors that step() advances in place by one token.
 
         With CUDA graphs the whole step (embedding, every layer, lm_head, sampling and the state update) is
-        one graph replay, captured on first use for this batch size and sampling setting and kept until the
-        cache is reallocated. Capturing runs two warm-up steps that write cache position 0 of rows < B, so
-        it must happen before the prefill that fills those rows."""
+        one graph replay, captured on first use for this batch size, sampling setting and kernel choice, and
+        kept (the MAX_DECODE_GRAPHS most recent) until the cache is reallocated. Capturing runs two warm-up
+        steps that write cache positions 0 and 1 of rows < B, so it must happen before the prefill that
+        fills those rows."""
         device = self.device
-        key = (batch_size, temperature, top_p, top_k)
+        # The dispatch switches are baked into a captured graph, so they are part of its key.
+        key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
+               batch_size >= FUSED_SAMPLING_MIN_BATCH)
         if use_cuda_graph and key in self._decode_graphs:
+            self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]
         tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         positions = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -531,18 +536,21 @@ class Transformer(nn.Module):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}; "
                              "pass use_cuda_graph=False")
-        # Warm up on a side stream (cuBLAS handles, the kernel's split workspace), as graph capture requires.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        while len(self._decode_graphs) >= MAX_DECODE_GRAPHS:  # each holds its own memory pool
+            self._decode_graphs.pop(next(iter(self._decode_graphs)))
+        with torch.cuda.device(device):  # capture streams are made on the current device
+            # Warm up on a side stream (cuBLAS handles, the kernel's split workspace), as capture requires.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    advance()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if temperature > 0:
+                graph.register_generator_state(sampler.generator)  # replays draw fresh random numbers from it
+            with torch.cuda.graph(graph):
                 advance()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if temperature > 0:
-            graph.register_generator_state(sampler.generator)  # replays draw fresh random numbers from it
-        with torch.cuda.graph(graph):
-            advance()
         stepper = _DecodeStepper(tokens, positions, sampler, graph.replay)
         self._decode_graphs[key] = stepper
         return stepper

@@ -20,6 +20,8 @@
 
 namespace {
 
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y: (sequence, KV head, head group) blocks
+
 // Error messages are built without iostreams: c10::str (and so TORCH_CHECK) formats through an
 // std::ostringstream instantiated in this library, which crashed (SIGSEGV in the locale's codecvt) when
 // this extension was built by the GPU machine's newer g++ against the older libstdc++ that the process had
@@ -61,20 +63,22 @@ void check_rows_aligned(const at::Tensor& t, const char* name) {
                     " is not a multiple of 8 elements (16 bytes); make the tensor contiguous");
 }
 
-// Split tickets: zero between launches (the last block of each group resets its own), so they are
-// allocated once per device and only grown outside of CUDA graph capture.
-at::Tensor split_counters(const at::Device& device, int64_t needed) {
+// Split tickets: zero between launches (the last block of each group resets its own). One buffer per
+// device, sized once for the largest grid (grid.y <= 65535) and never reallocated, because captured CUDA
+// graphs keep its address. It is shared by every launch on the device: flash_decode launches must not run
+// concurrently on two streams of one device (one decode loop per GPU, as in this repo).
+at::Tensor split_counters(const at::Device& device) {
     static std::mutex mutex;
-    static std::vector<at::Tensor> per_device;
+    static auto* per_device = new std::vector<at::Tensor>();  // leaked: no teardown-order issues at exit
     std::lock_guard<std::mutex> lock(mutex);
     const int index = device.index();
-    if ((int)per_device.size() <= index) per_device.resize(index + 1);
-    at::Tensor& counters = per_device[index];
-    if (!counters.defined() || counters.numel() < needed) {
+    if ((int)per_device->size() <= index) per_device->resize(index + 1);
+    at::Tensor& counters = (*per_device)[index];
+    if (!counters.defined()) {
         FD_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-                    "flash_decode: the split workspace must grow to ", needed, " counters, which cannot happen while "
-                    "a CUDA graph is being captured; run one decode step with the same shapes before capturing");
-        counters = at::zeros({std::max<int64_t>(needed, 4096)}, at::TensorOptions().dtype(at::kInt).device(device));
+                 "flash_decode: the split workspace is allocated on first use, which cannot happen while a CUDA "
+                 "graph is being captured; run one decode step before capturing");
+        counters = at::zeros({kMaxGridY}, at::TensorOptions().dtype(at::kInt).device(device));
     }
     return counters;
 }
@@ -154,6 +158,9 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     const int group_size = (int)(q_heads / kv_heads);
     const int group_tile = flash_decode::group_tile_for(group_size);
     const int head_groups = (group_size + group_tile - 1) / group_tile;
+    FD_CHECK(batch * kv_heads * head_groups <= kMaxGridY, "flash_decode: batch ", batch, " x ", kv_heads,
+             " KV heads x ", head_groups, " head groups = ", batch * kv_heads * head_groups,
+             " blocks exceed CUDA's grid limit of ", kMaxGridY, "; decode in smaller batches");
     if (num_splits <= 0) num_splits = default_num_splits(batch, q_heads, kv_heads, head_dim, seq_capacity);
     FD_CHECK(num_splits <= flash_decode::kMaxSplits, "flash_decode: num_splits ", num_splits,
                 " is larger than the supported maximum ", flash_decode::kMaxSplits);
@@ -190,7 +197,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
         const auto f32 = q.options().dtype(at::kFloat);
         partial_out = at::empty({batch, q_heads, num_splits, head_dim}, f32);
         partial_lse = at::empty({batch, q_heads, num_splits}, f32);
-        counters = split_counters(q.device(), batch * kv_heads * head_groups);
+        counters = split_counters(q.device());
         p.partial_out = partial_out.data_ptr<float>();
         p.partial_lse = partial_lse.data_ptr<float>();
         p.split_counters = counters.data_ptr<int>();
@@ -249,8 +256,9 @@ at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at:
     for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{qkv, "qkv"}, {cos, "cos"}, {sin, "sin"},
                            {k_cache, "k_cache"}, {v_cache, "v_cache"}})
         check_fused_input(t, qkv, "rope_kv_write", name);
-    FD_CHECK(positions.is_cuda() && positions.scalar_type() == at::kLong && positions.is_contiguous(),
-             "rope_kv_write: positions must be a contiguous int64 CUDA tensor");
+    FD_CHECK(positions.is_cuda() && positions.device() == qkv.device() && positions.scalar_type() == at::kLong &&
+                 positions.is_contiguous(),
+             "rope_kv_write: positions must be a contiguous int64 tensor on ", qkv.device());
     FD_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
              "rope_kv_write: caches must be [max_batch, max_seq, kv_heads, head_dim]");
     const int64_t batch = qkv.size(0), max_seq = k_cache.size(1), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);

@@ -43,7 +43,7 @@ struct KernelTraits {
     // weights live per tile, so it streams shallower tiles to stay within 255 registers without spills.
     static constexpr int kLoadsPerTile = kGroupTile <= 4 ? 4 : 2;
     static constexpr int kRowsPerWarpTile = kRowsPerLoad * kLoadsPerTile;
-    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // 64 or 32 rows
+    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // head 64: 64 (32 for 8 heads); head 128: 32 (16)
 };
 
 // ---------------------------------------------------------------------------------------------------

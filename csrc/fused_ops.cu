@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_kernel(const T* __re
         if (residual != nullptr) h = round_to<T>(h + to_float(residual[i]));
         sum_sq += h * h;
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) / dim + eps);
+    const float inv_rms = rsqrtf(block_sum(sum_sq) * __frcp_rn((float)dim) + eps);  // mean = sum * (1/n), as PyTorch
 
     // The second pass re-reads x (and residual) from L1/L2; it is a few KB per row.
     for (int i = threadIdx.x; i < dim; i += kNormThreads) {
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
             }
         }
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) / dim + eps);
+    const float inv_rms = rsqrtf(block_sum(sum_sq) * __frcp_rn((float)dim) + eps);  // mean = sum * (1/n), as PyTorch
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
         const int col = (j * kNormThreads + threadIdx.x) * kElems;
@@ -123,6 +123,7 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
     const int b = blockIdx.x;
     const int half = head_dim / 2;
     const int64_t pos = positions[b];
+    if (pos < 0 || pos >= max_seq) __trap();  // like PyTorch's index assert: never write another sequence's rows
     const int rotated_heads = q_heads + kv_heads;
     const int64_t row_len = (int64_t)(q_heads + 2 * kv_heads) * head_dim;
     const T* src = qkv + b * row_len;

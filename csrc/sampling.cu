@@ -3,11 +3,12 @@
 // The PyTorch reference (llama3.filter_top_k_top_p + sample_next_token) sorts each row of the vocabulary
 // (128K entries for Llama 3) every decode step; at batch 256 that sort dominates the step. This kernel finds
 // the same top-p set without sorting:
-//   1. online softmax over the row: m = max x, Z = sum exp(x - m), with x = logit / temperature;
+//   1. the row's max m of x = logit / temperature;
 //   2. the weights w = exp(x - m) are positive floats, whose bit patterns order like their values, so a
-//      3-pass radix select over those bits (11 + 11 + 10 bits, each a mass histogram in shared memory)
-//      finds tau, the smallest weight that top-p keeps: the largest value whose tail mass sum(w >= tau)
-//      reaches top_p * Z. A token is kept when w >= tau, which is the reference's rule (drop a token once
+//      3-pass radix select over those bits (11 + 11 + 10 bits, each a mass histogram in shared memory, in
+//      64-bit fixed point so that the result does not depend on the order of the atomic adds) finds tau,
+//      the smallest weight that top-p keeps: the largest value whose tail mass sum(w >= tau) reaches
+//      top_p * sum(w). A token is kept when w >= tau, which is the reference's rule (drop a token once
 //      the strictly more likely ones cover top_p), except that equal weights at the boundary are all kept;
 //   3. a Gumbel race among the kept tokens: argmax(x + g), g = -log(-log u), samples the renormalized
 //      top-p distribution (the same exponential race as the reference, in log form).
@@ -79,6 +80,9 @@ __device__ __forceinline__ void for_each(const float* row, int vocab, bool vecto
     }
 }
 
+// A weight in (0, 1] as 32.32 fixed point (weights under 2^-32 count as no mass).
+__device__ __forceinline__ uint64_t to_fixed(float w) { return (uint64_t)(w * 4294967296.0f); }
+
 struct ArgMax {
     float value;
     int index;
@@ -104,48 +108,30 @@ __device__ ArgMax block_argmax(ArgMax v, ArgMax* smem) {
     return result;
 }
 
-// Online max and sum of exp over the row, merged across the block.
-__device__ void block_softmax_stats(const float* row, int vocab, bool vectorized, float inv_temperature,
-                                    float* smem_m, float* smem_s, float& m_out, float& z_out) {
-    float m = -INFINITY, s = 0.f;
-    for_each(row, vocab, vectorized, [&](float v, int) {
-        const float x = __fmul_rn(v, inv_temperature);  // no FMA contraction: the same x everywhere
-        if (x > m) {
-            s = s * __expf(m - x) + 1.f;
-            m = x;
-        } else {
-            s += __expf(x - m);
-        }
-    });
+// The largest x = logit / temperature of the row (the softmax's reference point), on every thread.
+__device__ float block_max_scaled(const float* row, int vocab, bool vectorized, float inv_temperature,
+                                  float* smem) {
+    float m = -INFINITY;
+    // __fmul_rn: no FMA contraction, so every pass computes the very same x
+    for_each(row, vocab, vectorized, [&](float v, int) { m = fmaxf(m, __fmul_rn(v, inv_temperature)); });
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
-        const float mm = fmaxf(m, m2);
-        s = (m == -INFINITY ? 0.f : s * __expf(m - mm)) + (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mm));
-        m = mm;
-    }
-    if (threadIdx.x % 32 == 0) {
-        smem_m[threadIdx.x / 32] = m;
-        smem_s[threadIdx.x / 32] = s;
-    }
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = m;
     __syncthreads();
-    float mm = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, smem_m[w]);
-    float z = 0.f;
-    for (int w = 0; w < kWarps; ++w) z += smem_m[w] == -INFINITY ? 0.f : smem_s[w] * __expf(smem_m[w] - mm);
+    float result = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) result = fmaxf(result, smem[w]);
     __syncthreads();
-    m_out = mm;
-    z_out = z;
+    return result;
 }
 
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int64_t* __restrict__ out,
                                                           uint8_t* keep_mask, int vocab, float temperature,
                                                           float top_p, const int64_t* __restrict__ rng_state) {
-    __shared__ float hist[kBins];
-    __shared__ float smem_a[kWarps], smem_b[kWarps];
+    __shared__ unsigned long long hist[kBins];
+    __shared__ float smem_a[kWarps];
     __shared__ ArgMax smem_arg[kWarps];
     __shared__ uint32_t smem_digit;
-    __shared__ float smem_needed;
+    __shared__ uint64_t smem_needed;
 
     const int64_t row_index = blockIdx.x;
     const float* row = logits + row_index * vocab;
@@ -160,56 +146,65 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     }
 
     const float inv_t = 1.f / temperature;
-    float m, z;
-    block_softmax_stats(row, vocab, vectorized, inv_t, smem_a, smem_b, m, z);
+    const float m = block_max_scaled(row, vocab, vectorized, inv_t, smem_a);
 
     // Radix select of tau over the weights' bits, most significant digit first. `prefix` holds the digits
-    // fixed so far; `needed` is the mass still to cover among the weights that share that prefix.
+    // fixed so far; `needed` is the mass still to cover among the weights that share that prefix. Masses
+    // are 32.32 fixed point in 64-bit integers: integer sums do not depend on the order the threads add
+    // them in, so the kept set (and the sampled token) is the same on every run.
     uint32_t prefix = 0;
     int fixed_bits = 0;
-    float needed = top_p * z;
+    uint64_t needed = 0;
     const bool keep_all = top_p >= 1.f;
     if (!keep_all) {
         for (int pass = 0; pass < 3; ++pass) {
             const int digit_bits = pass < 2 ? 11 : 10;
             const int shift = 32 - fixed_bits - digit_bits;
-            for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0.f;
+            for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
             __syncthreads();
             // Each thread accumulates runs of equal digits in a register before touching shared memory:
             // flat distributions put most weights in a few bins, where per-element atomics would serialize.
             int run_digit = -1;
-            float run_mass = 0.f;
+            uint64_t run_mass = 0;
             for_each(row, vocab, vectorized, [&](float v, int) {
                 const float w = __expf(__fmul_rn(v, inv_t) - m);
                 const uint32_t bits = __float_as_uint(w);
                 if (fixed_bits > 0 && (bits >> (32 - fixed_bits)) != (prefix >> (32 - fixed_bits))) return;
                 const int digit = (bits >> shift) & ((1u << digit_bits) - 1);
                 if (digit != run_digit) {
-                    if (run_digit >= 0) atomicAdd(&hist[run_digit], run_mass);
+                    if (run_digit >= 0) atomicAdd(&hist[run_digit], (unsigned long long)run_mass);
                     run_digit = digit;
-                    run_mass = 0.f;
+                    run_mass = 0;
                 }
-                run_mass += w;
+                run_mass += to_fixed(w);
             });
-            if (run_digit >= 0) atomicAdd(&hist[run_digit], run_mass);
+            if (run_digit >= 0) atomicAdd(&hist[run_digit], (unsigned long long)run_mass);
             __syncthreads();
             // The digit of tau: walking down from the largest digit, the first bin whose cumulative mass
             // reaches `needed`. One warp scans the (at most 2048) bins in chunks of 32.
             if (threadIdx.x < 32) {
                 const int bins = 1 << digit_bits;
-                float above = 0.f;
-                int found = 0;  // when rounding leaves `needed` unreached, keep everything in this prefix
+                if (pass == 0) {  // every weight is in this histogram: the target is top_p of their total
+                    uint64_t total = 0;
+                    for (int b = threadIdx.x; b < bins; b += 32) total += hist[b];
+#pragma unroll
+                    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+                    needed = (uint64_t)ceil((double)top_p * (double)total);
+                }
+                uint64_t above = 0;
+                int found = 0;  // unreachable with exact sums; would keep everything in this prefix
                 for (int top = bins - 1; top >= 0; top -= 32) {
                     const int b = top - threadIdx.x;
-                    float mass = b >= 0 ? hist[b] : 0.f;
+                    const uint64_t mass = b >= 0 ? hist[b] : 0;
                     // inclusive prefix sum over lanes: lane k holds the mass of bins top .. top-k
-                    float cumulative = mass;
+                    uint64_t cumulative = mass;
 #pragma unroll
                     for (int offset = 1; offset < 32; offset *= 2) {
-                        const float other = __shfl_up_sync(0xffffffffu, cumulative, offset);
+                        const uint64_t other = __shfl_up_sync(0xffffffffu, cumulative, offset);
                         if ((int)threadIdx.x >= offset) cumulative += other;
                     }
-                    const unsigned reached = __ballot_sync(0xffffffffu, b >= 0 && above + cumulative >= needed);
+                    const unsigned reached =
+                        __ballot_sync(0xffffffffu, b >= 0 && mass > 0 && above + cumulative >= needed);
                     if (reached != 0) {
                         const int lane = __ffs(reached) - 1;
                         found = top - lane;
@@ -237,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
     ArgMax best{-INFINITY, 0x7fffffff};
     for_each(row, vocab, vectorized, [&](float v, int i) {
         const float x = __fmul_rn(v, inv_t);
-        const bool keep = keep_all || __float_as_uint(__expf(x - m)) >= tau_bits;
+        const bool keep = x != -INFINITY && (keep_all || __float_as_uint(__expf(x - m)) >= tau_bits);
         if (keep_mask != nullptr) keep_mask[row_index * vocab + i] = keep;
         if (!keep) return;
         const float gumbel = -__logf(-__logf(uniform(key, (uint32_t)i)));

@@ -166,6 +166,7 @@ def reference_keep_mask(logits, temperature, top_p):
 def test_fused_top_p_set_matches_the_sorting_reference(ops, vocab, spread, top_p):
     g = torch.Generator(device="cuda").manual_seed(vocab + int(100 * spread))
     logits = spread * torch.randn(6, vocab, generator=g, device="cuda")
+    logits[1, ::7] = float("-inf")  # masked logits (e.g. banned tokens) carry no mass and are never drawn
     keep = torch.zeros(6, vocab, dtype=torch.bool, device="cuda")
     rng_state = torch.tensor([123, 0], device="cuda")
     tokens = ops.sample_tokens(logits, 0.7, top_p, rng_state, keep)
@@ -175,6 +176,11 @@ def test_fused_top_p_set_matches_the_sorting_reference(ops, vocab, spread, top_p
     assert differing.max().item() <= 1, f"kept sets differ by {differing.tolist()} tokens"
     assert (differing == 0).float().mean().item() >= 0.5
     assert keep[torch.arange(6), tokens].all(), "sampled a token outside the top-p set"
+    assert not keep[1, ::7].any()
+    for _ in range(3):  # integer histograms: the same kept set and token on every run
+        again = torch.zeros_like(keep)
+        assert torch.equal(ops.sample_tokens(logits, 0.7, top_p, rng_state, again), tokens)
+        assert torch.equal(again, keep)
 
 
 def test_fused_sampling_follows_the_renormalized_distribution(ops):
