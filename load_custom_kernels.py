@@ -76,9 +76,9 @@ def _build_key(arch: str, cuda_flags: list[str]) -> str:
     return digest.hexdigest()[:12]
 
 
-def build_dir() -> Path:
-    """Where the current sources are (or will be) built for this GPU."""
-    arch = _check_environment()
+def build_dir(arch: str | None = None) -> Path:
+    """Where the current sources are (or will be) built for this GPU (arch: its compute capability)."""
+    arch = arch or _check_environment()
     return BUILD_ROOT / f"{EXTENSION_NAME}_{_build_key(arch, NVCC_FLAGS)}"
 
 
@@ -89,13 +89,12 @@ def build_kernels(verbose: bool = False):
 
     # Build for this GPU only: one architecture keeps the JIT build short and uses the chip's own code.
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    key = _build_key(arch, NVCC_FLAGS)
-    directory = BUILD_ROOT / f"{EXTENSION_NAME}_{key}"
+    directory = build_dir(arch)
     directory.mkdir(parents=True, exist_ok=True)
     cuda_flags = NVCC_FLAGS + (["-Xptxas", "-v"] if verbose else [])
     try:
         return cpp_extension.load(
-            name=f"{EXTENSION_NAME}_{key}",
+            name=directory.name,  # the module name carries the digest too
             sources=[str(CSRC_DIR / s) for s in SOURCES],
             extra_cflags=["-O3"],
             extra_cuda_cflags=cuda_flags,
