@@ -167,6 +167,9 @@ def load_custom_module():
             why = first_line(why) if why else ""
             why = f" ({why[:150]}{'...' if len(why) > 150 else ''})" if why else ""
             raise Unavailable("error", f"the custom kernel module failed to build or load{why}; {build_hint}")
+        # One kernel timed alone: a plain launch, so it cannot start before the start event (in the model
+        # the decode-step kernels use programmatic dependent launch, see csrc/programmatic_launch.cuh).
+        _custom_module.set_programmatic_launch(False)
     return _custom_module
 
 

@@ -494,6 +494,10 @@ def print_profile(prof, cuda):
              ("wall time per step", wall)]
     print_markdown(["category", "us per step", "% of wall"],
                    [[c, f"{us:.1f}", f"{100 * us / wall:.1f}" if wall > 0 else "-"] for c, us in rows])
+    if cuda and prof["gaps_us_per_step"] < 0:
+        print("\nKernels overlapped (programmatic dependent launch: each kernel starts before the previous one "
+              "ends, and its time includes that wait), so the categories add up to more than the wall time; "
+              "--no_programmatic_launch gives a breakdown that adds up.")
     print(f"\nTop {len(prof['top_kernels'])} kernels by time per decode step:\n")
     print_markdown(["kernel", "category", "us per step", "calls per step"],
                    [[k["name"][:110], k["category"], f"{k['us_per_step']:.2f}", f"{k['calls_per_step']:.2f}"]
@@ -586,6 +590,7 @@ def run_meta(args, ceilings):
                 random_seed=args.random_seed, device=args.device, device_name=device_name(args.device),
                 torch=torch.__version__, transformers=transformers.__version__,
                 custom_decode_kernel=custom_kernel_state(args), cuda_graph=not args.no_cuda_graph,
+                custom_gemv=llama3.USE_CUSTOM_GEMV, programmatic_launch=not args.no_programmatic_launch,
                 copy_gbps=ceilings[0] if ceilings else None, matmul_tflops=ceilings[1] if ceilings else None,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=[os.path.basename(sys.argv[0])] + sys.argv[1:])
@@ -746,6 +751,10 @@ def parse_args(argv=None):
     p.add_argument("--no_cuda_graph", action="store_true", help="eager decode steps in llama3 (for comparison)")
     p.add_argument("--no_custom_kernel", action="store_true",
                    help="no CUDA extension in llama3: PyTorch split-KV decode attention, PyTorch norms/RoPE/sampling")
+    p.add_argument("--no_custom_gemv", action="store_true",
+                   help="cuBLAS (and separate norm/SiLU kernels) for the batch-1..4 projections instead of csrc/gemv.cu")
+    p.add_argument("--no_programmatic_launch", action="store_true",
+                   help="plain kernel launches instead of programmatic dependent launch (for comparison)")
     args = p.parse_args(argv)
     validate_args(p, args)
     return args
@@ -794,6 +803,10 @@ def main(argv=None):
     if args.no_custom_kernel:  # the extension's fused ops and sampler too, not only its attention
         llama3.USE_CUSTOM_DECODE_KERNEL = False
         llama3.USE_FUSED_DECODE_OPS = False
+    if args.no_custom_gemv:
+        llama3.USE_CUSTOM_GEMV = False
+    if args.no_programmatic_launch:
+        llama3.set_programmatic_launch(False)
     device = torch.device(args.device)
     try:
         ceilings = measure_ceilings(device, llama3.resolve_dtype(args.dtype))  # first, while the card is empty

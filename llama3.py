@@ -31,12 +31,14 @@ USE_CUSTOM_DECODE_KERNEL = os.environ.get("LLAMA3_NO_CUSTOM_KERNEL", "0") != "1"
 # RoPE + cache write, SiLU * up) when this is True and the kernels build: ~9 kernels per layer instead of
 # ~35, the same rounding as the PyTorch modules they replace.
 USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
-# The fused sampler runs one thread block per row (about 0.2 to 0.9 ms per row of 128K logits on an H100),
-# so at small batches the PyTorch sampling, whose sort and softmax spread a row over many blocks, is faster
-# (84 us per step at batch 1 in a CUDA graph). Llama-3.2-1B end to end on an H100, 2026-11-26: the fused
-# sampler lost at batch 1 (569 vs 627 tokens/s) and won from batch 16 on (6,789 vs 6,270 at 16x2048+2048;
-# 59,305 vs 30,226 at 256x128+128).
-FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "16"))
+# Decode steps sample with the fused sort-free kernel of csrc/sampling.cu (no top-k) from this batch size
+# on; below it, with the PyTorch reference (sort + scan). 1 = always; raise it to compare the two.
+FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
+# Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu
+# (with the residual add + RMSNorm and SiLU * up folded into it: 5 kernels a layer) when this is True and the
+# fused ops are on; larger batches use cuBLAS.
+USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
+GEMV_MAX_BATCH = 4  # csrc/gemv.h kMaxRows
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
@@ -299,6 +301,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale)
 
 
+def set_programmatic_launch(enabled: bool):
+    """Programmatic dependent launch for the extension's decode-step kernels (on by default on sm_90+; see
+    csrc/programmatic_launch.cuh). Takes effect for graphs captured afterwards."""
+    ops = _custom_decode_kernels()
+    if ops is not None:
+        ops.set_programmatic_launch(enabled)
+
+
 def _fused_decode_ops(x: torch.Tensor):
     """The kernel module when the fused decode ops apply to activations like x, else None."""
     if USE_FUSED_DECODE_OPS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
@@ -327,10 +337,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalize in fp32, round back, then scale: the same rounding points as transformers.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps: float):
+    # Normalize in fp32, round back, then scale: the same rounding points as transformers.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def gemv_reference(x, weight, residual=None, norm_weight=None, eps: float = 1e-5, silu_mul=False):
+    """What ops.gemv (csrc/gemv.cu) computes, with the PyTorch ops of the decode step it replaces:
+    (out, h) with h = x + residual (or x), out = linear(rms_norm(h) if norm_weight else h, weight), and
+    with silu_mul out = silu(gate) * up for weight = [gate; up]."""
+    h = x if residual is None else x + residual
+    out = F.linear(h if norm_weight is None else rms_norm(h, norm_weight, eps), weight)
+    if silu_mul:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out, h
 
 
 class Attention(nn.Module):
@@ -463,33 +489,78 @@ class Transformer(nn.Module):
             prompt_lens = torch.full((B,), T, device=tokens.device)
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         x = self.tok_embeddings(tokens)
+        last = None if return_all_logits else (self.batch_index[:B], prompt_lens.long() - 1)
+        ops = _fused_decode_ops(x)
+        if ops is not None:
+            return self._prefill_fused(ops, x, cos, sin, last).float()
         for layer in self.layers:
             x = layer.prefill(x, cos, sin)
-        if not return_all_logits:
-            x = x[self.batch_index[:B], prompt_lens.long() - 1]
+        if last is not None:
+            x = x[last]
         return self.output(self.norm(x)).float()
 
+    def _prefill_fused(self, ops, x, cos, sin, last):
+        """prefill's layers with the residual adds + RMSNorms and SiLU * up of csrc/fused_ops.cu (the same
+        rounding as the modules): at 32K prompt tokens the PyTorch RMSNorm alone moves ~1 GB per call."""
+        h, delta = None, x  # the residual stream is h + delta, summed inside add_rmsnorm
+        for layer in self.layers:
+            normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
+            delta = layer.attention.prefill(normed, cos, sin)
+            normed, h = ops.add_rmsnorm(delta, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
+            ffn = layer.feed_forward
+            delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
+        if last is not None:
+            h, delta = h[last], delta[last]
+        normed, _ = ops.add_rmsnorm(delta.contiguous(), h.contiguous(), self.norm.weight, self.norm.eps)
+        return self.output(normed)
+
     @torch.no_grad()
-    def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, float_logits=True) -> torch.Tensor:
         """One decode step: tokens [B] long at cache positions [B] (device tensor). Writes their k/v at
-        positions[b] and returns float logits [B, V]. Static shapes, no host syncs: CUDA-graph capturable."""
+        positions[b] and returns logits [B, V], as float32 or (float_logits=False) in the model's dtype.
+        Static shapes, no host syncs: CUDA-graph capturable."""
         B = tokens.shape[0]
         positions = positions.long()
         cache_seqlens = (positions + 1).to(torch.int32)
         x = self.tok_embeddings(tokens)
         ops = _fused_decode_ops(x)
         if ops is not None:
-            return self._forward_decode_fused(ops, x, positions, cache_seqlens)
+            logits = self._forward_decode_fused(ops, x, positions, cache_seqlens)
+            return logits.float() if float_logits else logits
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         batch_index = self.batch_index[:B]
         for layer in self.layers:
             x = layer.decode(x, cos, sin, batch_index, positions, cache_seqlens)
-        return self.output(self.norm(x)).float()
+        logits = self.output(self.norm(x))
+        return logits.float() if float_logits else logits
+
+    def _forward_decode_gemv(self, ops, x, positions, cache_seqlens):
+        """forward_decode for batch 1..GEMV_MAX_BATCH: every projection is one ops.gemv launch, the residual
+        add + RMSNorm before qkv, gate_up and lm_head run in its prologue and SiLU * up in gate_up's epilogue,
+        so a layer is 5 kernels (qkv, RoPE + cache write, attention, o, gate_up, down minus the norms)."""
+        B = x.shape[0]
+        h, delta = None, x  # the residual stream is h + delta, summed in the next prologue
+        for layer in self.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            qkv, h = ops.gemv(delta, att.wqkv.weight, h, layer.attention_norm.weight, layer.attention_norm.eps)
+            q = ops.rope_kv_write(qkv, self.rope_cos, self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v,
+                                  att.n_heads)
+            attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
+            delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
+            act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
+                              silu_mul=True)
+            delta, _ = ops.gemv(act, ffn.w_down.weight)
+        logits, _ = ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)
+        return logits
 
     def _forward_decode_fused(self, ops, x, positions, cache_seqlens):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
         follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm."""
         B = x.shape[0]
+        c = self.config
+        if (USE_CUSTOM_GEMV and B <= GEMV_MAX_BATCH  # the GEMV reads 16-byte pieces of every weight row
+                and c.dim % 8 == 0 and c.intermediate_size % 8 == 0 and c.n_heads * c.head_dim % 8 == 0):
+            return self._forward_decode_gemv(ops, x, positions, cache_seqlens)
         h, delta = None, x  # the stream is h + delta; the embedding starts it alone
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
@@ -501,11 +572,13 @@ class Transformer(nn.Module):
                                         layer.ffn_norm.eps)
             delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
         normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
-        return self.output(normed).float()
+        return self.output(normed)
 
     def _decode_and_sample(self, tokens, positions, sampler: "TokenSampler"):
         """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""
-        return sampler(self.forward_decode(tokens, positions))
+        # The model's bf16/fp16 logits go to the sampler as they are: at batch 256 a float copy of them is
+        # 131 MB written and read again every step.
+        return sampler(self.forward_decode(tokens, positions, float_logits=False))
 
     def _decode_stepper(self, batch_size: int, temperature: float, top_p, top_k, use_cuda_graph: bool):
         """The decode loop's state and step: tokens [B] (the last sampled tokens) and positions [B] (where
@@ -519,7 +592,7 @@ class Transformer(nn.Module):
         device = self.device
         # The dispatch switches are baked into a captured graph, so they are part of its key.
         key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
-               batch_size >= FUSED_SAMPLING_MIN_BATCH)
+               USE_CUSTOM_GEMV, batch_size >= FUSED_SAMPLING_MIN_BATCH)
         if use_cuda_graph and key in self._decode_graphs:
             self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]
@@ -797,7 +870,8 @@ class TokenSampler:
 
 def _fused_sampling_ops(logits: torch.Tensor, temperature: float, top_k, rng_state):
     """The kernel module when the fused sampler can serve this call, else None (top-k is PyTorch's)."""
-    if (USE_FUSED_DECODE_OPS and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2
+    if (USE_FUSED_DECODE_OPS and logits.is_cuda and logits.dim() == 2
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and logits.shape[0] >= FUSED_SAMPLING_MIN_BATCH and top_k is None
             and (temperature == 0 or rng_state is not None)):
         return _custom_decode_kernels()
@@ -806,17 +880,18 @@ def _fused_sampling_ops(logits: torch.Tensor, temperature: float, top_k, rng_sta
 
 def sample_next_token(logits, temperature: float, top_p=None, top_k=None, generator=None,
                       rng_state=None) -> torch.Tensor:
-    """Next token per row of logits [B, V], on the device. Greedy when temperature == 0.
+    """Next token per row of logits [B, V] (any float dtype), on the device. Greedy when temperature == 0.
 
     On CUDA without top-k (and, for sampling, with a device rng_state {seed, counter}, which this
-    advances), the fused kernel of csrc/sampling.cu finds the same top-p set without sorting the
-    vocabulary; otherwise the PyTorch code below, its reference."""
+    advances), the fused kernel of csrc/sampling.cu draws from the same top-p distribution without
+    sorting the vocabulary; otherwise the PyTorch code below, its reference."""
     ops = _fused_sampling_ops(logits, temperature, top_k, rng_state)
     if ops is not None:
         tokens = ops.sample_tokens(logits.contiguous(), temperature, 1.0 if top_p is None else top_p, rng_state)
         if temperature > 0:
             rng_state[1:].add_(1)
         return tokens
+    logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
     scores = filter_top_k_top_p(logits / temperature, top_k, top_p)

@@ -6,6 +6,7 @@
 
 #include "flash_decode.h"
 #include "flash_decode_kernel.cuh"
+#include "programmatic_launch.cuh"
 
 namespace flash_decode {
 
@@ -22,13 +23,14 @@ struct Variant {
     const void* kernel;  // for the occupancy query
     int threads;
     int rows_per_block_tile;  // the split granularity
-    void (*launch)(const Params&, dim3, cudaStream_t);
+    cudaError_t (*launch)(const Params&, dim3, cudaStream_t);
 };
 
 template <typename Element, int kHeadDim, int kGroupTile>
-static void launch_variant(const Params& params, dim3 grid, cudaStream_t stream) {
+static cudaError_t launch_variant(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, kGroupTile>;
-    flash_decode_kernel<Element, kHeadDim, kGroupTile><<<grid, Traits::kThreads, 0, stream>>>(params);
+    return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, kGroupTile>, grid,
+                                       dim3(Traits::kThreads), 0, stream, params);
 }
 
 template <typename Element, int kHeadDim, int kGroupTile>
@@ -135,8 +137,7 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     const dim3 grid(params.num_splits, params.batch * params.kv_heads * params.head_groups);
     Variant variant;
     if (!select_variant(dtype, params.head_dim, group_tile, &variant)) return cudaErrorInvalidValue;
-    variant.launch(params, grid, stream);
-    return cudaGetLastError();
+    return variant.launch(params, grid, stream);
 }
 
 }  // namespace flash_decode

@@ -16,6 +16,8 @@
 
 #include "flash_decode.h"
 #include "fused_ops.h"
+#include "gemv.h"
+#include "programmatic_launch.cuh"
 #include "sampling.h"
 
 namespace {
@@ -293,12 +295,94 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     return out;
 }
 
+void check_aligned(const at::Tensor& t, const char* op, const char* name) {
+    FD_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+             " must start on a 16-byte boundary (16-byte loads); make a fresh contiguous copy");
+}
+
+// (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 4, k], where x' = rmsnorm(h) * norm_weight with h = x + residual
+// (h = x without residual) when norm_weight is given, else x' = h = x. silu_mul: weight = [gate; up]
+// [2 n, k] and out = silu(x' gate^T) * (x' up^T) [rows, n].
+std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                c10::optional<at::Tensor> residual,
+                                                c10::optional<at::Tensor> norm_weight, double eps, bool silu_mul,
+                                                c10::optional<at::Tensor> out_arg) {
+    const flash_decode::DType dtype = model_dtype(x, "gemv");
+    check_fused_input(x, x, "gemv", "x");
+    check_fused_input(weight, x, "gemv", "weight");
+    FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxRows, "gemv: x must be [rows, k] with 1 to ",
+             gemv::kMaxRows, " rows (larger batches: use a GEMM), got ", x.sizes());
+    const int64_t rows = x.size(0), k = x.size(1);
+    FD_CHECK(weight.dim() == 2 && weight.size(1) == k, "gemv: weight must be [n, ", k, "], got ", weight.sizes());
+    FD_CHECK(k % 8 == 0, "gemv: k = ", k, " is not a multiple of 8 (16-byte loads)");
+    FD_CHECK(!silu_mul || weight.size(0) % 2 == 0, "gemv: silu_mul needs weight = [gate; up] with an even row count, got ",
+             weight.size(0));
+    const int64_t n_out = silu_mul ? weight.size(0) / 2 : weight.size(0);
+    FD_CHECK(n_out < (1ll << 30), "gemv: ", n_out, " outputs are too many");
+    check_aligned(x, "gemv", "x");
+    check_aligned(weight, "gemv", "weight");
+    gemv::Params p{};
+    p.x = x.data_ptr();
+    p.weight = weight.data_ptr();
+    p.rows = (int)rows;
+    p.k = (int)k;
+    p.n_out = (int)n_out;
+    p.silu_mul = silu_mul;
+    p.eps = (float)eps;
+    at::Tensor h = x;
+    if (residual.has_value()) {
+        FD_CHECK(norm_weight.has_value(), "gemv: residual is only added by the RMSNorm prologue; pass norm_weight");
+        check_fused_input(*residual, x, "gemv", "residual");
+        FD_CHECK(residual->sizes() == x.sizes(), "gemv: residual shape ", residual->sizes(), " differs from x shape ",
+                 x.sizes());
+        check_aligned(*residual, "gemv", "residual");
+        h = at::empty_like(x);
+        p.residual = residual->data_ptr();
+        p.residual_out = h.data_ptr();
+    }
+    if (norm_weight.has_value()) {
+        check_fused_input(*norm_weight, x, "gemv", "norm_weight");
+        FD_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == k, "gemv: norm_weight must be [", k, "]");
+        check_aligned(*norm_weight, "gemv", "norm_weight");
+        p.norm_weight = norm_weight->data_ptr();
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    int smem_limit = 0;
+    check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()),
+               "gemv: shared memory query");
+    FD_CHECK(gemv::shared_bytes((int)rows, (int)k, dtype) <= (size_t)smem_limit, "gemv: ", rows, " rows of k = ", k,
+             " do not fit in shared memory (", smem_limit, " bytes); use fewer rows or a GEMM");
+    at::Tensor out;
+    if (out_arg.has_value()) {
+        out = *out_arg;
+        check_fused_input(out, x, "gemv", "out");
+        FD_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == n_out, "gemv: out must be [", rows, ", ",
+                 n_out, "], got ", out.sizes());
+    } else {
+        out = at::empty({rows, n_out}, x.options());
+    }
+    p.out = out.data_ptr();
+    check_cuda(gemv::launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream()), "gemv launch");
+    return {out, h};
+}
+
 // Next tokens [B] (int64) from logits [B, V] float32: greedy when temperature <= 0, else top-p sampling
 // (top_p >= 1: plain temperature sampling) driven by rng_state = int64 {seed, counter} on the device.
 at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double top_p,
-                         c10::optional<at::Tensor> rng_state, c10::optional<at::Tensor> keep_mask) {
-    FD_CHECK(logits.is_cuda() && logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
-             "sample_tokens: logits must be a contiguous float32 CUDA tensor [batch, vocab]");
+                         c10::optional<at::Tensor> rng_state) {
+    FD_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
+             "sample_tokens: logits must be a contiguous CUDA tensor [batch, vocab], got ", logits.sizes(), " on ",
+             logits.device());
+    sampling::LogitsType type;
+    switch (logits.scalar_type()) {
+        case at::kFloat: type = sampling::LogitsType::kFloat32; break;
+        case at::kBFloat16: type = sampling::LogitsType::kBFloat16; break;
+        case at::kHalf: type = sampling::LogitsType::kFloat16; break;
+        default:
+            FD_CHECK(false, "sample_tokens: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+    }
+    FD_CHECK(logits.size(1) > 0 && logits.size(1) < (1ll << 30), "sample_tokens: vocabulary of ", logits.size(1),
+             " entries is out of range [1, 2^30)");
     FD_CHECK(top_p > 0.0, "sample_tokens: top_p must be in (0, 1], got ", top_p);
     const int64_t* rng_ptr = nullptr;
     if (temperature > 0) {
@@ -308,16 +392,9 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
                  "sample_tokens: rng_state must be a contiguous int64 CUDA tensor {seed, counter}");
         rng_ptr = rng_state->data_ptr<int64_t>();
     }
-    uint8_t* mask_ptr = nullptr;
-    if (keep_mask.has_value()) {
-        FD_CHECK(keep_mask->is_cuda() && keep_mask->scalar_type() == at::kBool && keep_mask->is_contiguous() &&
-                     keep_mask->sizes() == logits.sizes(),
-                 "sample_tokens: keep_mask must be a contiguous bool tensor shaped like logits");
-        mask_ptr = reinterpret_cast<uint8_t*>(keep_mask->data_ptr<bool>());
-    }
     at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
     const c10::cuda::CUDAGuard guard(logits.device());
-    check_cuda(sampling::sample(logits.data_ptr<float>(), out.data_ptr<int64_t>(), mask_ptr, (int)logits.size(0),
+    check_cuda(sampling::sample(logits.data_ptr(), type, out.data_ptr<int64_t>(), (int)logits.size(0),
                                 (int)logits.size(1), (float)temperature, (float)top_p, rng_ptr,
                                 c10::cuda::getCurrentCUDAStream().stream()),
                "sample_tokens launch");
@@ -348,10 +425,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"),
           py::arg("v_cache"), py::arg("q_heads"));
     m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [..., 2F] -> [..., F]", py::arg("gate_up"));
+    m.def("gemv", &gemv_forward,
+          "(x' @ weight^T, h) for 1 to 4 rows of x [rows, k]; with norm_weight x' = rmsnorm(h) * norm_weight, "
+          "h = x + residual (or x), else x' = h = x; silu_mul: weight = [gate; up], out = silu(x' gate^T) * "
+          "(x' up^T).",
+          py::arg("x"), py::arg("weight"), py::arg("residual") = py::none(), py::arg("norm_weight") = py::none(),
+          py::arg("eps") = 1e-5, py::arg("silu_mul") = false, py::arg("out") = py::none());
+    m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
+          "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
+          "may start while the previous one finishes; False gives plain launches, for comparison.",
+          py::arg("enabled"));
     m.def("sample_tokens", &sample_tokens,
-          "Next tokens [B] from float32 logits [B, V] without sorting: greedy for temperature <= 0, else top-p "
-          "sampling with rng_state = int64 {seed, counter} on the device (the caller advances the counter); "
-          "keep_mask (bool [B, V], optional) receives the kept top-p set.",
-          py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none(),
-          py::arg("keep_mask") = py::none());
+          "Next tokens [B] from logits [B, V] (float32, bfloat16 or float16) without sorting: greedy for "
+          "temperature <= 0, else top-p sampling with rng_state = int64 {seed, counter} on the device (the caller "
+          "advances the counter).",
+          py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none());
 }

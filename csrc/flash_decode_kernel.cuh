@@ -28,6 +28,7 @@
 
 #include "element_convert.cuh"
 #include "flash_decode.h"
+#include "programmatic_launch.cuh"
 
 namespace flash_decode {
 
@@ -50,40 +51,8 @@ struct KernelTraits {
 // Small device helpers
 // ---------------------------------------------------------------------------------------------------
 
-// Streamed once: keep the rows out of L1 (the non-coherent path is fine, the cache is read-only here).
-__device__ __forceinline__ uint4 load_stream_16B(const void* ptr) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(ptr));
-    return r;
-}
-
-template <typename Element>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]);
-
-template <>
-__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& raw, float (&f)[8]) {
-    // bf16 is the top half of a float32: a shift or a mask converts it.
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
-template <>
-__device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8]) {
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 p = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        f[2 * i] = p.x;
-        f[2 * i + 1] = p.y;
-    }
-}
-
+using element::load_stream_16B;
+using element::unpack8;
 using element::from_float;
 
 // Elements past the valid rows must never produce NaN: exp2(-inf - -inf) would. When nothing was seen
@@ -120,6 +89,10 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     __shared__ float smem_split_w[kGroupTile][kMaxSplits];
     __shared__ float smem_lse2[kGroupTile];
     __shared__ int smem_is_last;
+
+    // q, the lengths and the newest cache row come from the kernels just before (programmatic_launch.cuh)
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();
 
     const int split = blockIdx.x;
     int idx = blockIdx.y;

@@ -8,6 +8,7 @@
 
 #include "element_convert.cuh"
 #include "fused_ops.h"
+#include "programmatic_launch.cuh"
 
 namespace fused_ops {
 namespace {
@@ -120,6 +121,8 @@ template <typename T>
 __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
                                      const int64_t* __restrict__ positions, T* __restrict__ q_out, T* k_cache,
                                      T* v_cache, int q_heads, int kv_heads, int head_dim, int max_seq) {
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // qkv is the projection just before
     const int b = blockIdx.x;
     const int half = head_dim / 2;
     const int64_t pos = positions[b];
@@ -201,10 +204,11 @@ struct RopeKvWrite {
     static void run(const void* qkv, const void* cos, const void* sin, const int64_t* positions, void* q_out,
                     void* k_cache, void* v_cache, int batch, int q_heads, int kv_heads, int head_dim, int max_seq,
                     cudaStream_t stream) {
-        rope_kv_write_kernel<T><<<batch, 256, 0, stream>>>(
-            static_cast<const T*>(qkv), static_cast<const T*>(cos), static_cast<const T*>(sin), positions,
-            static_cast<T*>(q_out), static_cast<T*>(k_cache), static_cast<T*>(v_cache), q_heads, kv_heads,
-            head_dim, max_seq);
+        programmatic_launch::launch(rope_kv_write_kernel<T>, dim3(batch), dim3(256), 0, stream,
+                                    static_cast<const T*>(qkv), static_cast<const T*>(cos),
+                                    static_cast<const T*>(sin), positions, static_cast<T*>(q_out),
+                                    static_cast<T*>(k_cache), static_cast<T*>(v_cache), q_heads, kv_heads,
+                                    head_dim, max_seq);
     }
 };
 

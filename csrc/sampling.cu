@@ -1,31 +1,38 @@
-// Sort-free top-p sampling: one block per row of logits.
+// Sort-free top-p sampling: one block per row of logits, "sample, then check".
 //
 // The PyTorch reference (llama3.filter_top_k_top_p + sample_next_token) sorts each row of the vocabulary
-// (128K entries for Llama 3) every decode step; at batch 256 that sort dominates the step. This kernel finds
-// the same top-p set without sorting:
-//   1. the row's max m of x = logit / temperature;
-//   2. the weights w = exp(x - m) are positive floats, whose bit patterns order like their values, so a
-//      3-pass radix select over those bits (11 + 11 + 10 bits, each a mass histogram in shared memory, in
-//      64-bit fixed point so that the result does not depend on the order of the atomic adds) finds tau,
-//      the smallest weight that top-p keeps: the largest value whose tail mass sum(w >= tau) reaches
-//      top_p * sum(w). A token is kept when w >= tau, which is the reference's rule (drop a token once
-//      the strictly more likely ones cover top_p), except that equal weights at the boundary are all kept;
-//   3. a Gumbel race among the kept tokens: argmax(x + g), g = -log(-log u), samples the renormalized
-//      top-p distribution (the same exponential race as the reference, in log form).
-// The random numbers u come from a counter-based hash of (seed, step counter, row, token), both read from a
-// device tensor, so the kernel runs inside a CUDA graph and the caller advances the counter on the device.
-// temperature == 0 is greedy: a plain argmax (first index on ties, like torch.argmax).
+// (128K entries for Llama 3) every decode step. A token j is in the top-p set (the nucleus) iff the tokens
+// strictly more likely than j carry less than top_p of the mass. So instead of finding the set, this kernel
+// draws a token and checks that one token:
+//   1. one pass over the row: the max M of x = logit / temperature, the mass Z = sum exp(x - M) (online, as
+//      in flash attention's softmax), the argmax, and per-warp masses;
+//   2. inverse-CDF draw of j from softmax(x): the per-warp masses point to one warp's segment of the row,
+//      which that warp walks again with a prefix scan to find the token where the cumulative mass crosses
+//      u * Z (u uniform). Any fixed token order is a valid order for the CDF; ours is the walk order;
+//   3. one pass for A = the mass of the tokens with x > x_j. A < top_p * Z: j is in the nucleus, done.
+//      Else every token of the nucleus has x > x_j; draw again among {x > x_j} (whose per-warp masses the
+//      check pass just produced) and check again. A draw restricted to a superset of the nucleus and
+//      accepted only inside it is distributed as the renormalized nucleus, which is the reference's
+//      distribution. The first draw is accepted with probability top_p or more, so ~2.1 passes on average.
+//      Tokens tied with the boundary token are all kept (the reference keeps some of them, by sort order).
+// Each pass is a plain reduction (no atomics, no histogram contention), so flat rows (random weights) cost
+// what peaked ones do, and fixed reduction orders make the result deterministic. The uniforms come from a
+// counter-based hash of (seed, step counter, row, round), read from a device tensor, so the kernel runs in a
+// CUDA graph and the caller advances the counter on the device. temperature <= 0 is greedy: a plain argmax
+// (first index on ties, like torch.argmax).
 #include <cstdint>
 
+#include "element_convert.cuh"
+#include "programmatic_launch.cuh"
 #include "sampling.h"
 
 namespace sampling {
 namespace {
 
-constexpr int kThreads = 512;  // 1024 would cap registers at 32 and spill
-constexpr int kUnroll = 4;     // float4 loads in flight per thread before any use
+constexpr int kThreads = 1024;  // one block per row: at batch 1 a single SM streams the whole row
 constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 2048;  // 11-bit digits
+constexpr int kUnroll = 4;       // 16-byte loads in flight per thread before any use
+constexpr int kMaxRounds = 32;   // draws before falling back to the argmax (P(reaching it) < (1-top_p)^32)
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64's finalizer
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -33,55 +40,62 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64's finaliz
     return z ^ (z >> 31);
 }
 
-__device__ __forceinline__ uint32_t fmix32(uint32_t h) {  // murmur3's finalizer
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    return h ^ (h >> 16);
+// Uniform in (0, 1), never 0 or 1.
+__device__ __forceinline__ float uniform(uint64_t key, uint32_t round) {
+    const uint64_t h = mix64(key ^ mix64(round + 1));
+    return ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
 }
 
-// Uniform in (0, 1), never 0 or 1, so the Gumbel noise is finite. The (seed, counter, row) part is mixed
-// once per block into `key`; per token only two 32-bit rounds, because at batch 1 a single block hashes the
-// whole vocabulary (a 64-bit mix per token made the kernel 4x slower there).
-__device__ __forceinline__ float uniform(uint64_t key, uint32_t index) {
-    const uint32_t h = fmix32(fmix32(index ^ (uint32_t)key) ^ (uint32_t)(key >> 32));
-    return ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
-}
+__device__ __forceinline__ float to_float(float x) { return x; }
+template <typename T>
+__device__ __forceinline__ float to_float(T x) { return element::to_float<T>(x); }
 
-// Calls f(value, index) for every element of the row, each thread reading kUnroll float4s before using
-// them: at batch 1 one block streams the whole row, so loads in flight decide the speed. `vectorized`
-// needs the row to start on 16 bytes and the vocabulary to be a multiple of 4; else plain loads.
-template <typename F>
-__device__ __forceinline__ void for_each(const float* row, int vocab, bool vectorized, F&& f) {
-    if (vectorized) {
-        const float4* row4 = reinterpret_cast<const float4*>(row);
-        const int n4 = vocab / 4;
-        for (int base = threadIdx.x; base < n4; base += kThreads * kUnroll) {
-            float4 v[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int c = base + u * kThreads;
-                v[u] = c < n4 ? __ldg(row4 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int c = base + u * kThreads;
-                if (c < n4) {
-                    f(v[u].x, 4 * c);
-                    f(v[u].y, 4 * c + 1);
-                    f(v[u].z, 4 * c + 2);
-                    f(v[u].w, 4 * c + 3);
-                }
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < vocab; i += kThreads) f(row[i], i);
+// A row as a sequence of 16-byte vectors of kVec elements. Warp w owns the vectors
+// [w * seg, (w + 1) * seg); in iteration `it` its lane l reads vector w * seg + it * 32 + l (coalesced).
+// That (warp, iteration, lane, element) order is the token order of the inverse-CDF draw.
+template <typename T>
+struct Row {
+    static constexpr int kVec = 16 / sizeof(T);
+    const T* data;
+    int vocab;
+    bool vectorized;  // row on 16 bytes and vocab a multiple of kVec, else element loads
+    int iterations;   // per warp; seg = iterations * 32 vectors
+
+    __device__ Row(const T* row, int vocab_, bool aligned) : data(row), vocab(vocab_) {
+        vectorized = aligned && vocab % kVec == 0;
+        const int vectors = (vocab + kVec - 1) / kVec;
+        iterations = (vectors + kWarps * 32 - 1) / (kWarps * 32);
     }
-}
-
-// A weight in (0, 1] as 32.32 fixed point (weights under 2^-32 count as no mass).
-__device__ __forceinline__ uint64_t to_fixed(float w) { return (uint64_t)(w * 4294967296.0f); }
+    __device__ int first_token(int warp, int it, int lane) const {
+        return ((warp * iterations + it) * 32 + lane) * kVec;
+    }
+    // x = logit * inv_t for the kVec tokens from `token`; tokens past the vocabulary read as -inf.
+    __device__ void load(int token, float inv_t, float (&x)[kVec]) const {
+        if (vectorized && token < vocab) {
+            union { uint4 raw; T v[kVec]; } u;
+            u.raw = __ldg(reinterpret_cast<const uint4*>(data + token));
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) x[e] = __fmul_rn(to_float(u.v[e]), inv_t);  // no FMA: same x everywhere
+        } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+                x[e] = token + e < vocab ? __fmul_rn(to_float(data[token + e]), inv_t) : -INFINITY;
+        }
+    }
+    // Calls f(x[kVec], first token) for every vector of this thread's warp segment, in walk order,
+    // kUnroll loads in flight.
+    template <typename F>
+    __device__ __forceinline__ void for_each(int warp, int lane, float inv_t, F&& f) const {
+        for (int it0 = 0; it0 < iterations; it0 += kUnroll) {
+            float x[kUnroll][kVec];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) load(first_token(warp, it0 + u, lane), inv_t, x[u]);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (it0 + u < iterations) f(x[u], first_token(warp, it0 + u, lane));
+        }
+    }
+};
 
 struct ArgMax {
     float value;
@@ -94,161 +108,264 @@ __device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
     return a;
 }
 
-__device__ ArgMax block_argmax(ArgMax v, ArgMax* smem) {
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax v) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-        ArgMax other{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)};
-        v = better(v, other);
-    }
-    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-    __syncthreads();
-    ArgMax result = smem[0];
-    for (int w = 1; w < kWarps; ++w) result = better(result, smem[w]);
-    __syncthreads();  // smem is reused by the caller
-    return result;
+    for (int offset = 16; offset > 0; offset /= 2)
+        v = better(v, ArgMax{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
+    return v;
 }
 
-// The largest x = logit / temperature of the row (the softmax's reference point), on every thread.
-__device__ float block_max_scaled(const float* row, int vocab, bool vectorized, float inv_temperature,
-                                  float* smem) {
-    float m = -INFINITY;
-    // __fmul_rn: no FMA contraction, so every pass computes the very same x
-    for_each(row, vocab, vectorized, [&](float v, int) { m = fmaxf(m, __fmul_rn(v, inv_temperature)); });
+// Sums in a fixed butterfly order; every lane gets the same bits (IEEE addition is commutative).
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = m;
-    __syncthreads();
-    float result = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) result = fmaxf(result, smem[w]);
-    __syncthreads();
-    return result;
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int64_t* __restrict__ out,
-                                                          uint8_t* keep_mask, int vocab, float temperature,
-                                                          float top_p, const int64_t* __restrict__ rng_state) {
-    __shared__ unsigned long long hist[kBins];
-    __shared__ float smem_a[kWarps];
-    __shared__ ArgMax smem_arg[kWarps];
-    __shared__ uint32_t smem_digit;
-    __shared__ uint64_t smem_needed;
+// Running softmax statistics: s = sum exp(x - m) over the tokens seen.
+struct SoftmaxStats {
+    float m, s;
+};
 
-    const int64_t row_index = blockIdx.x;
-    const float* row = logits + row_index * vocab;
-    const bool vectorized = vocab % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+__device__ __forceinline__ SoftmaxStats merge(SoftmaxStats a, SoftmaxStats b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return a;
+    return {m, (a.m == -INFINITY ? 0.f : a.s * __expf(a.m - m)) + (b.m == -INFINITY ? 0.f : b.s * __expf(b.m - m))};
+}
 
-    if (temperature <= 0.f) {  // greedy
-        ArgMax best{-INFINITY, 0x7fffffff};
-        for_each(row, vocab, vectorized, [&](float v, int i) { best = better(best, ArgMax{v, i}); });
-        best = block_argmax(best, smem_arg);
-        if (threadIdx.x == 0) out[row_index] = best.index;
-        return;
-    }
+struct Shared {
+    float warp_mass[kWarps];  // per-warp mass of the tokens the current draw is restricted to
+    SoftmaxStats warp_stats[kWarps];
+    ArgMax warp_best[kWarps];
+    float max_x, total;       // M and Z of the whole row
+    int chosen_warp;
+    float base, target;       // the draw's cumulative mass before the chosen warp, and u * mass
+    int token;
+    float token_x;
+};
 
-    const float inv_t = 1.f / temperature;
-    const float m = block_max_scaled(row, vocab, vectorized, inv_t, smem_a);
+// Warp 0 sums the per-warp masses in a fixed order; returns the sum on warp 0's lanes.
+__device__ __forceinline__ float block_mass(const Shared& sh, int lane) { return warp_sum(sh.warp_mass[lane]); }
 
-    // Radix select of tau over the weights' bits, most significant digit first. `prefix` holds the digits
-    // fixed so far; `needed` is the mass still to cover among the weights that share that prefix. Masses
-    // are 32.32 fixed point in 64-bit integers: integer sums do not depend on the order the threads add
-    // them in, so the kept set (and the sampled token) is the same on every run.
-    uint32_t prefix = 0;
-    int fixed_bits = 0;
-    uint64_t needed = 0;
-    const bool keep_all = top_p >= 1.f;
-    if (!keep_all) {
-        for (int pass = 0; pass < 3; ++pass) {
-            const int digit_bits = pass < 2 ? 11 : 10;
-            const int shift = 32 - fixed_bits - digit_bits;
-            for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
-            __syncthreads();
-            // Each thread accumulates runs of equal digits in a register before touching shared memory:
-            // flat distributions put most weights in a few bins, where per-element atomics would serialize.
-            int run_digit = -1;
-            uint64_t run_mass = 0;
-            for_each(row, vocab, vectorized, [&](float v, int) {
-                const float w = __expf(__fmul_rn(v, inv_t) - m);
-                const uint32_t bits = __float_as_uint(w);
-                if (fixed_bits > 0 && (bits >> (32 - fixed_bits)) != (prefix >> (32 - fixed_bits))) return;
-                const int digit = (bits >> shift) & ((1u << digit_bits) - 1);
-                if (digit != run_digit) {
-                    if (run_digit >= 0) atomicAdd(&hist[run_digit], (unsigned long long)run_mass);
-                    run_digit = digit;
-                    run_mass = 0;
-                }
-                run_mass += to_fixed(w);
-            });
-            if (run_digit >= 0) atomicAdd(&hist[run_digit], (unsigned long long)run_mass);
-            __syncthreads();
-            // The digit of tau: walking down from the largest digit, the first bin whose cumulative mass
-            // reaches `needed`. One warp scans the (at most 2048) bins in chunks of 32.
-            if (threadIdx.x < 32) {
-                const int bins = 1 << digit_bits;
-                if (pass == 0) {  // every weight is in this histogram: the target is top_p of their total
-                    uint64_t total = 0;
-                    for (int b = threadIdx.x; b < bins; b += 32) total += hist[b];
+// The inverse-CDF draw among the tokens with x > threshold (their per-warp masses in sh.warp_mass, total
+// `mass`): warp 0 picks the warp segment, that warp re-walks it. Result in sh.token / sh.token_x.
+template <typename T>
+__device__ void draw(const Row<T>& row, Shared& sh, float inv_t, float threshold, float mass, float u, int warp,
+                     int lane) {
+    if (warp == 0) {
+        const float own = sh.warp_mass[lane];
+        float inclusive = own;
 #pragma unroll
-                    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-                    needed = (uint64_t)ceil((double)top_p * (double)total);
-                }
-                uint64_t above = 0;
-                int found = 0;  // unreachable with exact sums; would keep everything in this prefix
-                for (int top = bins - 1; top >= 0; top -= 32) {
-                    const int b = top - threadIdx.x;
-                    const uint64_t mass = b >= 0 ? hist[b] : 0;
-                    // inclusive prefix sum over lanes: lane k holds the mass of bins top .. top-k
-                    uint64_t cumulative = mass;
-#pragma unroll
-                    for (int offset = 1; offset < 32; offset *= 2) {
-                        const uint64_t other = __shfl_up_sync(0xffffffffu, cumulative, offset);
-                        if ((int)threadIdx.x >= offset) cumulative += other;
-                    }
-                    const unsigned reached =
-                        __ballot_sync(0xffffffffu, b >= 0 && mass > 0 && above + cumulative >= needed);
-                    if (reached != 0) {
-                        const int lane = __ffs(reached) - 1;
-                        found = top - lane;
-                        above += __shfl_sync(0xffffffffu, cumulative - mass, lane);
-                        break;
-                    }
-                    above += __shfl_sync(0xffffffffu, cumulative, 31);
-                }
-                if (threadIdx.x == 0) {
-                    smem_digit = (uint32_t)found;
-                    smem_needed = needed - above;
-                }
-            }
-            __syncthreads();
-            prefix |= smem_digit << shift;
-            needed = smem_needed;
-            fixed_bits += digit_bits;
-            __syncthreads();
+        for (int offset = 1; offset < 32; offset *= 2) {
+            const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+            if (lane >= offset) inclusive += other;
+        }
+        const float target = u * mass;
+        unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
+        if (hits == 0) hits = 1u << (31 - __clz(__ballot_sync(0xffffffffu, own > 0.f)));  // rounding: last warp with mass
+        const int chosen = __ffs(hits) - 1;
+        if (lane == chosen) {
+            sh.chosen_warp = chosen;
+            sh.base = inclusive - own;
+            sh.target = target;
         }
     }
-    const uint32_t tau_bits = prefix;  // all 32 bits fixed: the exact weight of the last kept token
+    __syncthreads();
+    if (warp == sh.chosen_warp) {
+        constexpr int kVec = Row<T>::kVec;
+        const float target = sh.target;
+        float running = sh.base;  // mass of the walk order before the current iteration
+        int found = -1, last_positive = -1;
+        float found_x = 0.f, last_positive_x = 0.f;
+        row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int first) {
+            if (found >= 0) return;  // warp-uniform
+            float w[kVec], lane_sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+                w[e] = x[e] > threshold ? __expf(x[e] - sh.max_x) : 0.f;
+                lane_sum += w[e];
+            }
+            float inclusive = lane_sum;
+#pragma unroll
+            for (int offset = 1; offset < 32; offset *= 2) {
+                const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+                if (lane >= offset) inclusive += other;
+            }
+            // the token where the cumulative mass crosses the target, in this lane's kVec tokens
+            int hit = -1, last = -1;
+            float acc = running + (inclusive - lane_sum);
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+                acc += w[e];
+                if (w[e] > 0.f) {
+                    last = e;
+                    if (hit < 0 && acc > target) hit = e;
+                }
+            }
+            const unsigned crossing = __ballot_sync(0xffffffffu, hit >= 0);
+            if (crossing != 0) {
+                const int src = __ffs(crossing) - 1;
+                const int e = __shfl_sync(0xffffffffu, hit, src);
+                found = __shfl_sync(0xffffffffu, first, src) + e;
+                float xe = x[0];
+#pragma unroll
+                for (int k = 1; k < kVec; ++k) if (k == e) xe = x[k];
+                found_x = __shfl_sync(0xffffffffu, xe, src);
+            } else {
+                const unsigned positive = __ballot_sync(0xffffffffu, last >= 0);
+                if (positive != 0) {
+                    const int src = 31 - __clz(positive);
+                    const int e = __shfl_sync(0xffffffffu, last, src);
+                    float xe = x[0];
+#pragma unroll
+                    for (int k = 1; k < kVec; ++k) if (k == e) xe = x[k];
+                    last_positive = __shfl_sync(0xffffffffu, first, src) + e;
+                    last_positive_x = __shfl_sync(0xffffffffu, xe, src);
+                }
+                running += __shfl_sync(0xffffffffu, inclusive, 31);
+            }
+        });
+        if (found < 0) {  // float rounding put the target past this segment's mass: its last token with mass
+            found = last_positive;
+            found_x = last_positive_x;
+        }
+        if (lane == 0) {
+            sh.token = found;
+            sh.token_x = found_x;
+        }
+    }
+    __syncthreads();
+}
 
-    // Gumbel race among the kept tokens.
-    const uint64_t key = mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    sample_kernel(const T* __restrict__ logits, int64_t* __restrict__ out, int vocab, float temperature, float top_p,
+                  const int64_t* __restrict__ rng_state) {
+    __shared__ Shared sh;
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // the logits are the lm_head's output
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t row_index = blockIdx.x;
+    const T* data = logits + row_index * vocab;
+    const Row<T> row(data, vocab, reinterpret_cast<uintptr_t>(data) % 16 == 0);
+    constexpr int kVec = Row<T>::kVec;
+    const bool greedy = temperature <= 0.f;
+    const float inv_t = greedy ? 1.f : 1.f / temperature;
+
+    // Pass 1: argmax, and (sampling) the online softmax statistics.
     ArgMax best{-INFINITY, 0x7fffffff};
-    for_each(row, vocab, vectorized, [&](float v, int i) {
-        const float x = __fmul_rn(v, inv_t);
-        const bool keep = x != -INFINITY && (keep_all || __float_as_uint(__expf(x - m)) >= tau_bits);
-        if (keep_mask != nullptr) keep_mask[row_index * vocab + i] = keep;
-        if (!keep) return;
-        const float gumbel = -__logf(-__logf(uniform(key, (uint32_t)i)));
-        best = better(best, ArgMax{x + gumbel, i});
+    SoftmaxStats stats{-INFINITY, 0.f};
+    row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int first) {
+        float vmax = -INFINITY;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+            if (x[e] > best.value) best = {x[e], first + e};  // walk order is index order within a lane
+            vmax = fmaxf(vmax, x[e]);
+        }
+        if (greedy || vmax == -INFINITY) return;
+        const float m = fmaxf(stats.m, vmax);
+        float s = stats.m == -INFINITY ? 0.f : stats.s * __expf(stats.m - m);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) s += __expf(x[e] - m);
+        stats = {m, s};
     });
-    best = block_argmax(best, smem_arg);
-    if (threadIdx.x == 0) out[row_index] = best.index;
+    best = warp_argmax(best);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+        stats = merge(stats, SoftmaxStats{__shfl_xor_sync(0xffffffffu, stats.m, offset),
+                                          __shfl_xor_sync(0xffffffffu, stats.s, offset)});
+    if (lane == 0) {
+        sh.warp_best[warp] = best;
+        sh.warp_stats[warp] = stats;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = warp_argmax(sh.warp_best[lane]);
+        if (!greedy) {
+            SoftmaxStats all = sh.warp_stats[lane];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2)
+                all = merge(all, SoftmaxStats{__shfl_xor_sync(0xffffffffu, all.m, offset),
+                                              __shfl_xor_sync(0xffffffffu, all.s, offset)});
+            const SoftmaxStats mine = sh.warp_stats[lane];
+            sh.warp_mass[lane] = mine.m == -INFINITY ? 0.f : mine.s * __expf(mine.m - all.m);
+            if (lane == 0) sh.max_x = all.m;
+        }
+        if (lane == 0) sh.token = best.index;
+    }
+    __syncthreads();
+    if (greedy) {
+        if (threadIdx.x == 0) out[row_index] = sh.token;
+        return;
+    }
+    const int argmax_token = sh.token;
+    if (warp == 0) {
+        const float total = block_mass(sh, lane);
+        if (lane == 0) sh.total = total;
+    }
+    __syncthreads();
+    const float total = sh.total, max_x = sh.max_x;
+    const uint64_t key = mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
+
+    // Draw, check, and redraw above the rejected token.
+    float threshold = -INFINITY, mass = total;
+    int token = argmax_token;  // kept if every round is rejected (the argmax is always in the nucleus)
+    for (int round = 0; round < kMaxRounds; ++round) {
+        draw(row, sh, inv_t, threshold, mass, uniform(key, (uint32_t)round), warp, lane);
+        const int drawn = sh.token;
+        const float drawn_x = sh.token_x;
+        if (top_p >= 1.f) {
+            token = drawn;
+            break;
+        }
+        float above = 0.f;  // this thread's mass of the tokens more likely than the drawn one
+        row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int) {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+                if (x[e] > drawn_x) above += __expf(x[e] - max_x);
+        });
+        above = warp_sum(above);
+        if (lane == 0) sh.warp_mass[warp] = above;
+        __syncthreads();
+        if (warp == 0) {
+            const float a = block_mass(sh, lane);
+            if (lane == 0) sh.base = a;
+        }
+        __syncthreads();
+        const float a = sh.base;
+        if (a < top_p * total) {
+            token = drawn;
+            break;
+        }
+        threshold = drawn_x;
+        mass = a;
+        __syncthreads();  // sh.base is rewritten by the next draw
+    }
+    if (threadIdx.x == 0) out[row_index] = token;
+}
+
+template <typename T>
+cudaError_t launch(const T* logits, int64_t* out, int rows, int vocab, float temperature, float top_p,
+                   const int64_t* rng_state, cudaStream_t stream) {
+    return programmatic_launch::launch(sample_kernel<T>, dim3(rows), dim3(kThreads), 0, stream, logits, out, vocab,
+                                       temperature, top_p, rng_state);
 }
 
 }  // namespace
 
-cudaError_t sample(const float* logits, int64_t* out, uint8_t* keep_mask, int rows, int vocab, float temperature,
+cudaError_t sample(const void* logits, LogitsType type, int64_t* out, int rows, int vocab, float temperature,
                    float top_p, const int64_t* rng_state, cudaStream_t stream) {
     if (rows == 0) return cudaSuccess;
-    sample_kernel<<<rows, kThreads, 0, stream>>>(logits, out, keep_mask, vocab, temperature, top_p, rng_state);
-    return cudaGetLastError();
+    switch (type) {
+        case LogitsType::kFloat32:
+            return launch(static_cast<const float*>(logits), out, rows, vocab, temperature, top_p, rng_state, stream);
+        case LogitsType::kBFloat16:
+            return launch(static_cast<const __nv_bfloat16*>(logits), out, rows, vocab, temperature, top_p, rng_state,
+                          stream);
+        case LogitsType::kFloat16:
+            return launch(static_cast<const __half*>(logits), out, rows, vocab, temperature, top_p, rng_state, stream);
+    }
+    return cudaErrorInvalidValue;
 }
 
 }  // namespace sampling

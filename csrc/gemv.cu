@@ -1,0 +1,226 @@
+// Small-batch GEMV for the decode step (see gemv.h for what it computes).
+//
+// Algorithm: a warp owns one weight row (one output; with silu_mul the gate and the up row of one output),
+// its lanes walk the row in 16-byte pieces (lane l takes pieces l, l + 32, ...), and dot each with the
+// matching piece of every x row; a warp shuffle sums the lanes at the end. x (at most 4 rows) is staged in
+// shared memory once per block, so the only device-memory stream is the weights, read once. Before the
+// prologue touches x, each warp already issues its first 8 pieces (a whole 2048-wide row): weight loads
+// depend on no earlier kernel, so they are issued even before the previous kernel has finished
+// (programmatic_launch.cuh), and the residual add + RMSNorm of the prologue hides under their latency.
+// One row per warp rather than more: at batch 1 the small projections (8-13 MB) are latency-bound, and a
+// row per warp puts twice as many bytes in flight at once (measured on an H100: o_proj 7.0 us with two).
+// Rounding follows the PyTorch code it replaces (llama3.py): fp32 accumulation rounded once to the model
+// dtype, like cuBLAS; the prologue rounds where RMSNorm.forward does (as fused_ops' add_rmsnorm); silu_mul
+// rounds gate, up and silu(gate) to the model dtype first, like F.silu(gate) * up on the linear's output.
+// Reference: llama3.gemv_reference.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "element_convert.cuh"
+#include "gemv.h"
+#include "programmatic_launch.cuh"
+
+namespace gemv {
+namespace {
+
+using element::from_float;
+using element::load_stream_16B;
+using element::to_float;
+using element::unpack8;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPiecesInFlight = 8;  // 16-byte weight pieces per lane in flight, over the warp's rows
+
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
+
+// Blocks per SM the registers must allow: room for the next kernel's blocks to start streaming their
+// weights while this one runs (programmatic_launch.cuh); four x rows need more registers.
+template <int kRows>
+constexpr int kMinBlocksPerSm = kRows <= 2 ? 4 : 2;
+
+template <typename T, int kRows, bool kNorm, bool kSiluMul>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows>) gemv_kernel(const __grid_constant__ Params p) {
+    extern __shared__ uint4 smem[];  // x: [kRows, k] as 16-byte pieces
+    __shared__ float warp_sums[kWarps][kRows];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int k = p.k, pieces = k / 8;
+    const T* weight = static_cast<const T*>(p.weight);
+
+    // This warp's weight rows: one, or the gate and up rows of one output.
+    constexpr int kWarpRows = kSiluMul ? 2 : 1;
+    constexpr int kUnroll = kPiecesInFlight / kWarpRows;
+    const int task = blockIdx.x * kWarps + warp;  // the output column this warp computes
+    const bool valid = task < p.n_out;
+    const T* wrow[kWarpRows];
+    wrow[0] = weight + (int64_t)task * k;
+    if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
+
+    programmatic_launch::allow_next_kernel();
+    uint4 wv[kWarpRows][kUnroll];
+    auto load_batch = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int piece = base + u * 32 + lane;
+#pragma unroll
+            for (int j = 0; j < kWarpRows; ++j)
+                wv[j][u] = valid && piece < pieces ? load_stream_16B(wrow[j] + piece * 8) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_batch(0);
+    programmatic_launch::wait_for_previous_kernel();  // x and residual come from the previous kernel
+
+    // Prologue: x, or rmsnorm(x + residual) * norm_weight, into shared memory (16-byte pieces).
+    const T* x = static_cast<const T*>(p.x);
+    if constexpr (!kNorm) {
+#pragma unroll 2  // the weight pieces in flight already hold 32 registers
+        for (int i = threadIdx.x; i < kRows * pieces; i += kThreads)
+            smem[i] = *reinterpret_cast<const uint4*>(x + (int64_t)i * 8);
+        __syncthreads();
+    } else {
+        const T* residual = static_cast<const T*>(p.residual);
+        T* residual_out = blockIdx.x == 0 ? static_cast<T*>(p.residual_out) : nullptr;
+        float sum_sq[kRows] = {};
+        for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
+            const int r = i / pieces;
+            uint4 hv = *reinterpret_cast<const uint4*>(x + (int64_t)i * 8);
+            if (residual != nullptr) {
+                const uint4 rv = *reinterpret_cast<const uint4*>(residual + (int64_t)i * 8);
+                T* he = reinterpret_cast<T*>(&hv);
+                const T* re = reinterpret_cast<const T*>(&rv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) he[e] = from_float<T>(to_float(he[e]) + to_float(re[e]));
+                if (residual_out != nullptr) *reinterpret_cast<uint4*>(residual_out + (int64_t)i * 8) = hv;
+            }
+            float h[8];
+            unpack8<T>(hv, h);
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s += h[e] * h[e];
+#pragma unroll
+            for (int r2 = 0; r2 < kRows; ++r2) sum_sq[r2] += r2 == r ? s : 0.f;
+            smem[i] = hv;
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            float v = sum_sq[r];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+            if (lane == 0) warp_sums[warp][r] = v;
+        }
+        __syncthreads();
+        float inv_rms[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            float total = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) total += warp_sums[w][r];
+            inv_rms[r] = rsqrtf(total * __frcp_rn((float)k) + p.eps);  // mean = sum * (1/n), as PyTorch
+        }
+        const T* norm_weight = static_cast<const T*>(p.norm_weight);
+        for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
+            const int r = i / pieces;
+            float rms = inv_rms[0];
+#pragma unroll
+            for (int r2 = 1; r2 < kRows; ++r2) rms = r2 == r ? inv_rms[r2] : rms;
+            float h[8], g[8];
+            unpack8<T>(smem[i], h);
+            unpack8<T>(*reinterpret_cast<const uint4*>(norm_weight + (i % pieces) * 8), g);
+            uint4 ov;
+            T* oe = reinterpret_cast<T*>(&ov);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) oe[e] = from_float<T>(g[e] * round_to<T>(h[e] * rms));
+            smem[i] = ov;  // each thread rewrites only the pieces it read
+        }
+        __syncthreads();
+    }
+
+    // Main loop: dot products of the warp's weight rows with every x row.
+    float acc[kWarpRows][kRows] = {};
+    for (int base = 0; base < pieces; base += 32 * kUnroll) {
+        if (base > 0) load_batch(base);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int piece = base + u * 32 + lane;
+            if (piece >= pieces) break;
+            float wf[kWarpRows][8];
+#pragma unroll
+            for (int j = 0; j < kWarpRows; ++j) unpack8<T>(wv[j][u], wf[j]);
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                float xf[8];
+                unpack8<T>(smem[r * pieces + piece], xf);
+#pragma unroll
+                for (int j = 0; j < kWarpRows; ++j)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[j][r] = fmaf(wf[j][e], xf[e], acc[j][r]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < kWarpRows; ++j)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2)
+                acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], offset);
+
+    if (lane != 0 || !valid) return;
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+        if constexpr (kSiluMul) {
+            const float g = round_to<T>(acc[0][r]);
+            const float u = round_to<T>(acc[kWarpRows - 1][r]);
+            const float silu = round_to<T>(g / (1.f + expf(-g)));
+            out[(int64_t)r * p.n_out + task] = from_float<T>(silu * u);
+        } else {
+            out[(int64_t)r * p.n_out + task] = from_float<T>(acc[0][r]);
+        }
+    }
+}
+
+template <typename T, int kRows, bool kNorm, bool kSiluMul>
+cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
+    const size_t smem = shared_bytes(kRows, p.k, DType::kBFloat16);
+    auto kernel = gemv_kernel<T, kRows, kNorm, kSiluMul>;
+    if (smem > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (err != cudaSuccess) return err;
+    }
+    const int blocks = (p.n_out + kWarps - 1) / kWarps;
+    return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
+}
+
+template <typename T, int kRows>
+cudaError_t launch_rows(const Params& p, cudaStream_t stream) {
+    const bool norm = p.norm_weight != nullptr;
+    if (norm && p.silu_mul) return launch_variant<T, kRows, true, true>(p, stream);
+    if (norm) return launch_variant<T, kRows, true, false>(p, stream);
+    if (p.silu_mul) return launch_variant<T, kRows, false, true>(p, stream);
+    return launch_variant<T, kRows, false, false>(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
+    switch (p.rows) {
+        case 1: return launch_rows<T, 1>(p, stream);
+        case 2: return launch_rows<T, 2>(p, stream);
+        case 3: return launch_rows<T, 3>(p, stream);
+        case 4: return launch_rows<T, 4>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+size_t shared_bytes(int rows, int k, DType) { return (size_t)rows * k * 2; }  // both dtypes are 2 bytes
+
+cudaError_t launch(const Params& p, DType dtype, cudaStream_t stream) {
+    if (p.rows == 0 || p.n_out == 0) return cudaSuccess;
+    if (p.rows < 0 || p.rows > kMaxRows || p.k <= 0 || p.k % 8 != 0) return cudaErrorInvalidValue;
+    return dtype == DType::kBFloat16 ? launch_typed<__nv_bfloat16>(p, stream) : launch_typed<__half>(p, stream);
+}
+
+}  // namespace gemv

@@ -1,0 +1,37 @@
+// Small-batch linear layers of the decode step: y = x @ W^T for a handful of rows (batch 1..4), where a
+// GEMM library's tiles are mostly empty and the layer is a pure weight stream. Optional fusions of the
+// neighbours of each Llama projection (see gemv.cu):
+//   prologue: x <- rmsnorm(x + residual) * norm_weight (the residual add and RMSNorm before qkv, gate_up
+//             and lm_head), the new residual stream written once to residual_out;
+//   epilogue: W = [gate; up] (2 * n_out rows), y = silu(x @ gate^T) * (x @ up^T).
+// Torch-free like flash_decode.h; the binding is in flash_decode_binding.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "flash_decode.h"
+
+namespace gemv {
+
+using flash_decode::DType;
+
+constexpr int kMaxRows = 4;  // batch sizes served; larger batches belong to cuBLAS's GEMM
+
+struct Params {
+    const void* x;             // [rows, k]
+    const void* residual;      // [rows, k] or null: the stream is x + residual (prologue only)
+    void* residual_out;        // [rows, k] or null: receives x + residual (prologue only; must not alias inputs)
+    const void* norm_weight;   // [k] or null: no prologue, x is used as it is
+    float eps;
+    const void* weight;        // [n_out, k], or [2 * n_out, k] = [gate; up] with silu_mul
+    void* out;                 // [rows, n_out]
+    int rows, k, n_out;
+    bool silu_mul;
+};
+
+// Shared memory the launch needs (x staged once per block), for checking against the device's limit.
+size_t shared_bytes(int rows, int k, DType dtype);
+
+cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
+
+}  // namespace gemv
