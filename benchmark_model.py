@@ -494,7 +494,7 @@ def print_profile(prof, cuda):
              ("wall time per step", wall)]
     print_markdown(["category", "us per step", "% of wall"],
                    [[c, f"{us:.1f}", f"{100 * us / wall:.1f}" if wall > 0 else "-"] for c, us in rows])
-    if cuda and prof["gaps_us_per_step"] < 0:
+    if cuda and prof["gaps_us_per_step"] < -0.02 * wall:
         print("\nKernels overlapped (programmatic dependent launch: each kernel starts before the previous one "
               "ends, and its time includes that wait), so the categories add up to more than the wall time; "
               "--no_programmatic_launch gives a breakdown that adds up.")

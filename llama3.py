@@ -34,11 +34,13 @@ USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 # Decode steps sample with the fused sort-free kernel of csrc/sampling.cu (no top-k) from this batch size
 # on; below it, with the PyTorch reference (sort + scan). 1 = always; raise it to compare the two.
 FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
-# Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu
-# (with the residual add + RMSNorm and SiLU * up folded into it: 5 kernels a layer) when this is True and the
-# fused ops are on; larger batches use cuBLAS.
+# Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu when
+# this is True and the fused ops are on (up to GEMV_MAX_NORM_BATCH with the residual add + RMSNorm and
+# SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
+# use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
-GEMV_MAX_BATCH = 4  # csrc/gemv.h kMaxRows
+GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
+GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
@@ -535,7 +537,7 @@ class Transformer(nn.Module):
         return logits.float() if float_logits else logits
 
     def _forward_decode_gemv(self, ops, x, positions, cache_seqlens):
-        """forward_decode for batch 1..GEMV_MAX_BATCH: every projection is one ops.gemv launch, the residual
+        """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue and SiLU * up in gate_up's epilogue,
         so a layer is 5 kernels (qkv, RoPE + cache write, attention, o, gate_up, down minus the norms)."""
         B = x.shape[0]
@@ -555,24 +557,37 @@ class Transformer(nn.Module):
 
     def _forward_decode_fused(self, ops, x, positions, cache_seqlens):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
-        follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm."""
+        follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm. Up to
+        GEMV_MAX_BATCH sequences the projections are csrc/gemv.cu launches (with the norms folded in up to
+        GEMV_MAX_NORM_BATCH: _forward_decode_gemv), else cuBLAS."""
         B = x.shape[0]
         c = self.config
-        if (USE_CUSTOM_GEMV and B <= GEMV_MAX_BATCH  # the GEMV reads 16-byte pieces of every weight row
-                and c.dim % 8 == 0 and c.intermediate_size % 8 == 0 and c.n_heads * c.head_dim % 8 == 0):
+        dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
+        if USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims):
             return self._forward_decode_gemv(ops, x, positions, cache_seqlens)
+        # the tensor-core GEMV takes k in chunks of 32
+        use_gemv = USE_CUSTOM_GEMV and B <= GEMV_MAX_BATCH and all(d % 32 == 0 for d in dims)
+
+        def linear(inp, module):
+            return ops.gemv(inp, module.weight)[0] if use_gemv else module(inp)
+
+        def silu_mul_gate_up(inp, ffn):
+            if use_gemv:
+                return ops.gemv(inp, ffn.w_gate_up.weight, silu_mul=True)[0]
+            return ops.silu_mul(ffn.w_gate_up(inp))
+
         h, delta = None, x  # the stream is h + delta; the embedding starts it alone
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
-            q = ops.rope_kv_write(att.wqkv(normed), self.rope_cos, self.rope_sin, positions,
+            q = ops.rope_kv_write(linear(normed, att.wqkv), self.rope_cos, self.rope_sin, positions,
                                   att.kv_cache.k, att.kv_cache.v, att.n_heads)
             attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
-            normed, h = ops.add_rmsnorm(att.wo(attn.reshape(B, att.q_size)), h, layer.ffn_norm.weight,
+            normed, h = ops.add_rmsnorm(linear(attn.reshape(B, att.q_size), att.wo), h, layer.ffn_norm.weight,
                                         layer.ffn_norm.eps)
-            delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
+            delta = linear(silu_mul_gate_up(normed, ffn), ffn.w_down)
         normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
-        return self.output(normed)
+        return linear(normed, self.output)
 
     def _decode_and_sample(self, tokens, positions, sampler: "TokenSampler"):
         """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""

@@ -300,7 +300,7 @@ void check_aligned(const at::Tensor& t, const char* op, const char* name) {
              " must start on a 16-byte boundary (16-byte loads); make a fresh contiguous copy");
 }
 
-// (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 4, k], where x' = rmsnorm(h) * norm_weight with h = x + residual
+// (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 16, k] (the norm prologue: rows <= 4), where x' = rmsnorm(h) * norm_weight with h = x + residual
 // (h = x without residual) when norm_weight is given, else x' = h = x. silu_mul: weight = [gate; up]
 // [2 n, k] and out = silu(x' gate^T) * (x' up^T) [rows, n].
 std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -313,6 +313,10 @@ std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::T
     FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxRows, "gemv: x must be [rows, k] with 1 to ",
              gemv::kMaxRows, " rows (larger batches: use a GEMM), got ", x.sizes());
     const int64_t rows = x.size(0), k = x.size(1);
+    FD_CHECK(rows <= gemv::kMaxNormRows || !norm_weight.has_value(), "gemv: the RMSNorm prologue serves 1 to ",
+             gemv::kMaxNormRows, " rows, got ", rows, "; normalize with add_rmsnorm first");
+    FD_CHECK(rows <= gemv::kMaxNormRows || k % 32 == 0, "gemv: more than ", gemv::kMaxNormRows,
+             " rows need k to be a multiple of 32 (tensor-core chunks), got k = ", k);
     FD_CHECK(weight.dim() == 2 && weight.size(1) == k, "gemv: weight must be [n, ", k, "], got ", weight.sizes());
     FD_CHECK(k % 8 == 0, "gemv: k = ", k, " is not a multiple of 8 (16-byte loads)");
     FD_CHECK(!silu_mul || weight.size(0) % 2 == 0, "gemv: silu_mul needs weight = [gate; up] with an even row count, got ",
@@ -350,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::T
     int smem_limit = 0;
     check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()),
                "gemv: shared memory query");
-    FD_CHECK(gemv::shared_bytes((int)rows, (int)k, dtype) <= (size_t)smem_limit, "gemv: ", rows, " rows of k = ", k,
+    FD_CHECK(rows > gemv::kMaxNormRows || gemv::shared_bytes((int)rows, (int)k, dtype) <= (size_t)smem_limit, "gemv: ", rows, " rows of k = ", k,
              " do not fit in shared memory (", smem_limit, " bytes); use fewer rows or a GEMM");
     at::Tensor out;
     if (out_arg.has_value()) {
@@ -426,7 +430,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("v_cache"), py::arg("q_heads"));
     m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [..., 2F] -> [..., F]", py::arg("gate_up"));
     m.def("gemv", &gemv_forward,
-          "(x' @ weight^T, h) for 1 to 4 rows of x [rows, k]; with norm_weight x' = rmsnorm(h) * norm_weight, "
+          "(x' @ weight^T, h) for 1 to 16 rows of x [rows, k]; with norm_weight (1 to 4 rows) "
+          "x' = rmsnorm(h) * norm_weight, "
           "h = x + residual (or x), else x' = h = x; silu_mul: weight = [gate; up], out = silu(x' gate^T) * "
           "(x' up^T).",
           py::arg("x"), py::arg("weight"), py::arg("residual") = py::none(), py::arg("norm_weight") = py::none(),

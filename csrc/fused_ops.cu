@@ -41,6 +41,8 @@ template <typename T>
 __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_kernel(const T* __restrict__ x, const T* residual,
                                                                    T* h_out, const T* __restrict__ weight,
                                                                    T* __restrict__ out, int dim, float eps) {
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // x is the output of the kernel before
     const int64_t row = blockIdx.x;
     x += row * dim;
     out += row * dim;
@@ -73,6 +75,8 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
                                                                        T* h_out, const T* __restrict__ weight,
                                                                        T* __restrict__ out, int dim, float eps) {
     constexpr int kElems = 16 / sizeof(T);
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // x is the output of the kernel before
     const int64_t row = blockIdx.x;
     float h[kVecs][kElems];
     float sum_sq = 0.f;
@@ -160,6 +164,8 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
 
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t rows, int width) {
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // gate_up is the projection just before
     const int64_t n = rows * width;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / width;
@@ -187,7 +193,11 @@ struct AddRmsnorm {
                                           dim, eps);
         constexpr int kRowPiece = kNormThreads * 16 / sizeof(T);  // elements covered by one vector per thread
         const int vecs = (dim + kRowPiece - 1) / kRowPiece;
-        auto launch = [&](auto kernel) { std::apply([&](auto... a) { kernel<<<rows, kNormThreads, 0, stream>>>(a...); }, args); };
+        auto launch = [&](auto kernel) {
+            std::apply([&](auto... a) {
+                programmatic_launch::launch(kernel, dim3(rows), dim3(kNormThreads), 0, stream, a...);
+            }, args);
+        };
         auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
         const bool vectorizable = dim % (16 / sizeof(T)) == 0 && vecs <= 4 && aligned(x) && aligned(residual) &&
                                   aligned(h_out) && aligned(weight) && aligned(out);
@@ -218,8 +228,8 @@ struct SiluMul {
         const int64_t n = (int64_t)rows * width;
         const int threads = 256;
         const int blocks = (int)std::min<int64_t>((n + threads - 1) / threads, 65535);
-        silu_mul_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<const T*>(gate_up), static_cast<T*>(out),
-                                                           rows, width);
+        programmatic_launch::launch(silu_mul_kernel<T>, dim3(blocks), dim3(threads), 0, stream,
+                                    static_cast<const T*>(gate_up), static_cast<T*>(out), (int64_t)rows, width);
     }
 };
 

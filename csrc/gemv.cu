@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "element_convert.cuh"
 #include "gemv.h"
 #include "programmatic_launch.cuh"
@@ -181,6 +183,126 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows>) gemv_kernel(
     }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// 5 to 16 rows: tensor cores. Four x rows per 16-byte weight piece already make the CUDA-core loop
+// issue-bound (lm_head at 4 rows: 280 us against 168 at one row), so past 4 rows the dot products go through
+// mma.m16n8k16 (x as the 16-row A operand, zero-padded; eight weight rows as B), which costs two
+// instructions per 512 bytes of weights whatever the row count.
+// A block owns 8 weight rows (with silu_mul: 8 gate rows and the 8 matching up rows); its 8 warps split k
+// into 32-wide chunks (chunk c to warp c % 8) and meet in shared memory at the end. In a chunk, lane
+// (g = lane / 4, t = lane % 4) loads 16 bytes of weight row g at k offset 8t, and 16 bytes of x rows g and
+// g + 8 at the same offset: k is permuted inside the chunk, the same way for x and W, so those registers are
+// directly the mma's A and B fragments (a dot product does not care about the order of k).
+constexpr int kMmaWarps = 8;
+
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1, bool bf16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (bf16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <typename T, bool kSiluMul>
+__global__ void __launch_bounds__(kMmaWarps * 32, 2) gemv_mma_kernel(const __grid_constant__ Params p) {
+    constexpr int kTiles = kSiluMul ? 2 : 1;  // 8-row weight tiles: the outputs', or the gate's and the up's
+    constexpr int kUnroll = 8 / kTiles;        // chunks in flight per warp
+    constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
+    __shared__ float partial[kMmaWarps][kTiles][32][4];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int k = p.k, chunks = k / 32, n0 = blockIdx.x * 8;
+    const T* weight = static_cast<const T*>(p.weight);
+    const int n = min(n0 + g, p.n_out - 1);  // rows past the end read the last row; never stored
+    const T* wrow[kTiles];
+    wrow[0] = weight + (int64_t)n * k + 8 * t;
+    if constexpr (kSiluMul) wrow[kTiles - 1] = weight + (int64_t)(n + p.n_out) * k + 8 * t;
+    const T* x = static_cast<const T*>(p.x);
+    const bool lo_valid = g < p.rows, hi_valid = g + 8 < p.rows;
+    const T* x_lo = x + (int64_t)g * k + 8 * t;
+    const T* x_hi = x + (int64_t)(g + 8) * k + 8 * t;
+
+    programmatic_launch::allow_next_kernel();
+    uint4 w[kTiles][kUnroll];
+    auto load_w = [&](int j0) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int c = warp + kMmaWarps * (j0 + u);
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i)
+                w[i][u] = c < chunks ? load_stream_16B(wrow[i] + c * 32) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_w(0);  // depends on no earlier kernel
+    programmatic_launch::wait_for_previous_kernel();
+
+    // No double buffering: kUnroll chunks per warp in flight, and 8 warps a block, 2 blocks an SM, overlap.
+    float acc[kTiles][4] = {};
+    for (int j0 = 0; warp + kMmaWarps * j0 < chunks; j0 += kUnroll) {
+        if (j0 > 0) load_w(j0);
+        uint4 xl[kUnroll], xh[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int c = warp + kMmaWarps * (j0 + u);
+            xl[u] = lo_valid && c < chunks ? *reinterpret_cast<const uint4*>(x_lo + c * 32) : make_uint4(0, 0, 0, 0);
+            xh[u] = hi_valid && c < chunks ? *reinterpret_cast<const uint4*>(x_hi + c * 32) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+            for (int i = 0; i < kTiles; ++i) {  // zero pieces past the end add nothing
+                mma_16x8x16(acc[i], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[i][u].x, w[i][u].y, kBf16);
+                mma_16x8x16(acc[i], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[i][u].z, w[i][u].w, kBf16);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) partial[warp][i][lane][e] = acc[i][e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float sum = 0.f;
+#pragma unroll
+            for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][i][lane][e];
+            acc[i][e] = sum;
+        }
+    // Accumulator element e of lane (g, t): x row g (e < 2) or g + 8 (e >= 2), weight row n0 + 2t + e % 2.
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? g : g + 8;
+        const int col = n0 + 2 * t + e % 2;
+        if (row >= p.rows || col >= p.n_out) continue;
+        float y = acc[0][e];
+        if constexpr (kSiluMul) {
+            const float gate = round_to<T>(acc[0][e]);
+            const float up = round_to<T>(acc[kTiles - 1][e]);
+            y = round_to<T>(gate / (1.f + expf(-gate))) * up;
+        }
+        out[(int64_t)row * p.n_out + col] = from_float<T>(y);
+    }
+}
+
+template <typename T>
+cudaError_t launch_mma(const Params& p, cudaStream_t stream) {
+    const int blocks = (p.n_out + 7) / 8;
+    if (p.silu_mul)
+        return programmatic_launch::launch(gemv_mma_kernel<T, true>, dim3(blocks), dim3(kMmaWarps * 32), 0, stream, p);
+    return programmatic_launch::launch(gemv_mma_kernel<T, false>, dim3(blocks), dim3(kMmaWarps * 32), 0, stream, p);
+}
+
 template <typename T, int kRows, bool kNorm, bool kSiluMul>
 cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
     const size_t smem = shared_bytes(kRows, p.k, DType::kBFloat16);
@@ -204,6 +326,10 @@ cudaError_t launch_rows(const Params& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
+    if (p.rows > kMaxNormRows) {
+        if (p.norm_weight != nullptr || p.k % 32 != 0) return cudaErrorInvalidValue;
+        return launch_mma<T>(p, stream);
+    }
     switch (p.rows) {
         case 1: return launch_rows<T, 1>(p, stream);
         case 2: return launch_rows<T, 2>(p, stream);

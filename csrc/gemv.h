@@ -1,4 +1,4 @@
-// Small-batch linear layers of the decode step: y = x @ W^T for a handful of rows (batch 1..4), where a
+// Small-batch linear layers of the decode step: y = x @ W^T for a handful of rows (batch 1..16), where a
 // GEMM library's tiles are mostly empty and the layer is a pure weight stream. Optional fusions of the
 // neighbours of each Llama projection (see gemv.cu):
 //   prologue: x <- rmsnorm(x + residual) * norm_weight (the residual add and RMSNorm before qkv, gate_up
@@ -15,7 +15,11 @@ namespace gemv {
 
 using flash_decode::DType;
 
-constexpr int kMaxRows = 4;  // batch sizes served; larger batches belong to cuBLAS's GEMM
+// Rows (batch sizes) served: up to kMaxNormRows by the CUDA-core kernel, which also has the RMSNorm
+// prologue; up to kMaxRows by the tensor-core kernel (no prologue: run add_rmsnorm first), which needs k to
+// be a multiple of 32. Larger batches belong to a GEMM.
+constexpr int kMaxNormRows = 4;
+constexpr int kMaxRows = 16;
 
 struct Params {
     const void* x;             // [rows, k]
@@ -29,7 +33,8 @@ struct Params {
     bool silu_mul;
 };
 
-// Shared memory the launch needs (x staged once per block), for checking against the device's limit.
+// Shared memory the launch needs (x staged once per block by the CUDA-core kernel), for checking against the
+// device's limit.
 size_t shared_bytes(int rows, int k, DType dtype);
 
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);

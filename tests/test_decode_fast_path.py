@@ -119,11 +119,41 @@ def test_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, norm, residu
     assert relative_error(ours, expected) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k,n", [(5, 2048, 3072), (16, 8192, 2048), (8, 32, 1), (13, 2080, 1001),
+                                      (16, 1024, 128256), (9, 14336, 24)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_tensor_core_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, silu):
+    """5 to 16 rows go through mma.m16n8k16 (no norm prologue); same bounds as the CUDA-core kernel."""
+    g = torch.Generator(device="cuda").manual_seed(rows * k + n + silu)
+    x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    weight = (torch.randn(2 * n if silu else n, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+    out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)  # poisoned
+    ours, h = ops.gemv(x, weight, silu_mul=silu, out=out)
+    assert h is x or torch.equal(h, x)
+    assert not ours.isnan().any()
+    expected, _ = llama3.gemv_reference(x, weight, silu_mul=silu)
+    exact = x.double() @ weight.double().T
+    if silu:
+        gate, up = exact.to(dtype).double().chunk(2, dim=-1)
+        exact = F.silu(gate).to(dtype).double() * up
+    scale = exact.abs().max().item() + 1e-6
+    err_ours = (ours.double() - exact).abs().max().item() / scale
+    err_ref = (expected.double() - exact).abs().max().item() / scale
+    assert err_ours <= err_ref + ULP[dtype], (err_ours, err_ref)
+    assert relative_error(ours, expected) < 1e-2
+
+
 def test_gemv_rejects_bad_input(ops):
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="1 to 4 rows"):
-        ops.gemv(torch.randn(5, 64, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        ops.gemv(torch.randn(17, 64, device="cuda", dtype=torch.bfloat16), w)
+    five = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="RMSNorm prologue serves 1 to 4 rows"):
+        ops.gemv(five, w, None, torch.ones(64, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.gemv(five[:, :40].contiguous(), w[:, :40].contiguous())
     with pytest.raises(ValueError, match="multiple of 8"):
         ops.gemv(x[:, :60].contiguous(), w[:, :60].contiguous())
     with pytest.raises(ValueError, match="dtype"):
@@ -146,10 +176,11 @@ def fused_ops_switch():
     llama3.USE_FUSED_DECODE_OPS = saved
 
 
-# batch 3 runs the GEMV path (llama3.GEMV_MAX_BATCH), batch 6 cuBLAS and the separate fused ops
-@pytest.mark.parametrize("lengths", [[5, 23, 12], [5, 23, 12, 3, 30, 8]])
+# batch 3 runs the GEMV with the norms folded in (llama3.GEMV_MAX_NORM_BATCH), batch 6 the tensor-core GEMV
+# and the separate fused ops, batch 18 cuBLAS
+@pytest.mark.parametrize("lengths", [[5, 23, 12], [5, 23, 12, 3, 30, 8], [5, 23, 12, 3, 30, 8] * 3])
 def test_fused_decode_step_matches_pytorch_modules(gqa_checkpoint, fused_ops_switch, lengths):
-    model = load_cuda(gqa_checkpoint[0], max_batch_size=8)
+    model = load_cuda(gqa_checkpoint[0], max_batch_size=18)
     tokens, lengths = llama3.pad_prompts(random_prompts(lengths, seed=21), "cuda")
     fed = model.prefill(tokens, lengths).argmax(-1)
     positions = lengths.clone()
@@ -162,10 +193,10 @@ def test_fused_decode_step_matches_pytorch_modules(gqa_checkpoint, fused_ops_swi
         fed, positions = expected.argmax(-1), positions + 1
 
 
-@pytest.mark.parametrize("lengths", [[9], [3, 17, 9, 1]])
+@pytest.mark.parametrize("lengths", [[9], [3, 17, 9, 1], [3, 17, 9, 1, 12, 6]])  # GEMV with norms / tensor cores
 def test_cuda_graph_generation_equals_eager_and_transformers(gqa_checkpoint, lengths):
     directory, _ = gqa_checkpoint
-    model = load_cuda(directory)
+    model = load_cuda(directory, max_batch_size=8)
     prompts = random_prompts(lengths, seed=22)
     eager = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=False)
     graphed = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=True)
