@@ -36,11 +36,14 @@ USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
 # Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu when
 # this is True and the fused ops are on (up to GEMV_MAX_NORM_BATCH with the residual add + RMSNorm and
-# SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
+# SiLU * up folded into it: 6 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
 # use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
 GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
 GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
+# Shared memory for x that every sm_80+ GPU grants a block (A100: 163 KB, consumer Ada/Ampere: 99 KB);
+# beyond it (e.g. Llama 3.1 8B's k = 14336 at 4 rows) batch 1-4 falls back to cuBLAS.
+GEMV_MAX_SHARED_BYTES = 96 * 1024
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
@@ -539,7 +542,7 @@ class Transformer(nn.Module):
     def _forward_decode_gemv(self, ops, x, positions, cache_seqlens):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue and SiLU * up in gate_up's epilogue,
-        so a layer is 5 kernels (qkv, RoPE + cache write, attention, o, gate_up, down minus the norms)."""
+        so a layer is 6 kernels (qkv, RoPE + cache write, attention, o, gate_up, down)."""
         B = x.shape[0]
         h, delta = None, x  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
@@ -563,10 +566,13 @@ class Transformer(nn.Module):
         B = x.shape[0]
         c = self.config
         dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
-        if USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims):
+        # the CUDA-core GEMV stages x [B, k] in shared memory: at most GEMV_MAX_SHARED_BYTES
+        if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
+                and B * max(dims) * x.element_size() <= GEMV_MAX_SHARED_BYTES):
             return self._forward_decode_gemv(ops, x, positions, cache_seqlens)
-        # the tensor-core GEMV takes k in chunks of 32
-        use_gemv = USE_CUSTOM_GEMV and B <= GEMV_MAX_BATCH and all(d % 32 == 0 for d in dims)
+        # the tensor-core GEMV (5 to 16 rows) takes k in chunks of 32 and needs no shared memory for x
+        use_gemv = (USE_CUSTOM_GEMV and GEMV_MAX_NORM_BATCH < B <= GEMV_MAX_BATCH
+                    and all(d % 32 == 0 for d in dims))
 
         def linear(inp, module):
             return ops.gemv(inp, module.weight)[0] if use_gemv else module(inp)
@@ -832,8 +838,8 @@ DONE_CHECK_INTERVAL = 16  # decode steps between host reads of the all-sequences
 
 
 def _check_sampling(temperature, top_p, top_k):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -387,7 +388,9 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
     }
     FD_CHECK(logits.size(1) > 0 && logits.size(1) < (1ll << 30), "sample_tokens: vocabulary of ", logits.size(1),
              " entries is out of range [1, 2^30)");
-    FD_CHECK(top_p > 0.0, "sample_tokens: top_p must be in (0, 1], got ", top_p);
+    FD_CHECK(std::isfinite(temperature) && temperature >= 0.0, "sample_tokens: temperature must be finite and >= 0 "
+             "(0 = greedy), got ", temperature);
+    FD_CHECK((float)top_p > 0.f && top_p <= 1.0, "sample_tokens: top_p must be in (0, 1], got ", top_p);
     const int64_t* rng_ptr = nullptr;
     if (temperature > 0) {
         FD_CHECK(rng_state.has_value(), "sample_tokens: sampling (temperature > 0) needs rng_state");

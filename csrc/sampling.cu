@@ -162,7 +162,10 @@ __device__ void draw(const Row<T>& row, Shared& sh, float inv_t, float threshold
         }
         const float target = u * mass;
         unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
-        if (hits == 0) hits = 1u << (31 - __clz(__ballot_sync(0xffffffffu, own > 0.f)));  // rounding: last warp with mass
+        if (hits == 0) {  // float rounding put the target past the total: the last warp with mass
+            const unsigned with_mass = __ballot_sync(0xffffffffu, own > 0.f);
+            hits = with_mass != 0 ? 1u << (31 - __clz(with_mass)) : 1u;  // (mass > 0 is checked by the caller)
+        }
         const int chosen = __ffs(hits) - 1;
         if (lane == chosen) {
             sh.chosen_warp = chosen;
@@ -281,6 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     if (warp == 0) {
         best = warp_argmax(sh.warp_best[lane]);
+        if (lane == 0) sh.max_x = -INFINITY;  // stays so when greedy
         if (!greedy) {
             SoftmaxStats all = sh.warp_stats[lane];
 #pragma unroll
@@ -291,10 +295,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             sh.warp_mass[lane] = mine.m == -INFINITY ? 0.f : mine.s * __expf(mine.m - all.m);
             if (lane == 0) sh.max_x = all.m;
         }
-        if (lane == 0) sh.token = best.index;
+        // a row with no finite logit has no argmax: token 0, as torch.argmax gives for an all -inf row
+        if (lane == 0) sh.token = best.index < vocab ? best.index : 0;
     }
     __syncthreads();
-    if (greedy) {
+    if (greedy || sh.max_x == -INFINITY) {  // greedy, or nothing to sample from (all logits -inf)
         if (threadIdx.x == 0) out[row_index] = sh.token;
         return;
     }

@@ -333,6 +333,19 @@ def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops, dtype):
     assert torch.equal(ops.sample_tokens(logits, 0.0, 1.0), logits.argmax(dim=-1))
     with pytest.raises(ValueError, match="needs rng_state"):
         ops.sample_tokens(logits, 1.0, 0.9)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        ops.sample_tokens(logits, float("nan"), 0.9, state)
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample_tokens(logits, 1.0, 1e-50, state)  # 0 once rounded to float32
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_fused_sampling_of_a_row_without_finite_logits_gives_token_0(ops, temperature):
+    logits = torch.randn(3, 1000, device="cuda")
+    logits[1] = float("-inf")  # everything masked: nothing to draw, token 0 like torch.argmax
+    tokens = ops.sample_tokens(logits, temperature, 0.9, torch.tensor([1, 2], device="cuda"))
+    assert tokens[1].item() == 0
+    assert torch.isfinite(logits[[0, 2], tokens[[0, 2]]]).all()
 
 
 def test_fused_sampling_in_generate_graph_equals_eager_and_stays_in_top_p(gqa_checkpoint, monkeypatch):
@@ -348,5 +361,7 @@ def test_fused_sampling_in_generate_graph_equals_eager_and_stays_in_top_p(gqa_ch
         sequence = list(prompt)
         for token in generated:
             logits = model.prefill(torch.tensor([sequence], device="cuda"))
-            assert mass_before(logits, 1.0)[0, token] < 0.5 + 1e-5, "token outside the top-p set"
+            # the prefill path (SDPA, cuBLAS) rounds differently from the decode step that drew the token:
+            # a token at the top-p boundary may sit a bf16 rounding away from it
+            assert mass_before(logits, 1.0)[0, token] < 0.5 + 0.02, "token outside the top-p set"
             sequence.append(token)

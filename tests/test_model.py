@@ -371,7 +371,8 @@ def test_bad_generation_inputs_are_refused(gqa_checkpoint):
         (dict(prompt_tokens=[[1] * 10], max_gen_len=8), "exceeds the cache's max_seq_len 16"),
         (dict(prompt_tokens=[[1, VOCAB_SIZE]]), f"token id {VOCAB_SIZE} is outside the vocabulary"),
         (dict(prompt_tokens=[[1]], max_gen_len=0), "max_gen_len must be >= 1"),
-        (dict(prompt_tokens=[[1]], temperature=-1.0), "temperature must be >= 0"),
+        (dict(prompt_tokens=[[1]], temperature=-1.0), "temperature must be finite and >= 0"),
+        (dict(prompt_tokens=[[1]], temperature=float("nan")), "temperature must be finite"),
         (dict(prompt_tokens=[[1]], top_p=0.0), "top_p must be in"),
         (dict(prompt_tokens=[[1]], top_k=0), "top_k must be >= 1"),
     ]
