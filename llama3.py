@@ -36,7 +36,7 @@ USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
 # Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu when
 # this is True and the fused ops are on (up to GEMV_MAX_NORM_BATCH with the residual add + RMSNorm and
-# SiLU * up folded into it: 6 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
+# RoPE + cache write and SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
 # use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
 GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
@@ -541,15 +541,15 @@ class Transformer(nn.Module):
 
     def _forward_decode_gemv(self, ops, x, positions, cache_seqlens):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
-        add + RMSNorm before qkv, gate_up and lm_head run in its prologue and SiLU * up in gate_up's epilogue,
-        so a layer is 6 kernels (qkv, RoPE + cache write, attention, o, gate_up, down)."""
+        add + RMSNorm before qkv, gate_up and lm_head run in its prologue, RoPE + the cache write in qkv's
+        epilogue and SiLU * up in gate_up's, so a layer is 5 kernels (qkv, attention, o, gate_up, down)."""
         B = x.shape[0]
         h, delta = None, x  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
-            qkv, h = ops.gemv(delta, att.wqkv.weight, h, layer.attention_norm.weight, layer.attention_norm.eps)
-            q = ops.rope_kv_write(qkv, self.rope_cos, self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v,
-                                  att.n_heads)
+            q, h = ops.gemv_rope_kv_write(delta, att.wqkv.weight, h, layer.attention_norm.weight,
+                                          layer.attention_norm.eps, self.rope_cos, self.rope_sin, positions,
+                                          att.kv_cache.k, att.kv_cache.v, att.n_heads)
             attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
             delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
             act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,

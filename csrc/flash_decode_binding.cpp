@@ -252,24 +252,40 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, c10::optiona
 
 // Rotates q and k of the fused projection qkv [B, (Hq + 2 Hkv) D], writes k and v into the caches at
 // positions [B] (int64) and returns q [B, Hq, D].
+// The RoPE tables, positions and caches of a qkv projection of `batch` rows and `qkv_width` columns (the
+// checks of rope_kv_write and gemv_rope_kv_write). Returns {max_seq, kv_heads, head_dim}.
+std::tuple<int64_t, int64_t, int64_t> check_rope_args(const char* op, int64_t batch, int64_t qkv_width,
+                                                      const at::Tensor& like, const at::Tensor& cos,
+                                                      const at::Tensor& sin, const at::Tensor& positions,
+                                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                      int64_t q_heads) {
+    for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"},
+                           {k_cache, "k_cache"}, {v_cache, "v_cache"}})
+        check_fused_input(t, like, op, name);
+    FD_CHECK(positions.is_cuda() && positions.device() == like.device() && positions.scalar_type() == at::kLong &&
+                 positions.is_contiguous(),
+             op, ": positions must be a contiguous int64 tensor on ", like.device());
+    FD_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+             op, ": caches must be [max_batch, max_seq, kv_heads, head_dim]");
+    const int64_t max_seq = k_cache.size(1), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+    FD_CHECK(q_heads >= 1 && head_dim % 2 == 0 && qkv_width == (q_heads + 2 * kv_heads) * head_dim, op,
+             ": the qkv projection must have (q_heads + 2 kv_heads) head_dim = ", (q_heads + 2 * kv_heads) * head_dim,
+             " columns, got ", qkv_width);
+    FD_CHECK(positions.numel() == batch && batch <= k_cache.size(0), op, ": batch mismatch");
+    FD_CHECK(cos.dim() == 2 && cos.size(0) == max_seq && cos.size(1) == head_dim && sin.sizes() == cos.sizes(),
+             op, ": cos/sin must be [max_seq, head_dim] = [", max_seq, ", ", head_dim, "]");
+    return {max_seq, kv_heads, head_dim};
+}
+
 at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          int64_t q_heads) {
     const flash_decode::DType dtype = model_dtype(qkv, "rope_kv_write");
-    for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{qkv, "qkv"}, {cos, "cos"}, {sin, "sin"},
-                           {k_cache, "k_cache"}, {v_cache, "v_cache"}})
-        check_fused_input(t, qkv, "rope_kv_write", name);
-    FD_CHECK(positions.is_cuda() && positions.device() == qkv.device() && positions.scalar_type() == at::kLong &&
-                 positions.is_contiguous(),
-             "rope_kv_write: positions must be a contiguous int64 tensor on ", qkv.device());
-    FD_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-             "rope_kv_write: caches must be [max_batch, max_seq, kv_heads, head_dim]");
-    const int64_t batch = qkv.size(0), max_seq = k_cache.size(1), kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
-    FD_CHECK(qkv.dim() == 2 && qkv.size(1) == (q_heads + 2 * kv_heads) * head_dim,
-             "rope_kv_write: qkv must be [batch, (q_heads + 2 kv_heads) head_dim], got ", qkv.sizes());
-    FD_CHECK(positions.numel() == batch && batch <= k_cache.size(0), "rope_kv_write: batch mismatch");
-    FD_CHECK(cos.dim() == 2 && cos.size(0) == max_seq && cos.size(1) == head_dim && sin.sizes() == cos.sizes(),
-             "rope_kv_write: cos/sin must be [max_seq, head_dim] = [", max_seq, ", ", head_dim, "]");
+    check_fused_input(qkv, qkv, "rope_kv_write", "qkv");
+    FD_CHECK(qkv.dim() == 2, "rope_kv_write: qkv must be [batch, (q_heads + 2 kv_heads) head_dim], got ", qkv.sizes());
+    const int64_t batch = qkv.size(0);
+    const auto [max_seq, kv_heads, head_dim] =
+        check_rope_args("rope_kv_write", batch, qkv.size(1), qkv, cos, sin, positions, k_cache, v_cache, q_heads);
     at::Tensor q = at::empty({batch, q_heads, head_dim}, qkv.options());
     const c10::cuda::CUDAGuard guard(qkv.device());
     check_cuda(fused_ops::rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr<int64_t>(),
@@ -301,13 +317,11 @@ void check_aligned(const at::Tensor& t, const char* op, const char* name) {
              " must start on a 16-byte boundary (16-byte loads); make a fresh contiguous copy");
 }
 
-// (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 16, k] (the norm prologue: rows <= 4), where x' = rmsnorm(h) * norm_weight with h = x + residual
-// (h = x without residual) when norm_weight is given, else x' = h = x. silu_mul: weight = [gate; up]
-// [2 n, k] and out = silu(x' gate^T) * (x' up^T) [rows, n].
-std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                c10::optional<at::Tensor> residual,
-                                                c10::optional<at::Tensor> norm_weight, double eps, bool silu_mul,
-                                                c10::optional<at::Tensor> out_arg) {
+// Checks the GEMV's inputs and fills the parameters that gemv and gemv_rope_kv_write share; returns h (the
+// residual stream: x + residual, or x).
+at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& weight,
+                        c10::optional<at::Tensor> residual, c10::optional<at::Tensor> norm_weight, double eps,
+                        bool silu_mul) {
     const flash_decode::DType dtype = model_dtype(x, "gemv");
     check_fused_input(x, x, "gemv", "x");
     check_fused_input(weight, x, "gemv", "weight");
@@ -326,7 +340,6 @@ std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::T
     FD_CHECK(n_out < (1ll << 30), "gemv: ", n_out, " outputs are too many");
     check_aligned(x, "gemv", "x");
     check_aligned(weight, "gemv", "weight");
-    gemv::Params p{};
     p.x = x.data_ptr();
     p.weight = weight.data_ptr();
     p.rows = (int)rows;
@@ -351,24 +364,70 @@ std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::T
         check_aligned(*norm_weight, "gemv", "norm_weight");
         p.norm_weight = norm_weight->data_ptr();
     }
-    const c10::cuda::CUDAGuard guard(x.device());
     int smem_limit = 0;
     check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()),
                "gemv: shared memory query");
-    FD_CHECK(rows > gemv::kMaxNormRows || gemv::shared_bytes((int)rows, (int)k, dtype) <= (size_t)smem_limit, "gemv: ", rows, " rows of k = ", k,
-             " do not fit in shared memory (", smem_limit, " bytes); use fewer rows or a GEMM");
+    FD_CHECK(rows > gemv::kMaxNormRows || gemv::shared_bytes((int)rows, (int)k, dtype) <= (size_t)smem_limit,
+             "gemv: ", rows, " rows of k = ", k, " do not fit in shared memory (", smem_limit,
+             " bytes); use fewer rows or a GEMM");
+    return h;
+}
+
+// (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 16, k] (the norm prologue: rows <= 4),
+// where x' = rmsnorm(h) * norm_weight with h = x + residual (h = x without residual) when norm_weight is given,
+// else x' = h = x. silu_mul: weight = [gate; up] [2 n, k] and out = silu(x' gate^T) * (x' up^T) [rows, n].
+std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                c10::optional<at::Tensor> residual,
+                                                c10::optional<at::Tensor> norm_weight, double eps, bool silu_mul,
+                                                c10::optional<at::Tensor> out_arg) {
+    gemv::Params p{};
+    const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, silu_mul);
     at::Tensor out;
     if (out_arg.has_value()) {
         out = *out_arg;
         check_fused_input(out, x, "gemv", "out");
-        FD_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == n_out, "gemv: out must be [", rows, ", ",
-                 n_out, "], got ", out.sizes());
+        FD_CHECK(out.dim() == 2 && out.size(0) == p.rows && out.size(1) == p.n_out, "gemv: out must be [", p.rows,
+                 ", ", p.n_out, "], got ", out.sizes());
     } else {
-        out = at::empty({rows, n_out}, x.options());
+        out = at::empty({p.rows, p.n_out}, x.options());
     }
     p.out = out.data_ptr();
-    check_cuda(gemv::launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream()), "gemv launch");
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_cuda(gemv::launch(p, model_dtype(x, "gemv"), c10::cuda::getCurrentCUDAStream().stream()), "gemv launch");
     return {out, h};
+}
+
+// (q, h): the qkv projection of gemv with its RMSNorm prologue (1 to 4 rows), and rope_kv_write in its
+// epilogue: q [rows, q_heads, head_dim] rotated; the rotated k and the v of row r written to row positions[r]
+// of the caches [max_batch, max_seq, kv_heads, head_dim]. One launch instead of two per layer.
+std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const at::Tensor& weight,
+                                                      c10::optional<at::Tensor> residual,
+                                                      const at::Tensor& norm_weight, double eps, const at::Tensor& cos,
+                                                      const at::Tensor& sin, const at::Tensor& positions,
+                                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                      int64_t q_heads) {
+    FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxNormRows,
+             "gemv_rope_kv_write: x must be [rows, k] with 1 to ", gemv::kMaxNormRows, " rows, got ", x.sizes());
+    gemv::Params p{};
+    const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, false);
+    const auto [max_seq, kv_heads, head_dim] = check_rope_args("gemv_rope_kv_write", x.size(0), weight.size(0), x,
+                                                               cos, sin, positions, k_cache, v_cache, q_heads);
+    at::Tensor q = at::empty({x.size(0), q_heads, head_dim}, x.options());
+    p.out = q.data_ptr();
+    p.rope_kv = true;
+    p.cos = cos.data_ptr();
+    p.sin = sin.data_ptr();
+    p.positions = positions.data_ptr<int64_t>();
+    p.k_cache = k_cache.data_ptr();
+    p.v_cache = v_cache.data_ptr();
+    p.q_heads = (int)q_heads;
+    p.kv_heads = (int)kv_heads;
+    p.head_dim = (int)head_dim;
+    p.max_seq = (int)max_seq;
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_cuda(gemv::launch(p, model_dtype(x, "gemv"), c10::cuda::getCurrentCUDAStream().stream()),
+               "gemv_rope_kv_write launch");
+    return {q, h};
 }
 
 // Next tokens [B] (int64) from logits [B, V] float32: greedy when temperature <= 0, else top-p sampling
@@ -439,6 +498,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "(x' up^T).",
           py::arg("x"), py::arg("weight"), py::arg("residual") = py::none(), py::arg("norm_weight") = py::none(),
           py::arg("eps") = 1e-5, py::arg("silu_mul") = false, py::arg("out") = py::none());
+    m.def("gemv_rope_kv_write", &gemv_rope_kv_write,
+          "(q, h): gemv's qkv projection with the RMSNorm prologue (1 to 4 rows) and rope_kv_write's RoPE and "
+          "cache write in its epilogue; q [rows, q_heads, head_dim].",
+          py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("norm_weight"), py::arg("eps"),
+          py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("q_heads"));
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

@@ -37,27 +37,42 @@ constexpr int kPiecesInFlight = 8;  // 16-byte weight pieces per lane in flight,
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
 
-// Blocks per SM the registers must allow: room for the next kernel's blocks to start streaming their
-// weights while this one runs (programmatic_launch.cuh); four x rows need more registers.
-template <int kRows>
-constexpr int kMinBlocksPerSm = kRows <= 2 ? 4 : 2;
+// What a warp does with its dot products.
+enum class Epilogue { kStore, kSiluMul, kRopeKv };
 
-template <typename T, int kRows, bool kNorm, bool kSiluMul>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows>) gemv_kernel(const __grid_constant__ Params p) {
+// Blocks per SM the registers must allow: room for the next kernel's blocks to start streaming their
+// weights while this one runs (programmatic_launch.cuh); more x rows, or the RoPE epilogue, need more
+// registers (64 would spill).
+template <int kRows, Epilogue kEpilogue>
+constexpr int kMinBlocksPerSm = kRows <= 2 && kEpilogue != Epilogue::kRopeKv ? 4 : 2;
+
+template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
+    gemv_kernel(const __grid_constant__ Params p) {
     extern __shared__ uint4 smem[];  // x: [kRows, k] as 16-byte pieces
     __shared__ float warp_sums[kWarps][kRows];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int k = p.k, pieces = k / 8;
     const T* weight = static_cast<const T*>(p.weight);
 
-    // This warp's weight rows: one, or the gate and up rows of one output.
-    constexpr int kWarpRows = kSiluMul ? 2 : 1;
+    // This warp's weight rows: one; or the gate and up rows of one output; or, for RoPE, rows d and
+    // d + head_dim / 2 of one head (the pair that rotates together).
+    constexpr bool kSiluMul = kEpilogue == Epilogue::kSiluMul;
+    constexpr bool kRope = kEpilogue == Epilogue::kRopeKv;
+    constexpr int kWarpRows = kEpilogue == Epilogue::kStore ? 1 : 2;
     constexpr int kUnroll = kPiecesInFlight / kWarpRows;
-    const int task = blockIdx.x * kWarps + warp;  // the output column this warp computes
-    const bool valid = task < p.n_out;
+    const int task = blockIdx.x * kWarps + warp;  // the output (pair) this warp computes
+    const int half = kRope ? p.head_dim / 2 : 1;
+    const int rope_head = task / half, rope_d = task % half;
+    const bool valid = task < (kRope ? p.n_out / 2 : p.n_out);
     const T* wrow[kWarpRows];
-    wrow[0] = weight + (int64_t)task * k;
-    if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
+    if constexpr (kRope) {
+        wrow[0] = weight + ((int64_t)rope_head * p.head_dim + rope_d) * k;
+        wrow[1] = wrow[0] + (int64_t)half * k;
+    } else {
+        wrow[0] = weight + (int64_t)task * k;
+        if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
+    }
 
     programmatic_launch::allow_next_kernel();
     uint4 wv[kWarpRows][kUnroll];
@@ -172,7 +187,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows>) gemv_kernel(
     T* out = static_cast<T*>(p.out);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-        if constexpr (kSiluMul) {
+        if constexpr (kRope) {  // fused_ops' rope_kv_write_kernel, on the rounded projection outputs
+            const float x1 = round_to<T>(acc[0][r]), x2 = round_to<T>(acc[1][r]);
+            const int64_t pos = p.positions[r];
+            if (pos < 0 || pos >= p.max_seq) __trap();  // never write another sequence's rows
+            const int64_t cache_row = ((int64_t)r * p.max_seq + pos) * p.kv_heads * p.head_dim;
+            const int d = rope_d, h = rope_head;
+            T* dst;
+            float out1 = x1, out2 = x2;
+            if (h < p.q_heads + p.kv_heads) {
+                const T* cos_row = static_cast<const T*>(p.cos) + pos * p.head_dim;
+                const T* sin_row = static_cast<const T*>(p.sin) + pos * p.head_dim;
+                const float c1 = to_float(cos_row[d]), c2 = to_float(cos_row[d + half]);
+                const float s1 = to_float(sin_row[d]), s2 = to_float(sin_row[d + half]);
+                out1 = round_to<T>(x1 * c1) + round_to<T>(-x2 * s1);
+                out2 = round_to<T>(x2 * c2) + round_to<T>(x1 * s2);
+                dst = h < p.q_heads ? out + ((int64_t)r * p.q_heads + h) * p.head_dim
+                                    : static_cast<T*>(p.k_cache) + cache_row + (int64_t)(h - p.q_heads) * p.head_dim;
+            } else {
+                dst = static_cast<T*>(p.v_cache) + cache_row + (int64_t)(h - p.q_heads - p.kv_heads) * p.head_dim;
+            }
+            dst[d] = from_float<T>(out1);
+            dst[d + half] = from_float<T>(out2);
+        } else if constexpr (kSiluMul) {
             const float g = round_to<T>(acc[0][r]);
             const float u = round_to<T>(acc[kWarpRows - 1][r]);
             const float silu = round_to<T>(g / (1.f + expf(-g)));
@@ -303,31 +340,36 @@ cudaError_t launch_mma(const Params& p, cudaStream_t stream) {
     return programmatic_launch::launch(gemv_mma_kernel<T, false>, dim3(blocks), dim3(kMmaWarps * 32), 0, stream, p);
 }
 
-template <typename T, int kRows, bool kNorm, bool kSiluMul>
+template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
 cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
     const size_t smem = shared_bytes(kRows, p.k, DType::kBFloat16);
-    auto kernel = gemv_kernel<T, kRows, kNorm, kSiluMul>;
+    auto kernel = gemv_kernel<T, kRows, kNorm, kEpilogue>;
     if (smem > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (err != cudaSuccess) return err;
     }
-    const int blocks = (p.n_out + kWarps - 1) / kWarps;
+    const int tasks = kEpilogue == Epilogue::kRopeKv ? p.n_out / 2 : p.n_out;
+    const int blocks = (tasks + kWarps - 1) / kWarps;
     return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
 }
 
 template <typename T, int kRows>
 cudaError_t launch_rows(const Params& p, cudaStream_t stream) {
     const bool norm = p.norm_weight != nullptr;
-    if (norm && p.silu_mul) return launch_variant<T, kRows, true, true>(p, stream);
-    if (norm) return launch_variant<T, kRows, true, false>(p, stream);
-    if (p.silu_mul) return launch_variant<T, kRows, false, true>(p, stream);
-    return launch_variant<T, kRows, false, false>(p, stream);
+    if (p.rope_kv) {  // the qkv projection: always after an RMSNorm
+        if (!norm || p.silu_mul) return cudaErrorInvalidValue;
+        return launch_variant<T, kRows, true, Epilogue::kRopeKv>(p, stream);
+    }
+    if (norm && p.silu_mul) return launch_variant<T, kRows, true, Epilogue::kSiluMul>(p, stream);
+    if (norm) return launch_variant<T, kRows, true, Epilogue::kStore>(p, stream);
+    if (p.silu_mul) return launch_variant<T, kRows, false, Epilogue::kSiluMul>(p, stream);
+    return launch_variant<T, kRows, false, Epilogue::kStore>(p, stream);
 }
 
 template <typename T>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
     if (p.rows > kMaxNormRows) {
-        if (p.norm_weight != nullptr || p.k % 32 != 0) return cudaErrorInvalidValue;
+        if (p.norm_weight != nullptr || p.rope_kv || p.k % 32 != 0) return cudaErrorInvalidValue;
         return launch_mma<T>(p, stream);
     }
     switch (p.rows) {

@@ -3,11 +3,14 @@
 // neighbours of each Llama projection (see gemv.cu):
 //   prologue: x <- rmsnorm(x + residual) * norm_weight (the residual add and RMSNorm before qkv, gate_up
 //             and lm_head), the new residual stream written once to residual_out;
-//   epilogue: W = [gate; up] (2 * n_out rows), y = silu(x @ gate^T) * (x @ up^T).
+//   epilogue: W = [gate; up] (2 * n_out rows), y = silu(x @ gate^T) * (x @ up^T); or, for the qkv projection,
+//             RoPE on q and k and the write of k and v into the KV cache (what fused_ops::rope_kv_write does).
 // Torch-free like flash_decode.h; the binding is in flash_decode_binding.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "flash_decode.h"
 
@@ -31,6 +34,17 @@ struct Params {
     void* out;                 // [rows, n_out]
     int rows, k, n_out;
     bool silu_mul;
+    // RoPE + KV-cache write epilogue (rope_kv; 1 to 4 rows, with the RMSNorm prologue), weight = wqkv with
+    // n_out = (q_heads + 2 kv_heads) * head_dim: rotates q and k like fused_ops::rope_kv_write, writes q to
+    // out [rows, q_heads, head_dim] and k, v to row positions[r] of k_cache, v_cache
+    // [max_batch, max_seq, kv_heads, head_dim] (contiguous); cos/sin [max_seq, head_dim].
+    bool rope_kv;
+    const void* cos;
+    const void* sin;
+    const int64_t* positions;
+    void* k_cache;
+    void* v_cache;
+    int q_heads, kv_heads, head_dim, max_seq;
 };
 
 // Shared memory the launch needs (x staged once per block by the CUDA-core kernel), for checking against the

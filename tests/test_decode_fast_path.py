@@ -142,6 +142,39 @@ def test_tensor_core_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, 
     assert_gemv_accuracy(ours, expected, x, weight, dtype, silu)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n_heads,n_kv_heads,head_dim,k", [(1, 32, 8, 64, 2048), (3, 4, 4, 128, 576),
+                                                                (4, 9, 3, 64, 1000), (2, 8, 1, 128, 4096)])
+def test_gemv_with_rope_and_cache_write_matches_the_two_kernels_it_replaces(ops, dtype, rows, n_heads, n_kv_heads,
+                                                                            head_dim, k):
+    """gemv_rope_kv_write = gemv (RMSNorm prologue) then rope_kv_write: the same q and cache rows, the rest of
+    the caches untouched (poisoned)."""
+    config = llama3.ModelArgs(vocab_size=8, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    max_batch, max_seq = 5, 300
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(rows * head_dim + k)
+    x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
+    weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+    positions = torch.tensor([0, 299, 17, 150][:rows], device="cuda")
+    caches = [torch.full((max_batch, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+              for _ in range(4)]
+    q, h = ops.gemv_rope_kv_write(x, weight, residual, norm_weight, 1e-5, cos, sin, positions, caches[0], caches[1],
+                                  n_heads)
+    qkv, h_ref = ops.gemv(x, weight, residual, norm_weight, 1e-5)
+    q_ref = ops.rope_kv_write(qkv, cos, sin, positions, caches[2], caches[3], n_heads)
+    assert torch.equal(h, h_ref)
+    assert torch.equal(q, q_ref)  # the same dot products and the same rounding
+    assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
+    written = torch.zeros(max_batch, max_seq, dtype=torch.bool, device="cuda")
+    written[torch.arange(rows, device="cuda"), positions] = True
+    assert caches[0][~written].isnan().all() and not caches[0][written].isnan().any()
+
+
 def test_gemv_rejects_bad_input(ops):
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
@@ -152,6 +185,16 @@ def test_gemv_rejects_bad_input(ops):
         ops.gemv(five, w, None, torch.ones(64, device="cuda", dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.gemv(five[:, :40].contiguous(), w[:, :40].contiguous())
+    cache = torch.zeros(2, 16, 1, 8, device="cuda", dtype=torch.bfloat16)
+    table = torch.zeros(16, 8, device="cuda", dtype=torch.bfloat16)
+    norm = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        ops.gemv_rope_kv_write(five, w, None, norm, 1e-5, table, table, pos, cache, cache, 2)
+    with pytest.raises(ValueError, match="columns"):  # 32 weight rows are not (3 + 2 * 1) * 8
+        ops.gemv_rope_kv_write(x, w, None, norm, 1e-5, table, table, pos, cache, cache, 3)
+    with pytest.raises(ValueError, match="positions must be a contiguous int64"):
+        ops.gemv_rope_kv_write(x, w, None, norm, 1e-5, table, table, pos.int(), cache, cache, 2)
     with pytest.raises(ValueError, match="multiple of 8"):
         ops.gemv(x[:, :60].contiguous(), w[:, :60].contiguous())
     with pytest.raises(ValueError, match="dtype"):
