@@ -1,18 +1,20 @@
 // Small-batch GEMV for the decode step (see gemv.h for what it computes).
 //
-// Algorithm: a warp owns one weight row (one output; with silu_mul the gate and the up row of one output),
-// its lanes walk the row in 16-byte pieces (lane l takes pieces l, l + 32, ...), and dot each with the
-// matching piece of every x row; a warp shuffle sums the lanes at the end. x (at most 4 rows) is staged in
-// shared memory once per block, so the only device-memory stream is the weights, read once. Before the
-// prologue touches x, each warp already issues its first 8 pieces (a whole 2048-wide row): weight loads
+// 1 to 4 rows (CUDA cores; 5 to 16 rows use tensor cores, further down): a warp owns one weight row (one
+// output; with silu_mul the gate and the up row of one output; with the RoPE epilogue rows d and d + D/2
+// of a head), its lanes walk the row in 16-byte pieces (lane l takes pieces l, l + 32, ...), and dot each
+// with the matching piece of every x row; a warp shuffle sums the lanes at the end. x is staged in shared
+// memory once per block, so the only device-memory stream is the weights, read once. Before the prologue
+// touches x, each warp already issues its first 8 pieces (a whole 2048-wide row, or half of two): weight loads
 // depend on no earlier kernel, so they are issued even before the previous kernel has finished
 // (programmatic_launch.cuh), and the residual add + RMSNorm of the prologue hides under their latency.
 // One row per warp rather than more: at batch 1 the small projections (8-13 MB) are latency-bound, and a
 // row per warp puts twice as many bytes in flight at once (measured on an H100: o_proj 7.0 us with two).
 // Rounding follows the PyTorch code it replaces (llama3.py): fp32 accumulation rounded once to the model
 // dtype, like cuBLAS; the prologue rounds where RMSNorm.forward does (as fused_ops' add_rmsnorm); silu_mul
-// rounds gate, up and silu(gate) to the model dtype first, like F.silu(gate) * up on the linear's output.
-// Reference: llama3.gemv_reference.
+// rounds gate, up and silu(gate) to the model dtype first, like F.silu(gate) * up on the linear's output;
+// the RoPE epilogue rounds like fused_ops' rope_kv_write on the rounded projection.
+// Reference: llama3.gemv_reference (then llama3.apply_rope for the RoPE epilogue).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
