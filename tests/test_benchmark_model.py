@@ -78,6 +78,15 @@ def test_single_run_prints_the_original_format_and_json(tiny_config, tmp_path):
     assert meta["sampling_params"] == {"temperature": 0.6, "top_p": 0.9, "top_k": None}
     assert meta["command"][0] == "benchmark_model.py" and "--json" in meta["command"]
     assert meta["date"] and meta["device_name"]
+    assert meta["custom_gemv"] is True and meta["programmatic_launch"] is True
+
+
+def test_comparison_switches_are_recorded(tiny_config, tmp_path):
+    path = tmp_path / "r.json"
+    run(*tiny_args(tiny_config, "--max_gen_batch_size=1", "--max_gen_len=3", "--input_len=4", "--no_custom_gemv",
+                   "--no_programmatic_launch", "--json", str(path)))
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["custom_gemv"] is False and meta["programmatic_launch"] is False
 
 
 def test_sweep_with_two_implementations(tiny_config, tmp_path):
