@@ -1,14 +1,17 @@
 """Llama 3 inference written from scratch in PyTorch.
 
 One file, in the spirit of gpt-fast: config, model, weight loading, a static KV cache, decode attention
-(custom CUDA flash-decode kernel with a PyTorch split-KV reference), sampling and batched generation.
+(custom CUDA flash-decode kernel with a PyTorch split-KV reference), sampling and batched generation. On
+CUDA the decode step also runs the extension's small-batch GEMVs, fused norm/RoPE/SiLU ops and sort-free
+sampler (csrc/), each with the PyTorch code it replaces here as its reference, all in one CUDA graph.
 
 Public entry points
     Transformer.from_pretrained(name_or_path, device, dtype, max_batch_size, max_seq_len)  real weights
     Transformer.from_config(config, device, dtype, max_batch_size, max_seq_len)            random weights
     resolve_checkpoint(name_or_path) -> local checkpoint dir; load_tokenizer(dir); chat_prompt(tok, msg)
     model.prefill(tokens, prompt_lens) / model.forward_decode(tokens, positions) / model.generate(...)
-    decode_attention(q, k_cache, v_cache, cache_seqlens, scale) and its references.
+    decode_attention(q, k_cache, v_cache, cache_seqlens, scale) and its references; gemv_reference,
+    sample_next_token / filter_top_k_top_p (the references of csrc/gemv.cu and csrc/sampling.cu).
 """
 
 import json
