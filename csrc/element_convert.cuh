@@ -23,6 +23,10 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// The value PyTorch would hold after storing x in a T tensor.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
+
 // Data streamed once (KV cache rows, weights): kept out of L1; the non-coherent path is fine because the
 // kernels only read it.
 __device__ __forceinline__ uint4 load_stream_16B(const void* ptr) {

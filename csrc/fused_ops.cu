@@ -14,11 +14,9 @@ namespace fused_ops {
 namespace {
 
 using element::from_float;
+using element::round_to;
 using element::to_float;
 
-// The value PyTorch would hold after storing x in a T tensor.
-template <typename T>
-__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
 
 constexpr int kNormThreads = 256;
 

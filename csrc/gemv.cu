@@ -29,6 +29,7 @@ namespace {
 
 using element::from_float;
 using element::load_stream_16B;
+using element::round_to;
 using element::to_float;
 using element::unpack8;
 
@@ -36,8 +37,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPiecesInFlight = 8;  // 16-byte weight pieces per lane in flight, over the warp's rows
 
-template <typename T>
-__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
 
 // What a warp does with its dot products.
 enum class Epilogue { kStore, kSiluMul, kRopeKv };
@@ -254,7 +253,7 @@ template <typename T, bool kSiluMul>
 __global__ void __launch_bounds__(kMmaWarps * 32, 2) gemv_mma_kernel(const __grid_constant__ Params p) {
     constexpr int kTiles = kSiluMul ? 2 : 1;  // 8-row weight tiles: the outputs', or the gate's and the up's
     constexpr int kUnroll = 8 / kTiles;        // chunks in flight per warp
-    constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
+    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
     __shared__ float partial[kMmaWarps][kTiles][32][4];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int k = p.k, chunks = k / 32, n0 = blockIdx.x * 8;
