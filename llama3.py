@@ -48,6 +48,13 @@ GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 # beyond it (e.g. Llama 3.1 8B's k = 14336 at 4 rows) batch 1-4 falls back to cuBLAS.
 GEMV_MAX_SHARED_BYTES = 96 * 1024
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
+# generate's prefill is a CUDA graph replay too when batch x padded prompt length is at most
+# PREFILL_GRAPH_MAX_TOKENS: short prompts are bound by the CPU's kernel launches (Llama-3.2-1B, 128 tokens on
+# an H100: 12 ms eager, 2 ms of GPU work), long ones by the GPU. Prompt lengths are padded up to a multiple of
+# PREFILL_GRAPH_BUCKET so that nearby lengths share a graph; the MAX_PREFILL_GRAPHS most recent are kept.
+PREFILL_GRAPH_MAX_TOKENS = 4096
+PREFILL_GRAPH_BUCKET = 64
+MAX_PREFILL_GRAPHS = 4
 
 SUPPORTED_HEAD_DIMS = (64, 128)  # the head sizes the CUDA decode kernel is compiled for
 DTYPES = {
@@ -299,13 +306,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
     """Attention of one new query token per sequence over its cached keys/values.
 
     q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D] (may be batch-slice views; last dim contiguous);
-    cache_seqlens int32 [B] = valid positions per sequence including the token just written.
+    cache_seqlens int32 [B] = valid positions per sequence including the token just written, the only cache
+    row the kernels just before this call may have written (the CUDA kernel reads the others early).
     Returns [B, Hq, D] in q.dtype. Uses the CUDA flash-decode kernel when possible.
     """
     if USE_CUSTOM_DECODE_KERNEL and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         kernels = _custom_decode_kernels()
         if kernels is not None:
-            return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale)
+            # in a decode step the kernels before this one wrote only the newest cache row
+            return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale, early_cache_reads=True)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -450,6 +459,7 @@ class Transformer(nn.Module):
         self.checkpoint_dir: Path | None = None  # where the weights came from; None for random weights
         self.max_batch_size = self.max_seq_len = 0
         self._decode_graphs: dict = {}  # (batch, sampling) -> _DecodeStepper replaying a CUDA graph
+        self._prefill_graphs: dict = {}  # (batch, padded length, switches) -> _PrefillGraph
 
     @property
     def device(self) -> torch.device:
@@ -465,6 +475,7 @@ class Transformer(nn.Module):
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._decode_graphs.clear()  # captured graphs point into the old cache
+        self._prefill_graphs.clear()
         c, device, dtype = self.config, self.device, self.dtype
         for layer in self.layers:
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
@@ -506,6 +517,49 @@ class Transformer(nn.Module):
         if last is not None:
             x = x[last]
         return self.output(self.norm(x)).float()
+
+    def _prefill_for_generate(self, tokens: torch.Tensor, prompt_lens: torch.Tensor, use_cuda_graph: bool):
+        """prefill(tokens, prompt_lens) as generate runs it. For small batch x length (see
+        PREFILL_GRAPH_MAX_TOKENS) the prompts are right-padded to a multiple of PREFILL_GRAPH_BUCKET (padding is
+        what ragged batches already have: its cache rows lie past each prompt's length), with or without CUDA
+        graphs, so both run the same kernels on the same shapes; with them it is a graph replay, and the logits
+        returned are the graph's output buffer, overwritten by the next replay."""
+        B, T = tokens.shape
+        padded = -(-T // PREFILL_GRAPH_BUCKET) * PREFILL_GRAPH_BUCKET
+        if B * padded > PREFILL_GRAPH_MAX_TOKENS or padded > self.max_seq_len:
+            return self.prefill(tokens, prompt_lens)
+        tokens = F.pad(tokens, (0, padded - T))
+        if not use_cuda_graph or self.device.type != "cuda" or B > self.max_batch_size:
+            return self.prefill(tokens, prompt_lens)
+        key = (B, padded, USE_FUSED_DECODE_OPS)
+        runner = self._prefill_graphs.pop(key, None)
+        if runner is None:
+            while len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:  # each holds its own memory pool
+                self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
+            runner = self._capture_prefill(B, padded)
+        self._prefill_graphs[key] = runner  # most recently used last
+        runner.tokens.copy_(tokens)
+        runner.prompt_lens.copy_(prompt_lens)
+        runner.graph.replay()
+        return runner.logits
+
+    def _capture_prefill(self, batch_size: int, length: int) -> "_PrefillGraph":
+        """Captures prefill of [batch_size, length] tokens. It writes cache rows < batch_size, positions
+        < length, so (like the decode capture) it must come before the prefill whose cache it would clobber."""
+        device = self.device
+        tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        prompt_lens = torch.full((batch_size,), length, dtype=torch.long, device=device)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)  # warm-up off the capture stream (cuBLAS/cuDNN workspaces)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.prefill(tokens, prompt_lens)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.prefill(tokens, prompt_lens)
+        return _PrefillGraph(tokens, prompt_lens, logits, graph)
 
     def _prefill_fused(self, ops, x, cos, sin, last):
         """prefill's layers with the residual adds + RMSNorms and SiLU * up of csrc/fused_ops.cu (the same
@@ -644,7 +698,9 @@ class Transformer(nn.Module):
                     advance()
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            if temperature > 0:
+            fused = (_fused_sampling_serves(device, self.dtype, batch_size, temperature, top_k, sampler.rng_state)
+                     and _custom_decode_kernels() is not None)
+            if temperature > 0 and not fused:  # (the fused sampler draws from sampler.rng_state instead)
                 graph.register_generator_state(sampler.generator)  # replays draw fresh random numbers from it
             with torch.cuda.graph(graph):
                 advance()
@@ -661,7 +717,7 @@ class Transformer(nn.Module):
         cut before its first stop token (stop_token_ids, by default every EOS id of the checkpoint;
         ignore_eos disables stopping). temperature 0 is greedy; otherwise temperature, top-k and top-p
         sampling with a torch.Generator seeded by `seed` (same seed, same output). use_cuda_graph (default:
-        on for CUDA models) runs each decode step as one CUDA graph replay."""
+        on for CUDA models) runs each decode step, and the prefill of short prompts, as one CUDA graph replay."""
         _check_sampling(temperature, top_p, top_k)
         lens = [len(p) for p in prompt_tokens]
         if not lens:
@@ -688,7 +744,7 @@ class Transformer(nn.Module):
         stop_ids_tensor = torch.tensor(stop_ids or (-1,), device=device)
 
         out = torch.zeros(B, max_gen_len, dtype=torch.long, device=device)
-        logits = self.prefill(tokens, prompt_lens)
+        logits = self._prefill_for_generate(tokens, prompt_lens, use_cuda_graph)
         stepper.tokens.copy_(stepper.sampler(logits))
         stepper.positions.copy_(prompt_lens)
         out[:, 0] = stepper.tokens
@@ -827,6 +883,14 @@ class _DecodeStepper:
     step: object  # advances tokens and positions by one decode step, in place
 
 
+@dataclass
+class _PrefillGraph:
+    tokens: torch.Tensor  # [B, T] long, the padded prompts of the next replay
+    prompt_lens: torch.Tensor  # [B] long
+    logits: torch.Tensor  # [B, V] float, written by each replay
+    graph: torch.cuda.CUDAGraph
+
+
 def pad_prompts(prompt_tokens: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens [B, T] (long) and prompt lengths [B], the input of Transformer.prefill."""
     tokens = torch.zeros(len(prompt_tokens), max(map(len, prompt_tokens)), dtype=torch.long)
@@ -892,12 +956,18 @@ class TokenSampler:
         return sample_next_token(logits, self.temperature, self.top_p, self.top_k, self.generator, self.rng_state)
 
 
+def _fused_sampling_serves(device, dtype, batch_size: int, temperature: float, top_k, rng_state) -> bool:
+    """Whether the fused sampler (csrc/sampling.cu) takes these calls, if it is built (top-k is PyTorch's)."""
+    return (USE_FUSED_DECODE_OPS and torch.device(device).type == "cuda"
+            and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and batch_size >= FUSED_SAMPLING_MIN_BATCH and top_k is None
+            and (temperature == 0 or rng_state is not None))
+
+
 def _fused_sampling_ops(logits: torch.Tensor, temperature: float, top_k, rng_state):
-    """The kernel module when the fused sampler can serve this call, else None (top-k is PyTorch's)."""
-    if (USE_FUSED_DECODE_OPS and logits.is_cuda and logits.dim() == 2
-            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and logits.shape[0] >= FUSED_SAMPLING_MIN_BATCH and top_k is None
-            and (temperature == 0 or rng_state is not None)):
+    """The kernel module when the fused sampler can serve this call, else None."""
+    if logits.dim() == 2 and _fused_sampling_serves(logits.device, logits.dtype, logits.shape[0], temperature,
+                                                    top_k, rng_state):
         return _custom_decode_kernels()
     return None
 

@@ -48,6 +48,10 @@ struct Params {
     int head_groups;         // ceil(group_size / group tile)
     int num_splits;          // blocks along the sequence, >= 1
     float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
+    // The kernels launched just before this one (programmatic_launch.cuh) write no length and no cache
+    // row except each sequence's newest (seqlens - 1), as in a decode step: the kernel may then read
+    // the lengths and the older rows before they finish.
+    bool early_cache_reads;
 };
 
 // The number of splits the launcher uses when the caller passes 0: enough blocks to fill the GPU

@@ -102,7 +102,8 @@ int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_
 
 at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& cache_seqlens, double softmax_scale, int64_t num_splits,
-                                c10::optional<at::Tensor> out_, c10::optional<at::Tensor> lse_) {
+                                c10::optional<at::Tensor> out_, c10::optional<at::Tensor> lse_,
+                                bool early_cache_reads) {
     FD_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && cache_seqlens.is_cuda(),
                 "flash_decode: q, k_cache, v_cache and cache_seqlens must all be CUDA tensors; on the CPU use "
                 "llama3.decode_attention_reference");
@@ -194,6 +195,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     p.head_groups = head_groups;
     p.num_splits = (int)num_splits;
     p.scale_log2 = (float)(softmax_scale * 1.4426950408889634);
+    p.early_cache_reads = early_cache_reads;
 
     at::Tensor partial_out, partial_lse, counters;
     if (num_splits > 1) {
@@ -474,9 +476,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("flash_decode", &flash_decode_forward,
           "out[b, h] = softmax(scale * q[b, h] . k[b, :len_b, h // group]) @ v[b, :len_b, h // group]\n"
           "q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; cache_seqlens int32 [B]; num_splits 0 = automatic; "
-          "optional out [B, Hq, D] and lse float32 [B, Hq].",
+          "optional out [B, Hq, D] and lse float32 [B, Hq]. early_cache_reads=True (a decode step) promises that "
+          "the kernels just before it wrote no length and no cache row but the newest (cache_seqlens - 1), so "
+          "it may read the older rows before they finish (programmatic launch).",
           py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
-          py::arg("num_splits") = 0, py::arg("out") = py::none(), py::arg("lse") = py::none());
+          py::arg("num_splits") = 0, py::arg("out") = py::none(), py::arg("lse") = py::none(),
+          py::arg("early_cache_reads") = false);
     m.def("default_num_splits", &default_num_splits,
           "The number of splits flash_decode picks when num_splits=0 for these sizes on the current device.",
           py::arg("batch_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),

@@ -131,8 +131,18 @@ def test_profile_on_cpu_lists_categories(tiny_config):
                          "--input_len", "8")).stdout
     assert "### Decode step profile: batch 1, context 8+, 4 steps" in out
     for row in ("GEMM/GEMV", "sampling", "norm", "elementwise/other", "launch gaps / idle", "wall time per step"):
-        assert re.search(rf"^\| {re.escape(row)} +\| -?[0-9.]+ +\|", out, re.M), row
+        assert re.search(rf"^\| {re.escape(row)} +\| (-?[0-9.]+)? +\| -?[0-9.]+ +\|", out, re.M), row
     assert re.search(r"^\| aten::mm +\| GEMM/GEMV +\|", out, re.M), out
+
+
+def test_exposed_time_counts_only_what_extends_the_busy_time():
+    # b starts inside a (programmatic launch) and ends 3 us after it; c starts after an idle gap; d lies
+    # wholly inside c
+    spans = [(0.0, 10.0, "a", 10.0), (2.0, 13.0, "b", 11.0), (20.0, 30.0, "c", 10.0), (21.0, 25.0, "d", 4.0),
+             (5.0, 6.0, "a", 1.0)]
+    times = bm.tally_kernel_spans(spans)
+    assert times == {"a": [11.0, 2, 10.0], "b": [11.0, 1, 3.0], "c": [10.0, 1, 10.0], "d": [4.0, 1, 0.0]}
+    assert bm.tally_kernel_spans(spans, overlapping=False)["b"] == [11.0, 1, 11.0]
 
 
 @pytest.mark.parametrize("name, category", [

@@ -175,6 +175,47 @@ def test_gemv_with_rope_and_cache_write_matches_the_two_kernels_it_replaces(ops,
     assert caches[0][~written].isnan().all() and not caches[0][written].isnan().any()
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim):
+    """A decode step's attention (early_cache_reads=True) starts while the qkv GEMV that writes the newest
+    cache row still runs (programmatic launch) and loads the older rows early: every step's newest row is
+    poisoned (NaN) until that GEMV writes it, so a stale read shows up as NaN."""
+    n_heads, n_kv_heads, k, batch, steps = 32, 8, 2048, 3, 24
+    config = llama3.ModelArgs(vocab_size=8, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    max_seq = 1600
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    # a 12-25 MB weight: the GEMV runs several microseconds, long enough for the attention to start early
+    weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5)
+    weight = weight.to(torch.bfloat16)
+    norm_weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.randn(batch, max_seq, n_kv_heads, head_dim, generator=g, device="cuda").to(torch.bfloat16)
+              for _ in range(2)]
+    start = torch.tensor([0, 130, 1500], device="cuda")
+    for cache in caches:
+        for b in range(batch):
+            cache[b, start[b]:start[b] + steps] = float("nan")  # rows the steps below write
+    xs = torch.randn(steps, batch, k, generator=g, device="cuda").to(torch.bfloat16)
+    ops.set_programmatic_launch(True)
+    outs, inputs = [], []
+    for step in range(steps):  # queued back to back, as in a decode graph
+        positions = start + step
+        cache_seqlens = (positions + 1).to(torch.int32)
+        q, _ = ops.gemv_rope_kv_write(xs[step], weight, None, norm_weight, 1e-5, cos, sin, positions, caches[0],
+                                      caches[1], n_heads)
+        outs.append(ops.flash_decode(q.view(batch, n_heads, head_dim), caches[0], caches[1], cache_seqlens,
+                                     head_dim ** -0.5, early_cache_reads=True))
+        inputs.append((cache_seqlens, q))
+    torch.cuda.synchronize()
+    for out, (cache_seqlens, q) in zip(outs, inputs):
+        assert not out.isnan().any(), "attention read a cache row before the kernel before it wrote it"
+        ref = llama3.decode_attention_reference(q.view(batch, n_heads, head_dim).float(), caches[0].float(),
+                                                caches[1].float(), cache_seqlens, head_dim ** -0.5)
+        assert relative_error(out, ref) < 1e-2
+
+
 def test_gemv_rejects_bad_input(ops):
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
@@ -201,6 +242,7 @@ def test_gemv_rejects_bad_input(ops):
         ops.gemv(x, w.float())
     with pytest.raises(ValueError, match="pass norm_weight"):
         ops.gemv(x, w, x)
+
     with pytest.raises(ValueError, match="even row count"):
         ops.gemv(x, w[:31], silu_mul=True)
 
@@ -269,6 +311,17 @@ def test_cuda_graph_sampling_is_seeded_and_respects_top_k(gqa_checkpoint):
             assert logits[token].item() >= third - 2 * ULP[torch.bfloat16] * logits.abs().max().item(), \
                 f"token {token} is not among the 3 most likely {logits.topk(4)}"
             sequence.append(token)
+
+
+def test_prefill_graph_serves_every_prompt_length_of_its_bucket(gqa_checkpoint):
+    """Short prefills replay a CUDA graph per (batch, length padded to PREFILL_GRAPH_BUCKET): new prompts of
+    other lengths in the same bucket reuse it and give what the eager path (padded the same way) gives."""
+    model = load_cuda(gqa_checkpoint[0], max_batch_size=2, max_seq_len=160)
+    for lengths in ([7, 30], [40, 2], [64, 64], [65, 3]):  # buckets 64, 64, 64, 128
+        prompts = random_prompts(lengths, seed=sum(lengths))
+        eager = model.generate(prompts, 8, temperature=0, ignore_eos=True, use_cuda_graph=False)
+        assert model.generate(prompts, 8, temperature=0, ignore_eos=True) == eager, lengths
+    assert sorted(key[:2] for key in model._prefill_graphs) == [(2, 64), (2, 128)]
 
 
 def test_cuda_graphs_are_recaptured_after_the_cache_is_reallocated(gqa_checkpoint):
