@@ -29,13 +29,16 @@ struct Variant {
 template <typename Element, int kHeadDim, int kGroupTile>
 static cudaError_t launch_variant(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, kGroupTile>;
-    return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, kGroupTile>, grid,
+    if (params.early_cache_reads)
+        return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, kGroupTile, true>, grid,
+                                           dim3(Traits::kThreads), 0, stream, params);
+    return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, kGroupTile, false>, grid,
                                        dim3(Traits::kThreads), 0, stream, params);
 }
 
 template <typename Element, int kHeadDim, int kGroupTile>
 static Variant make_variant() {
-    return {reinterpret_cast<const void*>(&flash_decode_kernel<Element, kHeadDim, kGroupTile>),
+    return {reinterpret_cast<const void*>(&flash_decode_kernel<Element, kHeadDim, kGroupTile, false>),
             KernelTraits<Element, kHeadDim, kGroupTile>::kThreads,
             KernelTraits<Element, kHeadDim, kGroupTile>::kRowsPerBlockTile,
             &launch_variant<Element, kHeadDim, kGroupTile>};

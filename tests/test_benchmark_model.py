@@ -155,6 +155,7 @@ def test_exposed_time_counts_only_what_extends_the_busy_time():
     ("void rope_kv_write_kernel<__nv_bfloat16>(...)", "rope"),
     ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "sampling"),
     ("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<...>", "sampling"),
+    ("void sampling::(anonymous namespace)::sample_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long*, int)", "sampling"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise/other"),
 ])
 def test_kernel_categories(name, category):
