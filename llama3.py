@@ -529,7 +529,7 @@ class Transformer(nn.Module):
         if B * padded > PREFILL_GRAPH_MAX_TOKENS or padded > self.max_seq_len:
             return self.prefill(tokens, prompt_lens)
         tokens = F.pad(tokens, (0, padded - T))
-        if not use_cuda_graph or self.device.type != "cuda" or B > self.max_batch_size:
+        if not use_cuda_graph or self.device.type != "cuda":
             return self.prefill(tokens, prompt_lens)
         key = (B, padded, USE_FUSED_DECODE_OPS)
         runner = self._prefill_graphs.pop(key, None)
