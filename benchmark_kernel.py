@@ -31,7 +31,8 @@ Nsight Compute (DRAM bytes and throughput of exactly one launch):
 --use_ncu runs one warmup launch, then one launch inside the NVTX range "decode_attention" and
 nothing big after the warmup (no flush, no copy-bandwidth or floor measurement). Add for example
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
-to the ncu command to get just the duration and DRAM bytes.
+to the ncu command to get just the duration and DRAM bytes. --impls sdpa_cudnn (any one implementation)
+profiles that one instead of the custom kernel.
 """
 
 import argparse
@@ -516,6 +517,8 @@ def print_table(recs, verbose=False):
 
 def selected_impls(args):
     if args.compare or args.sweep:
+        return args.impls or list(IMPLEMENTATIONS)
+    if args.impls:  # one implementation (validate_args checks), e.g. sdpa_cudnn under --use_ncu
         return args.impls
     return ["pytorch" if args.use_pytorch_kernel else "custom"]
 
@@ -756,8 +759,9 @@ def parse_args(argv=None):
     p.add_argument("--ragged", action="store_true", help="random sequence lengths in [1, seq_n]")
     p.add_argument("--compare", action="store_true",
                    help="time all implementations (--impls) on the same data and print a table")
-    p.add_argument("--impls", type=impl_list, default=list(IMPLEMENTATIONS),
-                   help=f"comma-separated, for --compare/--sweep (default: {','.join(IMPLEMENTATIONS)})")
+    p.add_argument("--impls", type=impl_list, default=None,
+                   help=f"comma-separated, for --compare/--sweep (default: {','.join(IMPLEMENTATIONS)}); "
+                        "without them (also with --use_ncu), the one implementation to run instead of custom")
     p.add_argument("--sweep", action="store_true",
                    help="--compare over sequence lengths 256..131072; writes markdown + PNG to --out_dir")
     p.add_argument("--sweep_batches", type=int_list, default=None,
@@ -786,6 +790,11 @@ def validate_args(p, args):
                 f"--kv_num_heads ({args.kv_num_heads})")
     if args.use_ncu and (args.compare or args.sweep):
         p.error("--use_ncu profiles one implementation: drop --compare/--sweep")
+    if args.impls and not (args.compare or args.sweep):
+        if len(args.impls) != 1:
+            p.error(f"--impls {','.join(args.impls)}: without --compare/--sweep, name one implementation")
+        if args.use_pytorch_kernel:
+            p.error("--use_pytorch_kernel and --impls both pick the implementation: give one of them")
     runs_custom = "custom" in selected_impls(args)
     only_custom = not (args.compare or args.sweep)
     if only_custom and runs_custom and args.head_size not in CUSTOM_HEAD_SIZES:

@@ -68,8 +68,17 @@ def test_sweep_writes_markdown_and_json(tmp_path):
     assert (tmp_path / "kernel_sweep_h64_b1.md").exists()
 
 
+def test_impls_alone_picks_the_one_implementation_to_run():
+    # (what --use_ncu profiles too: `--impls sdpa_cudnn --use_ncu` is cuDNN's kernel, not the custom one)
+    out = run(*TINY, "--impls", "naive", "--head_size", "64").stdout
+    assert "implementation: PyTorch masked softmax" in out
+    assert re.search(r"rel error vs float32 reference: [0-9.e+-]+ OK", out), out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head_size", "96"], "head sizes 64 and 128"),
+    (["--impls", "pytorch,naive", "--use_pytorch_kernel"], "name one implementation"),
+    (["--impls", "naive", "--use_pytorch_kernel"], "give one of them"),
     (["--q_num_heads", "6", "--kv_num_heads", "4", "--use_pytorch_kernel"], "must be a multiple"),
     ([], "--use_pytorch_kernel"),  # custom kernel asked for on the CPU
 ])
