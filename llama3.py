@@ -549,16 +549,7 @@ class Transformer(nn.Module):
         device = self.device
         tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
         prompt_lens = torch.full((batch_size,), length, dtype=torch.long, device=device)
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)  # warm-up off the capture stream (cuBLAS/cuDNN workspaces)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.prefill(tokens, prompt_lens)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self.prefill(tokens, prompt_lens)
+        graph, logits = _capture_cuda_graph(device, lambda: self.prefill(tokens, prompt_lens))
         return _PrefillGraph(tokens, prompt_lens, logits, graph)
 
     def _prefill_fused(self, ops, x, cos, sin, last):
@@ -689,21 +680,11 @@ class Transformer(nn.Module):
                              "pass use_cuda_graph=False")
         while len(self._decode_graphs) >= MAX_DECODE_GRAPHS:  # each holds its own memory pool
             self._decode_graphs.pop(next(iter(self._decode_graphs)))
-        with torch.cuda.device(device):  # capture streams are made on the current device
-            # Warm up on a side stream (cuBLAS handles, the kernel's split workspace), as capture requires.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    advance()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            fused = (_fused_sampling_serves(device, self.dtype, batch_size, temperature, top_k, sampler.rng_state)
-                     and _custom_decode_kernels() is not None)
-            if temperature > 0 and not fused:  # (the fused sampler draws from sampler.rng_state instead)
-                graph.register_generator_state(sampler.generator)  # replays draw fresh random numbers from it
-            with torch.cuda.graph(graph):
-                advance()
+        fused = (_fused_sampling_serves(device, self.dtype, batch_size, temperature, top_k, sampler.rng_state)
+                 and _custom_decode_kernels() is not None)
+        # (the fused sampler draws from sampler.rng_state instead)
+        generator = sampler.generator if temperature > 0 and not fused else None
+        graph, _ = _capture_cuda_graph(device, advance, generator)
         stepper = _DecodeStepper(tokens, positions, sampler, graph.replay)
         self._decode_graphs[key] = stepper
         return stepper
@@ -881,6 +862,25 @@ class _DecodeStepper:
     positions: torch.Tensor  # [B] long, the cache positions they are written to by the next step
     sampler: "TokenSampler"  # sampling settings and randomness; reseeded by every generate call
     step: object  # advances tokens and positions by one decode step, in place
+
+
+def _capture_cuda_graph(device, fn, generator=None):
+    """(graph, fn's output in it): fn run twice on a side stream first (cuBLAS/cuDNN handles, the kernel's
+    split workspace), as capture requires, then captured. A generator fn draws from is registered, so that
+    replays draw fresh random numbers from it."""
+    with torch.cuda.device(device):  # capture streams are made on the current device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            output = fn()
+    return graph, output
 
 
 @dataclass
