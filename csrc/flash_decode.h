@@ -19,9 +19,9 @@ namespace flash_decode {
 
 enum class DType { kBFloat16, kFloat16 };
 
-// Query heads that share one KV head are processed by the same thread block, at most this many at
-// a time; a larger group (GQA ratio 16, ...) is cut into several head groups.
-constexpr int kMaxGroupTile = 8;
+// Query heads that share one KV head are processed by the same thread block (the tensor-core tile's
+// rows), at most this many at a time; a larger group (GQA ratio 16, ...) is cut into several head groups.
+constexpr int kHeadsPerBlock = 8;
 // Upper bound on splits of one sequence: bounds the combine's work and its shared memory.
 constexpr int kMaxSplits = 128;
 
@@ -45,7 +45,7 @@ struct Params {
 
     int batch, q_heads, kv_heads, head_dim, seq_capacity;
     int group_size;          // q_heads / kv_heads
-    int head_groups;         // ceil(group_size / group tile)
+    int head_groups;         // head_groups_for(group_size)
     int num_splits;          // blocks along the sequence, >= 1
     float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
     // The kernels launched just before this one (programmatic_launch.cuh) write no length and no cache
@@ -54,14 +54,14 @@ struct Params {
     bool early_cache_reads;
 };
 
-// The number of splits the launcher uses when the caller passes 0: enough blocks to fill the GPU
-// once, balanced across waves, no split shorter than one tile of rows. *error receives the result of the
-// device queries it needs (then 1 is returned).
-int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, int device,
-                       cudaError_t* error);
+// The number of splits the launcher uses when the caller passes 0 (about two blocks per SM, no split
+// shorter than one tile of rows; early_cache_reads: the launch's Params::early_cache_reads). *error
+// receives the result of the device queries it needs (then 1 is returned).
+int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, bool early_cache_reads,
+                       int device, cudaError_t* error);
 
-// The group tile (query heads per block) the launcher picks for this GQA ratio.
-int group_tile_for(int group_size);
+// Thread blocks per (sequence, KV head) along the query heads of its group.
+inline int head_groups_for(int group_size) { return (group_size + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
 // Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued).
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);

@@ -87,15 +87,15 @@ at::Tensor split_counters(const at::Device& device) {
 }
 
 int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                           int64_t max_seqlen) {
+                           int64_t max_seqlen, bool early_cache_reads) {
     FD_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0,
                 "flash_decode: num_q_heads (", num_q_heads, ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
     FD_CHECK(head_dim == 64 || head_dim == 128, "flash_decode: head_dim ", head_dim,
                 " is not supported; the kernel is built for head_dim 64 and 128");
     cudaError_t err = cudaSuccess;
     const int splits = flash_decode::default_num_splits((int)batch_size, (int)num_q_heads, (int)num_kv_heads,
-                                                        (int)head_dim, (int)max_seqlen, c10::cuda::current_device(),
-                                                        &err);
+                                                        (int)head_dim, (int)max_seqlen, early_cache_reads,
+                                                        c10::cuda::current_device(), &err);
     check_cuda(err, "querying the device for the split heuristic");
     return splits;
 }
@@ -160,12 +160,12 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
 
     const c10::cuda::CUDAGuard guard(q.device());
     const int group_size = (int)(q_heads / kv_heads);
-    const int group_tile = flash_decode::group_tile_for(group_size);
-    const int head_groups = (group_size + group_tile - 1) / group_tile;
+    const int head_groups = flash_decode::head_groups_for(group_size);
     FD_CHECK(batch * kv_heads * head_groups <= kMaxGridY, "flash_decode: batch ", batch, " x ", kv_heads,
              " KV heads x ", head_groups, " head groups = ", batch * kv_heads * head_groups,
              " blocks exceed CUDA's grid limit of ", kMaxGridY, "; decode in smaller batches");
-    if (num_splits <= 0) num_splits = default_num_splits(batch, q_heads, kv_heads, head_dim, seq_capacity);
+    if (num_splits <= 0)
+        num_splits = default_num_splits(batch, q_heads, kv_heads, head_dim, seq_capacity, early_cache_reads);
     FD_CHECK(num_splits <= flash_decode::kMaxSplits, "flash_decode: num_splits ", num_splits,
                 " is larger than the supported maximum ", flash_decode::kMaxSplits);
 
@@ -485,7 +485,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("default_num_splits", &default_num_splits,
           "The number of splits flash_decode picks when num_splits=0 for these sizes on the current device.",
           py::arg("batch_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
-          py::arg("max_seqlen"));
+          py::arg("max_seqlen"), py::arg("early_cache_reads") = false);
     m.def("add_rmsnorm", &add_rmsnorm,
           "(weight * rmsnorm(h), h) with h = x + residual (h = x without residual); replaces the PyTorch "
           "residual add and RMSNorm of llama3.py with the same rounding.",

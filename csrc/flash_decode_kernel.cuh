@@ -1,50 +1,67 @@
-// The flash-decode kernel: one thread block per (split of the sequence, sequence, KV head, head group).
+// The flash-decode kernel: one thread block per (split of the sequence, sequence, KV head, group of up to
+// 8 query heads sharing that KV head).
 //
 // Algorithm (reference: llama3.decode_attention_reference, which computes the same thing in PyTorch):
-//   1. The block's rows [start, end) of the KV cache are streamed once from device memory. Each 16-byte
-//      load brings 8 elements of one row; `kLanesPerRow` lanes together hold a whole row, so one warp
-//      load instruction covers `kRowsPerLoad` rows, each a contiguous, fully used 128/256-byte segment.
-//   2. Every query head of the GQA group is dotted with each K row while the row is in registers, so a KV
-//      byte is read from memory once per step, not once per query head.
-//   3. Online softmax in the log2 domain (q is pre-scaled by scale*log2(e)): each lane group keeps a
-//      running max m, sum l and weighted V sum acc for the rows it saw; the groups of a warp, then the
-//      warps of the block, are merged with exp2(m_i - m) weights at the end.
+//   1. The block's tiles of the KV cache (split s of n: tiles s, s + n, s + 2n, ...) are streamed once from
+//      device memory; each warp takes 16 x kSteps consecutive rows of a tile. Every load is 16 contiguous
+//      bytes of one row.
+//   2. Both products run on tensor cores (mma.m16n8k16, tensor_core.cuh) with the block's query heads as
+//      the 16 M rows (at most 8 used, the rest zero), so a KV byte is read once per step for the whole GQA
+//      group: S = Q K^T takes 8 cache rows per mma, O += P V takes 16. The loads are laid out so that the
+//      registers they fill are the mma fragments, with no shared memory in between:
+//        - S: lane (g, t) loads cache row g of an 8-row group at elements 8t..8t+7 of every 32-element
+//          chunk; head_dim is summed over, so this permutation of it, applied to q as well, is harmless.
+//        - P V: lane (g, t) loads rows 4t..4t+3 of the 16 at elements 8g..8g+7 of every 64-element chunk
+//          and pairs equal elements of two rows with byte permutes (B wants two rows in one register).
+//        - The 8-row groups of S are the rows {0,1,4,5,8,9,12,13} and {2,3,6,7,...}: then the scores lane
+//          (g, t) gets back from S (C fragment) are head g's for rows 4t..4t+3, exactly the rows whose V it
+//          holds, and they are already P's A fragment for P V (as in FlashAttention-2).
+//   3. Online softmax in the log2 domain on the float32 scores (times scale * log2(e)): each warp keeps a
+//      running max m and sum l per head, and its O accumulator, rescaled once per tile; P goes into the
+//      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
+//      weights through shared memory at the end.
 //   4. With one split, the block writes the normalized output. Otherwise it writes its partial output and
 //      its log-sum-exp to a float32 workspace; the last block of the (sequence, KV head) to finish (an
 //      atomic ticket after a memory fence) merges all splits with log-sum-exp weights, so no second
 //      kernel launch is needed, and resets the ticket counter for the next launch.
-//   The split size is computed on the device from the actual length, so a CUDA graph captured once serves
-//   every step: short sequences use fewer, fuller splits, and splits past the end return at once.
+//   The active splits are counted on the device from the actual length, so a CUDA graph captured once
+//   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
 // Latency hiding: the next tile's K and V loads are issued before the current tile is used (register
-// double buffering), so every warp always has 8 x 16 bytes per lane in flight. A 4-stage cp.async
-// pipeline through shared memory was tried on the H100 (2026-11-26): no faster at long lengths and up to
-// 15% slower at 16K rows, so the simpler register double buffer stays.
+// double buffering). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
+// executed 3.5-4.7x the instructions of cuDNN's tensor-core kernel; moving to tensor cores made it 2-8 us
+// faster at short lengths but left the long-length bandwidth where it was (docs/perf-notes.md): there the
+// DRAM, not the SM, sets the pace, and what helped was the order of the reads (interleaved split tiles).
+// A 4-stage cp.async pipeline through shared memory had not helped either version.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "element_convert.cuh"
 #include "flash_decode.h"
 #include "programmatic_launch.cuh"
+#include "tensor_core.cuh"
 
 namespace flash_decode {
 
-template <typename Element, int kHeadDim, int kGroupTile>
+template <typename Element, int kHeadDim>
 struct KernelTraits {
     static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
     static constexpr int kThreads = 128;
     static constexpr int kWarps = kThreads / 32;
-    static constexpr int kElemsPerLoad = 16 / sizeof(Element);          // 8
-    static constexpr int kLanesPerRow = kHeadDim / kElemsPerLoad;       // 8 or 16
-    static constexpr int kRowsPerLoad = 32 / kLanesPerRow;              // 4 or 2
-    // K loads (and as many V loads) per lane per tile; a group of 8 heads keeps 8 x 8 scores and
-    // weights live per tile, so it streams shallower tiles to stay within 255 registers without spills.
-    static constexpr int kLoadsPerTile = kGroupTile <= 4 ? 4 : 2;
-    static constexpr int kRowsPerWarpTile = kRowsPerLoad * kLoadsPerTile;
-    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // head 64: 64 (32 for 8 heads); head 128: 32 (16)
+    static constexpr int kHeads = kHeadsPerBlock;     // the mma's M rows 0..7
+    static constexpr int kKChunks = kHeadDim / 32;    // 16-byte K loads per lane per cache row it loads
+    static constexpr int kVChunks = kHeadDim / 64;    // 16-byte V loads per lane per cache row it loads
+    static constexpr int kOutTiles = kHeadDim / 8;    // 8-column n-tiles of O
+    // 16-row steps per warp tile: 128 (head 64) or 64 (head 128) bytes per lane in flight per buffer.
+    // Head 64 with one step was 1-2% slower at long lengths, 1-2 us faster at 1024 rows (H100, 2026-11-26);
+    // head 128 with two steps spills.
+    static constexpr int kSteps = kHeadDim == 64 ? 2 : 1;
+    static constexpr int kRowsPerWarpTile = 16 * kSteps;
+    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // head 64: 128; head 128: 64
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -61,12 +78,8 @@ __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Rows of one split, decided on the device from the sequence's actual length so a captured CUDA graph
-// adapts to the growing length: as many splits as needed, each a whole number of block tiles.
-template <int kRowsPerBlockTile>
-__device__ __forceinline__ int split_rows(int seqlen, int num_splits) {
-    const int rows = ceil_div(ceil_div(seqlen, num_splits), kRowsPerBlockTile) * kRowsPerBlockTile;
-    return rows;
+__device__ __forceinline__ uint32_t word(const uint4& u, int i) {
+    return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -74,30 +87,32 @@ __device__ __forceinline__ int split_rows(int seqlen, int num_splits) {
 // ---------------------------------------------------------------------------------------------------
 
 // kEarlyReads: Params::early_cache_reads (a separate instance, so that the plain launch's code, which
-// benchmark_kernel.py times cold, stays as short as it was: the early path's extra code cost ~0.8 us there).
-template <typename Element, int kHeadDim, int kGroupTile, bool kEarlyReads>
+// benchmark_kernel.py times cold, stays as short as it can be).
+template <typename Element, int kHeadDim, bool kEarlyReads>
 __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
-    using Traits = KernelTraits<Element, kHeadDim, kGroupTile>;
-    constexpr int kLanesPerRow = Traits::kLanesPerRow;
-    constexpr int kRowsPerLoad = Traits::kRowsPerLoad;
-    constexpr int kLoads = Traits::kLoadsPerTile;
+    using Traits = KernelTraits<Element, kHeadDim>;
     constexpr int kWarps = Traits::kWarps;
     constexpr int kThreads = Traits::kThreads;
+    constexpr int kHeads = Traits::kHeads;
+    constexpr int kSteps = Traits::kSteps;
+    constexpr int kKChunks = Traits::kKChunks;
+    constexpr int kVChunks = Traits::kVChunks;
+    constexpr int kOutTiles = Traits::kOutTiles;
     constexpr int kRowsPerBlockTile = Traits::kRowsPerBlockTile;
 
-    __shared__ float smem_acc[kWarps][kGroupTile][kHeadDim];
-    __shared__ float smem_m[kWarps][kGroupTile];
-    __shared__ float smem_l[kWarps][kGroupTile];
-    __shared__ float smem_split_w[kGroupTile][kMaxSplits];
-    __shared__ float smem_lse2[kGroupTile];
+    __shared__ float smem_acc[kWarps][kHeads][kHeadDim + 1];  // +1: lanes of different heads, other banks
+    __shared__ float smem_m[kWarps][kHeads];
+    __shared__ float smem_l[kWarps][kHeads];
+    __shared__ float smem_split_w[kHeads][kMaxSplits];
+    __shared__ float smem_lse2[kHeads];
     __shared__ int smem_is_last;
 
     programmatic_launch::allow_next_kernel();
     // Plain launches read nothing before the wait; see below for early_cache_reads.
     if constexpr (!kEarlyReads) programmatic_launch::wait_for_previous_kernel();
 
-    const int split = blockIdx.x;
-    int idx = blockIdx.y;
+    const int split = blockIdx.x, unit = blockIdx.y;  // unit: (sequence, KV head, head group)
+    int idx = unit;
     const int head_group = idx % p.head_groups;
     idx /= p.head_groups;
     const int kv_head = idx % p.kv_heads;
@@ -105,43 +120,61 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int row_in_load = lane / kLanesPerRow;
-    const int col = (lane % kLanesPerRow) * 8;
+    const int g = lane / 4, t = lane % 4;  // the mma fragments' row group and thread in group
 
-    // This block's query heads: group_size heads share kv_head; the block takes kGroupTile of them.
-    const int g_begin = head_group * kGroupTile;
-    const int g_count = min(kGroupTile, p.group_size - g_begin);
+    // This block's query heads: group_size heads share kv_head; the block takes up to kHeads of them.
+    const int g_begin = head_group * kHeads;
+    const int g_count = min(kHeads, p.group_size - g_begin);
     const int q_head0 = kv_head * p.group_size + g_begin;
 
-    // The block's rows [start, end) follow from the sequence's length.
-    int seqlen = -1, active_splits = 0, start = 0, end = 0;
+    // The block's tiles: split s takes tiles s, s + active_splits, ... of the sequence (interleaved rather
+    // than a contiguous range each: then all blocks stream one window of the cache that sweeps through
+    // it, which the H100's DRAM serves 2-4% faster at long lengths than 33 separate streams). The first
+    // tile's place does not depend on the length, which lets the loads start before the length is known.
+    int seqlen = -1, active_splits = 0, end = 0, tile_stride = kRowsPerBlockTile;
+    const int start = split * kRowsPerBlockTile;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
-        const int rows_per_split = split_rows<kRowsPerBlockTile>(max(seqlen, 1), p.num_splits);
-        active_splits = ceil_div(seqlen, rows_per_split);  // 0 when the sequence is empty
-        start = split * rows_per_split;
-        end = min(seqlen, start + rows_per_split);
+        active_splits = min(p.num_splits, ceil_div(seqlen, kRowsPerBlockTile));  // 0 when the sequence is empty
+        end = seqlen;
+        tile_stride = active_splits * kRowsPerBlockTile;
     };
 
+    // K: elements 32c + 8t .. +7 of a row (chunk c); V: elements 64c + 8g .. +7.
     const char* k_base = reinterpret_cast<const char*>(p.k) +
-                         (b * p.k_batch_stride + (int64_t)kv_head * p.k_head_stride + col) * sizeof(Element);
+                         (b * p.k_batch_stride + (int64_t)kv_head * p.k_head_stride + 8 * t) * sizeof(Element);
     const char* v_base = reinterpret_cast<const char*>(p.v) +
-                         (b * p.v_batch_stride + (int64_t)kv_head * p.v_head_stride + col) * sizeof(Element);
+                         (b * p.v_batch_stride + (int64_t)kv_head * p.v_head_stride + 8 * g) * sizeof(Element);
     const int64_t k_row_bytes = p.k_seq_stride * sizeof(Element);
     const int64_t v_row_bytes = p.v_seq_stride * sizeof(Element);
+    constexpr int kKChunkBytes = 32 * sizeof(Element), kVChunkBytes = 64 * sizeof(Element);
 
-    // Row of load i of the tile starting at `tile`; rows past `end` re-read the last valid row (a
-    // finite value, never memory past the sequence) and are masked out of the softmax.
-    auto tile_row = [&](int tile, int i) { return tile + warp * Traits::kRowsPerWarpTile + i * kRowsPerLoad + row_in_load; };
-    auto load_tile = [&](int tile, uint4 (&kr)[kLoads], uint4 (&vr)[kLoads]) {
+    // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows,
+    // S's 8-row group nt (row 4(g/2) + 2nt + g%2 of the step), P V's row i (row 4t + i of the step).
+    auto step_row0 = [&](int tile, int s) { return tile + warp * Traits::kRowsPerWarpTile + 16 * s; };
+    auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + 4 * (g >> 1) + 2 * nt + (g & 1); };
+    auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + 4 * t + i; };
+
+    // Rows past `end` re-read the last valid row (a finite value, never memory past the sequence) and are
+    // masked out of the softmax.
+    auto load_tile = [&](int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
 #pragma unroll
-        for (int i = 0; i < kLoads; ++i) {
-            const int row = min(tile_row(tile, i), end - 1);
-            kr[i] = load_stream_16B(k_base + row * k_row_bytes);
-            vr[i] = load_stream_16B(v_base + row * v_row_bytes);
+        for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const char* row = k_base + min(k_row(tile, s, nt), end - 1) * k_row_bytes;
+#pragma unroll
+                for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = load_stream_16B(row + c * kKChunkBytes);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const char* row = v_base + min(v_row(tile, s, i), end - 1) * v_row_bytes;
+#pragma unroll
+                for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = load_stream_16B(row + c * kVChunkBytes);
+            }
         }
     };
-    uint4 k_next[kLoads], v_next[kLoads];
+    uint4 k_next[kSteps][2][kKChunks], v_next[kSteps][4][kVChunks];
 
     // q, and at least the newest cache row, come from the kernels just before (programmatic_launch.cuh).
     // With early_cache_reads the caller promises that those kernels write no other cache row and no
@@ -162,21 +195,47 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         if (first_tile_loaded && seqlen != early_seqlen) first_tile_loaded = false;
         if (first_tile_loaded) {
 #pragma unroll
-            for (int i = 0; i < kLoads; ++i) {
-                const int row = min(tile_row(start, i), end - 1);
-                if (row == seqlen - 1) {
-                    k_next[i] = __ldcg(reinterpret_cast<const uint4*>(k_base + row * k_row_bytes));
-                    v_next[i] = __ldcg(reinterpret_cast<const uint4*>(v_base + row * v_row_bytes));
+            for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const int row = min(k_row(start, s, nt), end - 1);
+                    if (row == seqlen - 1)
+#pragma unroll
+                        for (int c = 0; c < kKChunks; ++c)
+                            k_next[s][nt][c] = __ldcg(reinterpret_cast<const uint4*>(k_base + row * k_row_bytes + c * kKChunkBytes));
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = min(v_row(start, s, i), end - 1);
+                    if (row == seqlen - 1)
+#pragma unroll
+                        for (int c = 0; c < kVChunks; ++c)
+                            v_next[s][i][c] = __ldcg(reinterpret_cast<const uint4*>(v_base + row * v_row_bytes + c * kVChunkBytes));
                 }
             }
         }
     } else {
+        // The first tile's loads go out together with the length's (rows up to the capacity). Once the
+        // length is known, K rows past it are masked as usual and V rows past it are zeroed: they may hold
+        // anything, and 0 x NaN would poison P V.
+        end = p.seq_capacity;
+        load_tile(start, k_next, v_next);
         set_rows(__ldg(p.seqlens + b));
+        if (start < end) {
+            first_tile_loaded = true;
+#pragma unroll
+            for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (v_row(start, s, i) >= end)
+#pragma unroll
+                        for (int c = 0; c < kVChunks; ++c) v_next[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+        }
     }
 
-    auto write_final = [&](int g, int d, float value) {
+    auto write_final = [&](int h, int d, float value) {
         Element* out = reinterpret_cast<Element*>(p.out) + b * p.out_batch_stride +
-                       (int64_t)(q_head0 + g) * p.out_head_stride;
+                       (int64_t)(q_head0 + h) * p.out_head_stride;
         out[d] = from_float<Element>(value);
     };
 
@@ -189,149 +248,155 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     }
 
     if (start < end) {
-        // ---- q, pre-scaled into the log2 domain; heads past the group are zero and never stored ----
-        float q[kGroupTile][8];
+        // ---- q as the A fragment of S: head g, its elements in the order of the K loads; zero past the group
+        uint32_t q_frag[kKChunks * 4];
+        if (g < g_count) {
+            const char* q_ptr = reinterpret_cast<const char*>(p.q) +
+                                (b * p.q_batch_stride + (int64_t)(q_head0 + g) * p.q_head_stride + 8 * t) * sizeof(Element);
 #pragma unroll
-        for (int g = 0; g < kGroupTile; ++g) {
-            if (g < g_count) {
-                const Element* q_ptr = reinterpret_cast<const Element*>(p.q) + b * p.q_batch_stride +
-                                       (int64_t)(q_head0 + g) * p.q_head_stride + col;
-                unpack8<Element>(*reinterpret_cast<const uint4*>(q_ptr), q[g]);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) q[g][e] *= p.scale_log2;
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) q[g][e] = 0.f;
+            for (int c = 0; c < kKChunks; ++c) {
+                const uint4 u = *reinterpret_cast<const uint4*>(q_ptr + c * kKChunkBytes);
+                q_frag[4 * c] = u.x;
+                q_frag[4 * c + 1] = u.y;
+                q_frag[4 * c + 2] = u.z;
+                q_frag[4 * c + 3] = u.w;
             }
+        } else {
+#pragma unroll
+            for (int i = 0; i < kKChunks * 4; ++i) q_frag[i] = 0u;
         }
 
-        float m[kGroupTile], l[kGroupTile], acc[kGroupTile][8];
+        // Head g's running max and (this lane's part of the) sum; O's C fragments, rows 0..7 only:
+        // acc[n][j] is head g at element 64(n / 8) + 8(2t + j) + n % 8.
+        float m = -INFINITY, l = 0.f;
+        float acc[kOutTiles][2];
 #pragma unroll
-        for (int g = 0; g < kGroupTile; ++g) {
-            m[g] = -INFINITY;
-            l[g] = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
-        }
+        for (int n = 0; n < kOutTiles; ++n) acc[n][0] = acc[n][1] = 0.f;
 
         if (!first_tile_loaded) load_tile(start, k_next, v_next);
-        for (int tile = start; tile < end; tile += kRowsPerBlockTile) {
-            uint4 k_cur[kLoads], v_cur[kLoads];
+        for (int tile = start; tile < end; tile += tile_stride) {
+            uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
 #pragma unroll
-            for (int i = 0; i < kLoads; ++i) { k_cur[i] = k_next[i]; v_cur[i] = v_next[i]; }
-            if (tile + kRowsPerBlockTile < end) load_tile(tile + kRowsPerBlockTile, k_next, v_next);
+            for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int c = 0; c < kKChunks; ++c) k_cur[s][nt][c] = k_next[s][nt][c];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int c = 0; c < kVChunks; ++c) v_cur[s][i][c] = v_next[s][i][c];
+            }
+            if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
 
-            // scores s[i][g] = q_g . k_row(i), reduced over the lanes that hold the row
-            float s[kLoads][kGroupTile];
+            // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain)
+            float sc[kSteps][4];
 #pragma unroll
-            for (int i = 0; i < kLoads; ++i) {
-                float kf[8];
-                unpack8<Element>(k_cur[i], kf);
+            for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-                for (int g = 0; g < kGroupTile; ++g) {
-                    float dot = 0.f;
+                for (int nt = 0; nt < 2; ++nt) {
+                    float c0 = 0.f, c1 = 0.f;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) dot = fmaf(q[g][e], kf[e], dot);
-                    s[i][g] = dot;
+                    for (int kk = 0; kk < kHeadDim / 16; ++kk) {  // 16 elements of head_dim per mma
+                        const uint4& kv = k_cur[s][nt][kk / 2];
+                        tensor_core::mma_16x8x16_top_rows<Element>(c0, c1, q_frag[2 * kk], q_frag[2 * kk + 1],
+                                                                   word(kv, 2 * (kk % 2)), word(kv, 2 * (kk % 2) + 1));
+                    }
+                    sc[s][2 * nt] = c0 * p.scale_log2;
+                    sc[s][2 * nt + 1] = c1 * p.scale_log2;
                 }
             }
-#pragma unroll
-            for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
-#pragma unroll
-                for (int i = 0; i < kLoads; ++i)
-#pragma unroll
-                    for (int g = 0; g < kGroupTile; ++g) s[i][g] += __shfl_xor_sync(0xffffffffu, s[i][g], offset);
-            }
-#pragma unroll
-            for (int i = 0; i < kLoads; ++i)
-                if (tile_row(tile, i) >= end)
-#pragma unroll
-                    for (int g = 0; g < kGroupTile; ++g) s[i][g] = -INFINITY;
 
-            // online softmax: one rescale of acc per tile, not per row
-            float pw[kLoads][kGroupTile];
+            // online softmax: one rescale of acc per tile; the 4 lanes of a head agree on its max
+            float m_new = m;
 #pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) {
-                float m_new = m[g];
+            for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-                for (int i = 0; i < kLoads; ++i) m_new = fmaxf(m_new, s[i][g]);
-                const float ref = safe_ref(m_new);
-                const float correction = exp2f(m[g] - ref);
-                m[g] = m_new;
-                float row_sum = 0.f;
-#pragma unroll
-                for (int i = 0; i < kLoads; ++i) {
-                    pw[i][g] = exp2f(s[i][g] - ref);
-                    row_sum += pw[i][g];
+                for (int i = 0; i < 4; ++i) {
+                    if (v_row(tile, s, i) >= end) sc[s][i] = -INFINITY;
+                    m_new = fmaxf(m_new, sc[s][i]);
                 }
-                l[g] = l[g] * correction + row_sum;
+            m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
+            m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
+            const float ref = safe_ref(m_new);
+            const float correction = exp2f(m - ref);
+            m = m_new;
+            l *= correction;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] *= correction;
+            for (int n = 0; n < kOutTiles; ++n) {
+                acc[n][0] *= correction;
+                acc[n][1] *= correction;
             }
+
+            // O += P V, 16 rows per mma
 #pragma unroll
-            for (int i = 0; i < kLoads; ++i) {
-                float vf[8];
-                unpack8<Element>(v_cur[i], vf);
+            for (int s = 0; s < kSteps; ++s) {
+                float pw[4];
 #pragma unroll
-                for (int g = 0; g < kGroupTile; ++g)
+                for (int i = 0; i < 4; ++i) {
+                    pw[i] = exp2f(sc[s][i] - ref);
+                    l += pw[i];
+                }
+                const uint32_t a0 = tensor_core::pack2<Element>(pw[0], pw[1]);
+                const uint32_t a2 = tensor_core::pack2<Element>(pw[2], pw[3]);
+                // bf16 keeps 8 bits of P: its rounding error goes through a second mma, so P V is exact to
+                // ~16 bits, as the float32 FMAs of the CUDA-core version were (a bf16-only P put the model's
+                // logits 1.05% off the PyTorch path after 17 decode steps; fp16's 11 bits are enough).
+                constexpr bool kSplitP = std::is_same<Element, __nv_bfloat16>::value;
+                uint32_t a0_lo = 0u, a2_lo = 0u;
+                if constexpr (kSplitP) {
+                    const float2 hi0 = tensor_core::unpack2<Element>(a0), hi2 = tensor_core::unpack2<Element>(a2);
+                    a0_lo = tensor_core::pack2<Element>(pw[0] - hi0.x, pw[1] - hi0.y);
+                    a2_lo = tensor_core::pack2<Element>(pw[2] - hi2.x, pw[3] - hi2.y);
+                }
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pw[i][g], vf[e], acc[g][e]);
+                for (int n = 0; n < kOutTiles; ++n) {
+                    const int c = n / 8, e = n % 8;  // element 64c + 8g + e of rows 4t..4t+3
+                    const bool high = e % 2;
+                    const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
+                    const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
+                    tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0, a2, b0, b1);
+                    if constexpr (kSplitP) tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0_lo, a2_lo, b0, b1);
+                }
             }
         }
 
-        // ---- merge the row groups of the warp (lanes with the same columns) ----
+        // ---- this warp's result per head into shared memory ----
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (g < g_count) {
 #pragma unroll
-        for (int offset = kLanesPerRow; offset < 32; offset *= 2) {
+            for (int n = 0; n < kOutTiles; ++n)
 #pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) {
-                const float m_other = __shfl_xor_sync(0xffffffffu, m[g], offset);
-                const float l_other = __shfl_xor_sync(0xffffffffu, l[g], offset);
-                const float m_new = fmaxf(m[g], m_other);
-                const float ref = safe_ref(m_new);
-                const float c_self = exp2f(m[g] - ref), c_other = exp2f(m_other - ref);
-                m[g] = m_new;
-                l[g] = l[g] * c_self + l_other * c_other;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const float a_other = __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
-                    acc[g][e] = acc[g][e] * c_self + a_other * c_other;
-                }
-            }
-        }
-        if (row_in_load == 0) {
-#pragma unroll
-            for (int g = 0; g < kGroupTile; ++g) {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) smem_acc[warp][g][col + e] = acc[g][e];
-                if (lane == 0) {
-                    smem_m[warp][g] = m[g];
-                    smem_l[warp][g] = l[g];
-                }
+                for (int j = 0; j < 2; ++j) smem_acc[warp][g][64 * (n / 8) + 8 * (2 * t + j) + n % 8] = acc[n][j];
+            if (t == 0) {
+                smem_m[warp][g] = m;
+                smem_l[warp][g] = l;
             }
         }
         __syncthreads();
 
         // ---- merge the warps; write the output (one split) or this split's partial result ----
         for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) {
-            const int g = i / kHeadDim, d = i % kHeadDim;
+            const int h = i / kHeadDim, d = i % kHeadDim;
             float m_max = -INFINITY;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, smem_m[w][g]);
+            for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, smem_m[w][h]);
             const float ref = safe_ref(m_max);
             float sum = 0.f, o = 0.f;
 #pragma unroll
             for (int w = 0; w < kWarps; ++w) {
-                const float c = exp2f(smem_m[w][g] - ref);
-                sum += smem_l[w][g] * c;
-                o += smem_acc[w][g][d] * c;
+                const float c = exp2f(smem_m[w][h] - ref);
+                sum += smem_l[w][h] * c;
+                o += smem_acc[w][h][d] * c;
             }
             o /= sum;
             const float lse2 = m_max + log2f(sum);
             if (active_splits == 1) {
-                write_final(g, d, o);
-                if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + g] = lse2 * 0.69314718055994531f;
+                write_final(h, d, o);
+                if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
             } else {
-                const int64_t row = ((int64_t)b * p.q_heads + q_head0 + g) * p.num_splits + split;
+                const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;
                 p.partial_out[row * kHeadDim + d] = o;
                 if (d == 0) p.partial_lse[row] = lse2;
             }
@@ -342,7 +407,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     // ---- the last split to finish merges all of them ----
     __threadfence();  // publish this block's partial results before taking a ticket
     __syncthreads();
-    int* counter = p.split_counters + blockIdx.y;
+    int* counter = p.split_counters + unit;
     if (threadIdx.x == 0) {
         const int ticket = atomicAdd(counter, 1);
         smem_is_last = (ticket == p.num_splits - 1);
@@ -354,51 +419,51 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 
     const int64_t head_row0 = ((int64_t)b * p.q_heads + q_head0) * p.num_splits;
     for (int i = threadIdx.x; i < g_count * active_splits; i += kThreads) {
-        const int g = i / active_splits, s = i % active_splits;
-        smem_split_w[g][s] = __ldcg(p.partial_lse + head_row0 + g * p.num_splits + s);
+        const int h = i / active_splits, s = i % active_splits;
+        smem_split_w[h][s] = __ldcg(p.partial_lse + head_row0 + h * p.num_splits + s);
     }
     __syncthreads();
     // One warp per head turns log-sum-exps into normalized weights.
-    for (int g = warp; g < g_count; g += kWarps) {
+    for (int h = warp; h < g_count; h += kWarps) {
         float m_max = -INFINITY;
-        for (int s = lane; s < active_splits; s += 32) m_max = fmaxf(m_max, smem_split_w[g][s]);
+        for (int s = lane; s < active_splits; s += 32) m_max = fmaxf(m_max, smem_split_w[h][s]);
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2) m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
         float sum = 0.f;
         for (int s = lane; s < active_splits; s += 32) {
-            const float w = exp2f(smem_split_w[g][s] - m_max);
-            smem_split_w[g][s] = w;
+            const float w = exp2f(smem_split_w[h][s] - m_max);
+            smem_split_w[h][s] = w;
             sum += w;
         }
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
         __syncwarp();
         const float inv_sum = 1.f / sum;
-        for (int s = lane; s < active_splits; s += 32) smem_split_w[g][s] *= inv_sum;
+        for (int s = lane; s < active_splits; s += 32) smem_split_w[h][s] *= inv_sum;
         if (lane == 0) {
-            smem_lse2[g] = m_max + log2f(sum);
+            smem_lse2[h] = m_max + log2f(sum);
         }
     }
     __syncthreads();
 
     constexpr int kVecPerHead = kHeadDim / 4;
     for (int i = threadIdx.x; i < g_count * kVecPerHead; i += kThreads) {
-        const int g = i / kVecPerHead, c = (i % kVecPerHead) * 4;
-        const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + g * p.num_splits) * kHeadDim + c);
+        const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
+        const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
         for (int s = 0; s < active_splits; ++s) {
             const float4 part = __ldcg(src + s * (kHeadDim / 4));
-            const float w = smem_split_w[g][s];
+            const float w = smem_split_w[h][s];
             o.x = fmaf(w, part.x, o.x);
             o.y = fmaf(w, part.y, o.y);
             o.z = fmaf(w, part.z, o.z);
             o.w = fmaf(w, part.w, o.w);
         }
-        write_final(g, c, o.x);
-        write_final(g, c + 1, o.y);
-        write_final(g, c + 2, o.z);
-        write_final(g, c + 3, o.w);
+        write_final(h, c, o.x);
+        write_final(h, c + 1, o.y);
+        write_final(h, c + 2, o.z);
+        write_final(h, c + 3, o.w);
     }
     if (p.lse != nullptr && threadIdx.x < g_count) {
         p.lse[b * p.q_heads + q_head0 + threadIdx.x] = smem_lse2[threadIdx.x] * 0.69314718055994531f;

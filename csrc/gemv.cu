@@ -23,6 +23,7 @@
 #include "element_convert.cuh"
 #include "gemv.h"
 #include "programmatic_launch.cuh"
+#include "tensor_core.cuh"
 
 namespace gemv {
 namespace {
@@ -241,27 +242,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
 // directly the mma's A and B fragments (a dot product does not care about the order of k).
 constexpr int kMmaWarps = 8;
 
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                            uint32_t b0, uint32_t b1, bool bf16) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if (bf16)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
 
 template <typename T, bool kSiluMul>
 __global__ void __launch_bounds__(kMmaWarps * 32, 2) gemv_mma_kernel(const __grid_constant__ Params p) {
     constexpr int kTiles = kSiluMul ? 2 : 1;  // 8-row weight tiles: the outputs', or the gate's and the up's
     constexpr int kUnroll = 8 / kTiles;        // chunks in flight per warp
-    constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
     __shared__ float partial[kMmaWarps][kTiles][32][4];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int k = p.k, chunks = k / 32, n0 = blockIdx.x * 8;
@@ -304,8 +289,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) gemv_mma_kernel(const __gri
         for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
             for (int i = 0; i < kTiles; ++i) {  // zero pieces past the end add nothing
-                mma_16x8x16(acc[i], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[i][u].x, w[i][u].y, kBf16);
-                mma_16x8x16(acc[i], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[i][u].z, w[i][u].w, kBf16);
+                tensor_core::mma_16x8x16<T>(acc[i], xl[u].x, xh[u].x, xl[u].y, xh[u].y, w[i][u].x, w[i][u].y);
+                tensor_core::mma_16x8x16<T>(acc[i], xl[u].z, xh[u].z, xl[u].w, xh[u].w, w[i][u].z, w[i][u].w);
             }
         }
     }

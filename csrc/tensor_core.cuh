@@ -1,0 +1,85 @@
+// The one tensor-core instruction the kernels use: mma.sync m16n8k16, 16-bit inputs, float32 accumulators
+// (sm_80 and newer). Fragment layout (PTX ISA), lane = 4 g + t:
+//   A (16 x 16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
+//   B (16 x 8, k x n):      b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
+//   C (16 x 8, float):      c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
+// Each 32-bit register holds two elements, the lower-indexed one in the low half.
+// The kernels load 16 contiguous bytes per lane and let those be the fragments: the k dimension (a sum)
+// may be permuted freely, as long as both operands use the same permutation.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace tensor_core {
+
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// The same with A's rows 8..15 zero: only c0, c1 (row g) are accumulated; the other half of the
+// result is discarded, so it costs no live registers.
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x16_top_rows(float& c0, float& c1, uint32_t a0, uint32_t a2, uint32_t b0,
+                                                     uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float unused2, unused3;
+    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%8,%5,%8}, {%6,%7}, "
+            "{%0,%1,%9,%9};"
+            : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)
+            : "r"(a0), "r"(a2), "r"(b0), "r"(b1), "r"(0u), "f"(0.f));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%8,%5,%8}, {%6,%7}, "
+            "{%0,%1,%9,%9};"
+            : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)
+            : "r"(a0), "r"(a2), "r"(b0), "r"(b1), "r"(0u), "f"(0.f));
+    (void)unused2;
+    (void)unused3;
+#endif
+}
+
+// Two floats rounded into one register of 16-bit elements (lo in the low half), an mma operand.
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    if constexpr (std::is_same<Element, __nv_bfloat16>::value) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+        const __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const uint32_t*>(&v);
+    }
+}
+
+// The two floats a register of 16-bit elements holds (the inverse of pack2, exact).
+template <typename Element>
+__device__ __forceinline__ float2 unpack2(uint32_t v) {
+    if constexpr (std::is_same<Element, __nv_bfloat16>::value) {
+        return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+    } else {
+        return __half22float2(*reinterpret_cast<const __half2*>(&v));
+    }
+}
+
+// The low (or the high) 16-bit halves of two registers, paired into one: x's in the low half.
+__device__ __forceinline__ uint32_t pair_halves(uint32_t x, uint32_t y, bool high) {
+    return __byte_perm(x, y, high ? 0x7632 : 0x5410);
+}
+
+}  // namespace tensor_core
