@@ -194,24 +194,22 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         set_rows(__ldcg(p.seqlens + b));  // through L2, not the early read's L1 copy
         if (first_tile_loaded && seqlen != early_seqlen) first_tile_loaded = false;
         if (first_tile_loaded) {
+            // the pieces of row seqlen - 1, if this lane loaded any, again
+            auto reload_newest = [&](uint4* pieces, int chunks, const char* base, int64_t row_bytes, int chunk_bytes,
+                                     int row) {
+                if (min(row, end - 1) != seqlen - 1) return;
+#pragma unroll
+                for (int c = 0; c < chunks; ++c)
+                    pieces[c] = __ldcg(reinterpret_cast<const uint4*>(base + (seqlen - 1) * row_bytes + c * chunk_bytes));
+            };
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                    const int row = min(k_row(start, s, nt), end - 1);
-                    if (row == seqlen - 1)
+                for (int nt = 0; nt < 2; ++nt)
+                    reload_newest(k_next[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(start, s, nt));
 #pragma unroll
-                        for (int c = 0; c < kKChunks; ++c)
-                            k_next[s][nt][c] = __ldcg(reinterpret_cast<const uint4*>(k_base + row * k_row_bytes + c * kKChunkBytes));
-                }
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int row = min(v_row(start, s, i), end - 1);
-                    if (row == seqlen - 1)
-#pragma unroll
-                        for (int c = 0; c < kVChunks; ++c)
-                            v_next[s][i][c] = __ldcg(reinterpret_cast<const uint4*>(v_base + row * v_row_bytes + c * kVChunkBytes));
-                }
+                for (int i = 0; i < 4; ++i)
+                    reload_newest(v_next[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(start, s, i));
             }
         }
     } else {
