@@ -69,7 +69,6 @@ struct KernelTraits {
 // ---------------------------------------------------------------------------------------------------
 
 using element::load_stream_16B;
-using element::unpack8;
 using element::from_float;
 
 // Elements past the valid rows must never produce NaN: exp2(-inf - -inf) would. When nothing was seen
@@ -156,7 +155,8 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + 4 * t + i; };
 
     // Rows past `end` re-read the last valid row (a finite value, never memory past the sequence) and are
-    // masked out of the softmax.
+    // masked out of the softmax. (A plain launch's first tile is the exception: it is loaded before the
+    // length is known, see below.)
     auto load_tile = [&](int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {
