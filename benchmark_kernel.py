@@ -183,11 +183,17 @@ def make_custom(inp, args):
     if head_size not in CUSTOM_HEAD_SIZES:
         raise Unavailable("unsupported", f"the custom kernel supports head sizes 64 and 128, not {head_size}")
     mod = load_custom_module()
+    mod.set_cluster_merge(not args.no_cluster_merge)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
         # the kernel plans from the cache capacity S (it cannot read cache_seqlens without a sync)
-        note = f"num_splits={mod.default_num_splits(batch, q_heads, kv_heads, head_size, seq_n)} (auto)"
+        splits_used = mod.default_num_splits(batch, q_heads, kv_heads, head_size, seq_n)
+        note = f"num_splits={splits_used} (auto)"
+    else:
+        splits_used = splits
+    if mod.uses_cluster_merge(splits_used):
+        note += ", cluster merge"
     out = torch.empty_like(inp.q)
 
     def launch():
@@ -752,6 +758,8 @@ def parse_args(argv=None):
                    help="do not flush L2 before each timed launch")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--num_splits", type=int, default=0, help="split-KV splits (0 = automatic)")
+    p.add_argument("--no_cluster_merge", action="store_true",
+                   help="merge the custom kernel's splits through global memory, not in a thread-block cluster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

@@ -414,7 +414,7 @@ def sampling_from(args):
 PROFILE_CATEGORIES = [
     ("decode attention", r"flash_decode|decode_attention|splitkv"),
     ("GEMM/GEMV", r"gemm|gemv|cutlass|xmma|nvjet|matmul|splitkreduce|aten::mm|aten::addmm|aten::bmm"),
-    ("sampling", r"sort|topk|softmax|exponential|distribution|argmax|cumsum|scan|scatter|sample_kernel"),
+    ("sampling", r"sort|topk|softmax|exponential|distribution|argmax|cumsum|scan|scatter|sample_(cluster_)?kernel"),
     ("norm", r"rms|norm|mean|rsqrt|pow"),
     ("rope", r"rope|rotary"),
 ]

@@ -399,6 +399,21 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         self.kv_cache.k[:B, :T] = k
         self.kv_cache.v[:B, :T] = v
+        return self._prefill_attention(q, k, v)
+
+    def prefill_fused(self, ops, x, rope_cos, rope_sin):
+        """prefill with RoPE and the cache write in one kernel (csrc/fused_ops.cu); rope_cos/rope_sin are the
+        model's whole tables [max_seq, D]. Attention then reads k and v from the cache."""
+        B, T, _ = x.shape
+        start = torch.zeros(B, dtype=torch.long, device=x.device)  # every prompt starts at position 0
+        q = ops.rope_kv_write(self.wqkv(x).view(B * T, -1), rope_cos, rope_sin, start, self.kv_cache.k,
+                              self.kv_cache.v, self.n_heads, T)
+        return self._prefill_attention(q.view(B, T, self.n_heads, self.head_dim), self.kv_cache.k[:B, :T],
+                                       self.kv_cache.v[:B, :T])
+
+    def _prefill_attention(self, q, k, v):
+        """Causal attention of q [B, T, Hq, D] over k, v [B, T, Hkv, D], then the output projection."""
+        B, T = q.shape[:2]
         # Causal masking alone is exact for right-padded ragged batches: a real token at t < len only sees
         # keys <= t, all real. So every batch takes is_causal=True (flash/cuDNN eligible), and no explicit
         # mask is needed; the padded rows' outputs are never read and their cache slots are masked or
@@ -506,12 +521,12 @@ class Transformer(nn.Module):
         self._check_batch(B, T)
         if prompt_lens is None:
             prompt_lens = torch.full((B,), T, device=tokens.device)
-        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         x = self.tok_embeddings(tokens)
         last = None if return_all_logits else (self.batch_index[:B], prompt_lens.long() - 1)
         ops = _fused_decode_ops(x)
         if ops is not None:
-            return self._prefill_fused(ops, x, cos, sin, last).float()
+            return self._prefill_fused(ops, x, last).float()
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         for layer in self.layers:
             x = layer.prefill(x, cos, sin)
         if last is not None:
@@ -552,13 +567,14 @@ class Transformer(nn.Module):
         graph, logits = _capture_cuda_graph(device, lambda: self.prefill(tokens, prompt_lens))
         return _PrefillGraph(tokens, prompt_lens, logits, graph)
 
-    def _prefill_fused(self, ops, x, cos, sin, last):
-        """prefill's layers with the residual adds + RMSNorms and SiLU * up of csrc/fused_ops.cu (the same
-        rounding as the modules): at 32K prompt tokens the PyTorch RMSNorm alone moves ~1 GB per call."""
+    def _prefill_fused(self, ops, x, last):
+        """prefill's layers with the residual adds + RMSNorms, RoPE + cache write and SiLU * up of
+        csrc/fused_ops.cu (the same rounding as the modules): at 32K prompt tokens the PyTorch RMSNorm alone
+        moves ~1 GB per call."""
         h, delta = None, x  # the residual stream is h + delta, summed inside add_rmsnorm
         for layer in self.layers:
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
-            delta = layer.attention.prefill(normed, cos, sin)
+            delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin)
             normed, h = ops.add_rmsnorm(delta, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
             ffn = layer.feed_forward
             delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))

@@ -14,17 +14,24 @@ namespace flash_decode {
 // One compiled variant of the kernel.
 struct Variant {
     int rows_per_block_tile;  // the split granularity
-    cudaError_t (*launch)(const Params&, dim3, cudaStream_t);
+    cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, cudaStream_t);
 };
 
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
+static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
+    const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;  // <= 8: the portable size
+    return programmatic_launch::launch_clustered(flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>,
+                                                 grid, dim3(KernelTraits<Element, kHeadDim>::kThreads), 0, stream,
+                                                 cluster, params);
+}
+
 template <typename Element, int kHeadDim>
-static cudaError_t launch_variant(const Params& params, dim3 grid, cudaStream_t stream) {
-    using Traits = KernelTraits<Element, kHeadDim>;
+static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_merge, cudaStream_t stream) {
     if (params.early_cache_reads)
-        return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, true>, grid, dim3(Traits::kThreads),
-                                           0, stream, params);
-    return programmatic_launch::launch(flash_decode_kernel<Element, kHeadDim, false>, grid, dim3(Traits::kThreads), 0,
-                                       stream, params);
+        return cluster_merge ? launch_instance<Element, kHeadDim, true, true>(params, grid, stream)
+                             : launch_instance<Element, kHeadDim, true, false>(params, grid, stream);
+    return cluster_merge ? launch_instance<Element, kHeadDim, false, true>(params, grid, stream)
+                         : launch_instance<Element, kHeadDim, false, false>(params, grid, stream);
 }
 
 template <typename Element, int kHeadDim>
@@ -100,13 +107,23 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     return std::max(splits, 1);
 }
 
+bool& cluster_merge_enabled() {
+    static bool on = true;
+    return on;
+}
+
+bool uses_cluster_merge(int num_splits) {
+    return cluster_merge_enabled() && num_splits >= 2 && num_splits <= kMaxClusterSplits &&
+           programmatic_launch::current_device_supports();  // (thread-block clusters: sm_90+ too)
+}
+
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (params.num_splits < 1 || params.num_splits > kMaxSplits) return cudaErrorInvalidValue;
     Variant variant;
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
-    return variant.launch(params, grid, stream);
+    return variant.launch(params, grid, uses_cluster_merge(params.num_splits), stream);
 }
 
 }  // namespace flash_decode

@@ -198,7 +198,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     p.early_cache_reads = early_cache_reads;
 
     at::Tensor partial_out, partial_lse, counters;
-    if (num_splits > 1) {
+    if (num_splits > 1 && !flash_decode::uses_cluster_merge((int)num_splits)) {
         const auto f32 = q.options().dtype(at::kFloat);
         partial_out = at::empty({batch, q_heads, num_splits, head_dim}, f32);
         partial_lse = at::empty({batch, q_heads, num_splits}, f32);
@@ -252,8 +252,6 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm(const at::Tensor& x, c10::optiona
     return {out, h};
 }
 
-// Rotates q and k of the fused projection qkv [B, (Hq + 2 Hkv) D], writes k and v into the caches at
-// positions [B] (int64) and returns q [B, Hq, D].
 // The RoPE tables, positions and caches of a qkv projection of `batch` rows and `qkv_width` columns (the
 // checks of rope_kv_write and gemv_rope_kv_write). Returns {max_seq, kv_heads, head_dim}.
 std::tuple<int64_t, int64_t, int64_t> check_rope_args(const char* op, int64_t batch, int64_t qkv_width,
@@ -279,19 +277,26 @@ std::tuple<int64_t, int64_t, int64_t> check_rope_args(const char* op, int64_t ba
     return {max_seq, kv_heads, head_dim};
 }
 
+// Rotates q and k of the fused projection qkv [B * T, (Hq + 2 Hkv) D] (T tokens of each of B sequences),
+// writes k and v into the caches at positions[b] + t (positions [B] int64) and returns q [B * T, Hq, D].
 at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         int64_t q_heads) {
+                         int64_t q_heads, int64_t tokens) {
     const flash_decode::DType dtype = model_dtype(qkv, "rope_kv_write");
     check_fused_input(qkv, qkv, "rope_kv_write", "qkv");
-    FD_CHECK(qkv.dim() == 2, "rope_kv_write: qkv must be [batch, (q_heads + 2 kv_heads) head_dim], got ", qkv.sizes());
-    const int64_t batch = qkv.size(0);
+    FD_CHECK(qkv.dim() == 2, "rope_kv_write: qkv must be [batch * tokens, (q_heads + 2 kv_heads) head_dim], got ",
+             qkv.sizes());
+    FD_CHECK(tokens >= 1 && qkv.size(0) % tokens == 0, "rope_kv_write: tokens = ", tokens,
+             " must be >= 1 and divide the ", qkv.size(0), " rows of qkv");
+    const int64_t batch = qkv.size(0) / tokens;
     const auto [max_seq, kv_heads, head_dim] =
         check_rope_args("rope_kv_write", batch, qkv.size(1), qkv, cos, sin, positions, k_cache, v_cache, q_heads);
-    at::Tensor q = at::empty({batch, q_heads, head_dim}, qkv.options());
+    FD_CHECK(tokens <= max_seq, "rope_kv_write: ", tokens, " tokens per sequence do not fit the cache's ", max_seq,
+             " positions");  // (the kernel also traps on any position past the cache)
+    at::Tensor q = at::empty({batch * tokens, q_heads, head_dim}, qkv.options());
     const c10::cuda::CUDAGuard guard(qkv.device());
     check_cuda(fused_ops::rope_kv_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr<int64_t>(),
-                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), (int)batch,
+                                        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), (int)batch, (int)tokens,
                                         (int)q_heads, (int)kv_heads, (int)head_dim, (int)max_seq, dtype,
                                         c10::cuda::getCurrentCUDAStream().stream()),
                "rope_kv_write launch");
@@ -435,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const
 // Next tokens [B] (int64) from logits [B, V] float32: greedy when temperature <= 0, else top-p sampling
 // (top_p >= 1: plain temperature sampling) driven by rng_state = int64 {seed, counter} on the device.
 at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double top_p,
-                         c10::optional<at::Tensor> rng_state) {
+                         c10::optional<at::Tensor> rng_state, int64_t ctas_per_row) {
     FD_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
              "sample_tokens: logits must be a contiguous CUDA tensor [batch, vocab], got ", logits.sizes(), " on ",
              logits.device());
@@ -460,10 +465,14 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
                  "sample_tokens: rng_state must be a contiguous int64 CUDA tensor {seed, counter}");
         rng_ptr = rng_state->data_ptr<int64_t>();
     }
-    at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
     const c10::cuda::CUDAGuard guard(logits.device());
+    const int cluster = sampling::max_ctas_per_row((int)logits.size(1));
+    FD_CHECK(ctas_per_row == 0 || ctas_per_row == 1 || ctas_per_row == cluster, "sample_tokens: ctas_per_row must be "
+             "0 (automatic), 1 (a block per row)", cluster > 1 ? " or " + std::to_string(cluster) + " (a cluster per row)" : "",
+             " on this GPU for this vocabulary, got ", ctas_per_row);
+    at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
     check_cuda(sampling::sample(logits.data_ptr(), type, out.data_ptr<int64_t>(), (int)logits.size(0),
-                                (int)logits.size(1), (float)temperature, (float)top_p, rng_ptr,
+                                (int)logits.size(1), (float)temperature, (float)top_p, rng_ptr, (int)ctas_per_row,
                                 c10::cuda::getCurrentCUDAStream().stream()),
                "sample_tokens launch");
     return out;
@@ -491,10 +500,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "residual add and RMSNorm of llama3.py with the same rounding.",
           py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
     m.def("rope_kv_write", &rope_kv_write,
-          "RoPE on q and k of the fused qkv projection [B, (Hq + 2 Hkv) D]; writes k, v into the caches at "
-          "positions [B] (int64); returns q [B, Hq, D].",
+          "RoPE on q and k of the fused qkv projection [B * tokens, (Hq + 2 Hkv) D] (tokens consecutive tokens "
+          "of each of B sequences); writes k, v into the caches at positions[b] + t (positions [B], int64); "
+          "returns q [B * tokens, Hq, D].",
           py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"),
-          py::arg("v_cache"), py::arg("q_heads"));
+          py::arg("v_cache"), py::arg("q_heads"), py::arg("tokens") = 1);
     m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [..., 2F] -> [..., F]", py::arg("gate_up"));
     m.def("gemv", &gemv_forward,
           "(x' @ weight^T, h) for 1 to 16 rows of x [rows, k]; with norm_weight (1 to 4 rows) "
@@ -509,6 +519,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("norm_weight"), py::arg("eps"),
           py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("q_heads"));
+    m.def("set_cluster_merge", [](bool enabled) { flash_decode::cluster_merge_enabled() = enabled; },
+          "Merge flash_decode's splits inside a thread-block cluster through distributed shared memory (sm_90+, "
+          "2 to 8 splits; on by default); False merges them through a float32 workspace in global memory, for "
+          "comparison.",
+          py::arg("enabled"));
+    m.def("uses_cluster_merge", [](int64_t num_splits) { return flash_decode::uses_cluster_merge((int)num_splits); },
+          "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU.",
+          py::arg("num_splits"));
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",
@@ -516,6 +534,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("sample_tokens", &sample_tokens,
           "Next tokens [B] from logits [B, V] (float32, bfloat16 or float16) without sorting: greedy for "
           "temperature <= 0, else top-p sampling with rng_state = int64 {seed, counter} on the device (the caller "
-          "advances the counter).",
-          py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none());
+          "advances the counter). ctas_per_row: 0 = automatic, 1 = one thread block per row, or "
+          "max_sampling_ctas_per_row(vocab) = a cluster of blocks per row (sm_90+; the default up to 16 rows); "
+          "the two draw different, equally distributed tokens.",
+          py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none(),
+          py::arg("ctas_per_row") = 0);
+    m.def("max_sampling_ctas_per_row", [](int64_t vocab) { return sampling::max_ctas_per_row((int)vocab); },
+          "The cluster size sample_tokens can use for this vocabulary on the current GPU (1: none).",
+          py::arg("vocab"));
 }

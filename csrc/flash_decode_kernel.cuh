@@ -20,10 +20,12 @@
 //      running max m and sum l per head, and its O accumulator, rescaled once per tile; P goes into the
 //      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
 //      weights through shared memory at the end.
-//   4. With one split, the block writes the normalized output. Otherwise it writes its partial output and
-//      its log-sum-exp to a float32 workspace; the last block of the (sequence, KV head) to finish (an
-//      atomic ticket after a memory fence) merges all splits with log-sum-exp weights, so no second
-//      kernel launch is needed, and resets the ticket counter for the next launch.
+//   4. With one split, the block writes the normalized output. Otherwise the splits are merged with
+//      log-sum-exp weights, with no second kernel launch: with at most 8 splits on sm_90+ the blocks of a
+//      (sequence, KV head) form a thread-block cluster, keep their partial results in shared memory, and
+//      after a cluster barrier each merges a share of the output reading the others' shared memory; else
+//      each block writes its partial output and log-sum-exp to a float32 workspace, and the last block to
+//      finish (an atomic ticket after a memory fence) merges all splits and resets the ticket counter.
 //   The active splits are counted on the device from the actual length, so a CUDA graph captured once
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
@@ -35,6 +37,7 @@
 // A 4-stage cp.async pipeline through shared memory had not helped either version.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -87,7 +90,10 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 
 // kEarlyReads: Params::early_cache_reads (a separate instance, so that the plain launch's code, which
 // benchmark_kernel.py times cold, stays as short as it can be).
-template <typename Element, int kHeadDim, bool kEarlyReads>
+// kClusterMerge (sm_90+): the num_splits blocks of a (sequence, KV head, head group) form one thread-block
+// cluster and merge their partial results through distributed shared memory instead of the float32
+// workspace (see step 4 above).
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
 __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     using Traits = KernelTraits<Element, kHeadDim>;
     constexpr int kWarps = Traits::kWarps;
@@ -105,6 +111,9 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     __shared__ float smem_split_w[kHeads][kMaxSplits];
     __shared__ float smem_lse2[kHeads];
     __shared__ int smem_is_last;
+    // with kClusterMerge: this block's partial result, read by the other blocks of its cluster
+    __shared__ __align__(16) float smem_part_o[kClusterMerge ? kHeads : 1][kHeadDim];
+    __shared__ float smem_part_lse2[kHeads];
 
     programmatic_launch::allow_next_kernel();
     // Plain launches read nothing before the wait; see below for early_cache_reads.
@@ -393,6 +402,9 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             if (active_splits == 1) {
                 write_final(h, d, o);
                 if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
+            } else if constexpr (kClusterMerge) {
+                smem_part_o[h][d] = o;
+                if (d == 0) smem_part_lse2[h] = lse2;
             } else {
                 const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;
                 p.partial_out[row * kHeadDim + d] = o;
@@ -400,25 +412,55 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             }
         }
     }
-    if (active_splits == 1) return;
+    if (active_splits == 1) return;  // (the same for every block of the unit: one length)
 
-    // ---- the last split to finish merges all of them ----
-    __threadfence();  // publish this block's partial results before taking a ticket
-    __syncthreads();
-    int* counter = p.split_counters + unit;
-    if (threadIdx.x == 0) {
-        const int ticket = atomicAdd(counter, 1);
-        smem_is_last = (ticket == p.num_splits - 1);
+    // ---- merge the splits: every block of the cluster, or the last split to finish ----
+    // Partial results of split s, head h: its log2-sum-exp and its normalized output element d.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+#endif
+    const int64_t head_row0 = ((int64_t)b * p.q_heads + q_head0) * p.num_splits;  // (global workspace)
+    auto partial_lse2 = [&](int h, int s) -> float {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if constexpr (kClusterMerge) return cluster.map_shared_rank(&smem_part_lse2[0], s)[h];
+#endif
+        return __ldcg(p.partial_lse + head_row0 + h * p.num_splits + s);
+    };
+    // Split s's elements d..d+3 of head h, from `src` = its split 0 (global workspace) or the block of rank s.
+    auto partial_o4 = [&](const float4* src, int h, int s, int d) -> float4 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if constexpr (kClusterMerge) return *reinterpret_cast<const float4*>(cluster.map_shared_rank(&smem_part_o[h][d], s));
+#endif
+        return __ldcg(src + s * (kHeadDim / 4));
+    };
+    // This block's share of the output's float4 pieces: all of them (global merge), or every
+    // num_splits-th (cluster: the blocks split the merge's reads between them).
+    int piece_begin = threadIdx.x, piece_stride = kThreads;
+    if constexpr (kClusterMerge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        cluster.sync();  // every block's partial result is in its shared memory (empty splits wrote none, and are not read)
+        piece_begin = split + p.num_splits * threadIdx.x;
+        piece_stride = p.num_splits * kThreads;
+#else
+        __trap();  // launched only on sm_90+ (flash_decode.cu)
+#endif
+    } else {
+        __threadfence();  // publish this block's partial results before taking a ticket
+        __syncthreads();
+        int* counter = p.split_counters + unit;
+        if (threadIdx.x == 0) {
+            const int ticket = atomicAdd(counter, 1);
+            smem_is_last = (ticket == p.num_splits - 1);
+        }
+        __syncthreads();
+        if (!smem_is_last) return;
+        __threadfence();  // see the other blocks' partial results (read through L2 below, never stale L1)
+        if (threadIdx.x == 0) *counter = 0;  // ready for the next launch; every block of this launch has arrived
     }
-    __syncthreads();
-    if (!smem_is_last) return;
-    __threadfence();  // see the other blocks' partial results (read through L2 below, never stale L1)
-    if (threadIdx.x == 0) *counter = 0;  // ready for the next launch; every block of this launch has arrived
 
-    const int64_t head_row0 = ((int64_t)b * p.q_heads + q_head0) * p.num_splits;
     for (int i = threadIdx.x; i < g_count * active_splits; i += kThreads) {
         const int h = i / active_splits, s = i % active_splits;
-        smem_split_w[h][s] = __ldcg(p.partial_lse + head_row0 + h * p.num_splits + s);
+        smem_split_w[h][s] = partial_lse2(h, s);
     }
     __syncthreads();
     // One warp per head turns log-sum-exps into normalized weights.
@@ -445,13 +487,13 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     __syncthreads();
 
     constexpr int kVecPerHead = kHeadDim / 4;
-    for (int i = threadIdx.x; i < g_count * kVecPerHead; i += kThreads) {
+    for (int i = piece_begin; i < g_count * kVecPerHead; i += piece_stride) {
         const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
         const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
         for (int s = 0; s < active_splits; ++s) {
-            const float4 part = __ldcg(src + s * (kHeadDim / 4));
+            const float4 part = partial_o4(src, h, s, c);
             const float w = smem_split_w[h][s];
             o.x = fmaf(w, part.x, o.x);
             o.y = fmaf(w, part.y, o.y);
@@ -463,9 +505,12 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         write_final(h, c + 2, o.z);
         write_final(h, c + 3, o.w);
     }
-    if (p.lse != nullptr && threadIdx.x < g_count) {
+    if (p.lse != nullptr && (!kClusterMerge || split == 0) && threadIdx.x < g_count) {
         p.lse[b * p.q_heads + q_head0 + threadIdx.x] = smem_lse2[threadIdx.x] * 0.69314718055994531f;
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kClusterMerge) cluster.sync();  // no block leaves while another may still read its shared memory
+#endif
 }
 
 }  // namespace flash_decode

@@ -117,21 +117,22 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
     }
 }
 
-// Grid (batch), one thread per (head, rotation pair) of q and k plus one per (head, element pair) of v.
-// RoPE pairs dimension d with d + head_dim/2 (Hugging Face's rotate_half convention).
+// Grid (batch * tokens): a block per token, one thread per (head, rotation pair) of q and k plus one per
+// (head, element pair) of v. RoPE pairs dimension d with d + head_dim/2 (Hugging Face's rotate_half convention).
 template <typename T>
 __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
                                      const int64_t* __restrict__ positions, T* __restrict__ q_out, T* k_cache,
-                                     T* v_cache, int q_heads, int kv_heads, int head_dim, int max_seq) {
+                                     T* v_cache, int tokens, int q_heads, int kv_heads, int head_dim, int max_seq) {
     programmatic_launch::allow_next_kernel();
     programmatic_launch::wait_for_previous_kernel();  // qkv is the projection just before
-    const int b = blockIdx.x;
+    const int64_t token = blockIdx.x;  // row of qkv and q_out
+    const int b = (int)(token / tokens);
     const int half = head_dim / 2;
-    const int64_t pos = positions[b];
+    const int64_t pos = positions[b] + token % tokens;
     if (pos < 0 || pos >= max_seq) __trap();  // like PyTorch's index assert: never write another sequence's rows
     const int rotated_heads = q_heads + kv_heads;
     const int64_t row_len = (int64_t)(q_heads + 2 * kv_heads) * head_dim;
-    const T* src = qkv + b * row_len;
+    const T* src = qkv + token * row_len;
     const T* cos_row = cos + pos * head_dim;
     const T* sin_row = sin + pos * head_dim;
     const int64_t cache_row = ((int64_t)b * max_seq + pos) * kv_heads * head_dim;
@@ -146,7 +147,7 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
             // x * cos + cat(-x2, x1) * sin, each product and the sum rounded like the PyTorch ops
             const T out1 = from_float<T>(round_to<T>(x1 * c1) + round_to<T>(-x2 * s1));
             const T out2 = from_float<T>(round_to<T>(x2 * c2) + round_to<T>(x1 * s2));
-            T* dst = head < q_heads ? q_out + ((int64_t)b * q_heads + head) * head_dim
+            T* dst = head < q_heads ? q_out + (token * q_heads + head) * head_dim
                                     : k_cache + cache_row + (int64_t)(head - q_heads) * head_dim;
             dst[d] = out1;
             dst[d + half] = out2;
@@ -160,6 +161,13 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
     }
 }
 
+// silu(gate) * up, with silu(gate) rounded to T first like F.silu's output.
+template <typename T>
+__device__ __forceinline__ T silu_mul_one(float gate, float up) {
+    return from_float<T>(round_to<T>(gate / (1.f + expf(-gate))) * up);
+}
+
+// Any width: one element per thread.
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t rows, int width) {
     programmatic_launch::allow_next_kernel();
@@ -168,10 +176,31 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ o
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / width;
         const int col = (int)(i % width);
-        const float g = to_float(gate_up[row * 2 * width + col]);
-        const float u = to_float(gate_up[row * 2 * width + width + col]);
-        const float silu = round_to<T>(g / (1.f + expf(-g)));
-        out[i] = from_float<T>(silu * u);
+        out[i] = silu_mul_one<T>(to_float(gate_up[row * 2 * width + col]),
+                                 to_float(gate_up[row * 2 * width + width + col]));
+    }
+}
+
+// Width a multiple of 8 and 16-byte aligned rows: 8 elements (16-byte loads and store) per thread. The
+// element version ran at 1.25 TB/s in a 2048-token prefill (80 us a call for [2048, 16384] on an H100).
+template <typename T>
+__global__ void silu_mul_vec_kernel(const uint4* __restrict__ gate_up, uint4* __restrict__ out, int64_t rows,
+                                    int width_vecs) {
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();
+    const int64_t n = rows * width_vecs;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / width_vecs;
+        const int col = (int)(i % width_vecs);
+        const uint4 gv = gate_up[row * 2 * width_vecs + col];
+        const uint4 uv = gate_up[row * 2 * width_vecs + width_vecs + col];
+        const T* ge = reinterpret_cast<const T*>(&gv);
+        const T* ue = reinterpret_cast<const T*>(&uv);
+        uint4 ov;
+        T* oe = reinterpret_cast<T*>(&ov);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) oe[e] = silu_mul_one<T>(to_float(ge[e]), to_float(ue[e]));
+        out[i] = ov;
     }
 }
 
@@ -210,12 +239,12 @@ struct AddRmsnorm {
 template <typename T>
 struct RopeKvWrite {
     static void run(const void* qkv, const void* cos, const void* sin, const int64_t* positions, void* q_out,
-                    void* k_cache, void* v_cache, int batch, int q_heads, int kv_heads, int head_dim, int max_seq,
-                    cudaStream_t stream) {
-        programmatic_launch::launch(rope_kv_write_kernel<T>, dim3(batch), dim3(256), 0, stream,
-                                    static_cast<const T*>(qkv), static_cast<const T*>(cos),
+                    void* k_cache, void* v_cache, int batch, int tokens, int q_heads, int kv_heads, int head_dim,
+                    int max_seq, cudaStream_t stream) {
+        programmatic_launch::launch(rope_kv_write_kernel<T>, dim3((unsigned)((int64_t)batch * tokens)), dim3(256), 0,
+                                    stream, static_cast<const T*>(qkv), static_cast<const T*>(cos),
                                     static_cast<const T*>(sin), positions, static_cast<T*>(q_out),
-                                    static_cast<T*>(k_cache), static_cast<T*>(v_cache), q_heads, kv_heads,
+                                    static_cast<T*>(k_cache), static_cast<T*>(v_cache), tokens, q_heads, kv_heads,
                                     head_dim, max_seq);
     }
 };
@@ -223,11 +252,19 @@ struct RopeKvWrite {
 template <typename T>
 struct SiluMul {
     static void run(const void* gate_up, void* out, int rows, int width, cudaStream_t stream) {
-        const int64_t n = (int64_t)rows * width;
         const int threads = 256;
-        const int blocks = (int)std::min<int64_t>((n + threads - 1) / threads, 65535);
-        programmatic_launch::launch(silu_mul_kernel<T>, dim3(blocks), dim3(threads), 0, stream,
-                                    static_cast<const T*>(gate_up), static_cast<T*>(out), (int64_t)rows, width);
+        // a few waves of blocks on any GPU; the grid-stride loops take the rest
+        auto blocks_for = [&](int64_t n) { return (int)std::min<int64_t>((n + threads - 1) / threads, 65535); };
+        auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+        if (width % 8 == 0 && aligned(gate_up) && aligned(out)) {
+            const int64_t n = (int64_t)rows * (width / 8);
+            programmatic_launch::launch(silu_mul_vec_kernel<T>, dim3(blocks_for(n)), dim3(threads), 0, stream,
+                                        static_cast<const uint4*>(gate_up), static_cast<uint4*>(out), (int64_t)rows,
+                                        width / 8);
+            return;
+        }
+        programmatic_launch::launch(silu_mul_kernel<T>, dim3(blocks_for((int64_t)rows * width)), dim3(threads), 0,
+                                    stream, static_cast<const T*>(gate_up), static_cast<T*>(out), (int64_t)rows, width);
     }
 };
 
@@ -240,10 +277,10 @@ cudaError_t add_rmsnorm(const void* x, const void* residual, void* h_out, const 
 }
 
 cudaError_t rope_kv_write(const void* qkv, const void* cos, const void* sin, const int64_t* positions, void* q_out,
-                          void* k_cache, void* v_cache, int batch, int q_heads, int kv_heads, int head_dim,
-                          int max_seq, DType dtype, cudaStream_t stream) {
-    if (batch == 0) return cudaSuccess;
-    return dispatch<RopeKvWrite>(dtype, qkv, cos, sin, positions, q_out, k_cache, v_cache, batch, q_heads,
+                          void* k_cache, void* v_cache, int batch, int tokens, int q_heads, int kv_heads,
+                          int head_dim, int max_seq, DType dtype, cudaStream_t stream) {
+    if (batch == 0 || tokens == 0) return cudaSuccess;
+    return dispatch<RopeKvWrite>(dtype, qkv, cos, sin, positions, q_out, k_cache, v_cache, batch, tokens, q_heads,
                                  kv_heads, head_dim, max_seq, stream);
 }
 

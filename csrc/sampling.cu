@@ -20,6 +20,8 @@
 // counter-based hash of (seed, step counter, row, round), read from a device tensor, so the kernel runs in a
 // CUDA graph and the caller advances the counter on the device. temperature <= 0 is greedy: a plain argmax
 // (first index on ties, like torch.argmax).
+#include <cooperative_groups.h>
+
 #include <cstdint>
 
 #include "element_convert.cuh"
@@ -131,6 +133,36 @@ __device__ __forceinline__ SoftmaxStats merge(SoftmaxStats a, SoftmaxStats b) {
     const float m = fmaxf(a.m, b.m);
     if (m == -INFINITY) return a;
     return {m, (a.m == -INFINITY ? 0.f : a.s * __expf(a.m - m)) + (b.m == -INFINITY ? 0.f : b.s * __expf(b.m - m))};
+}
+
+// Folds kVec values x of tokens first.. (in index order) into a thread's argmax and (unless greedy) its
+// online softmax statistics.
+template <int kVec>
+__device__ __forceinline__ void accumulate_stats(const float (&x)[kVec], int first, bool greedy, ArgMax& best,
+                                                 SoftmaxStats& stats) {
+    float vmax = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+        if (x[e] > best.value) best = {x[e], first + e};
+        vmax = fmaxf(vmax, x[e]);
+    }
+    if (greedy || vmax == -INFINITY) return;
+    const float m = fmaxf(stats.m, vmax);
+    float s = stats.m == -INFINITY ? 0.f : stats.s * __expf(stats.m - m);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) s += __expf(x[e] - m);
+    stats = {m, s};
+}
+
+__device__ __forceinline__ SoftmaxStats warp_merge(SoftmaxStats v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+        v = merge(v, SoftmaxStats{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
+    return v;
+}
+
+__device__ __forceinline__ uint64_t row_key(const int64_t* rng_state, int64_t row_index) {
+    return mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
 }
 
 struct Shared {
@@ -259,24 +291,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     ArgMax best{-INFINITY, 0x7fffffff};
     SoftmaxStats stats{-INFINITY, 0.f};
     row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int first) {
-        float vmax = -INFINITY;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-            if (x[e] > best.value) best = {x[e], first + e};  // walk order is index order within a lane
-            vmax = fmaxf(vmax, x[e]);
-        }
-        if (greedy || vmax == -INFINITY) return;
-        const float m = fmaxf(stats.m, vmax);
-        float s = stats.m == -INFINITY ? 0.f : stats.s * __expf(stats.m - m);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) s += __expf(x[e] - m);
-        stats = {m, s};
+        accumulate_stats(x, first, greedy, best, stats);  // walk order is index order within a lane
     });
     best = warp_argmax(best);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2)
-        stats = merge(stats, SoftmaxStats{__shfl_xor_sync(0xffffffffu, stats.m, offset),
-                                          __shfl_xor_sync(0xffffffffu, stats.s, offset)});
+    stats = warp_merge(stats);
     if (lane == 0) {
         sh.warp_best[warp] = best;
         sh.warp_stats[warp] = stats;
@@ -286,11 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         best = warp_argmax(sh.warp_best[lane]);
         if (lane == 0) sh.max_x = -INFINITY;  // stays so when greedy
         if (!greedy) {
-            SoftmaxStats all = sh.warp_stats[lane];
-#pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2)
-                all = merge(all, SoftmaxStats{__shfl_xor_sync(0xffffffffu, all.m, offset),
-                                              __shfl_xor_sync(0xffffffffu, all.s, offset)});
+            const SoftmaxStats all = warp_merge(sh.warp_stats[lane]);
             const SoftmaxStats mine = sh.warp_stats[lane];
             sh.warp_mass[lane] = mine.m == -INFINITY ? 0.f : mine.s * __expf(mine.m - all.m);
             if (lane == 0) sh.max_x = all.m;
@@ -310,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     const float total = sh.total, max_x = sh.max_x;
-    const uint64_t key = mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
+    const uint64_t key = row_key(rng_state, row_index);
 
     // Draw, check, and redraw above the rejected token.
     float threshold = -INFINITY, mass = total;
@@ -349,26 +363,309 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) out[row_index] = token;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Small batches on sm_90+: one row across a cluster of kClusterCtas CTAs. With one block per row, a batch-1
+// decode step samples on a single SM: 25 us per step on an H100 for Llama 3's 128K vocabulary, bound by that
+// SM's exp throughput and its passes through L2. Here each CTA reads 1/kClusterCtas of the row once into
+// registers, every pass runs on those registers, and the CTAs' partial results meet through distributed
+// shared memory (each CTA reads the others' after a cluster barrier). Same algorithm as sample_kernel; the
+// draw walks the row in index order: CTA by CTA, then thread by thread, each thread's tokens in order.
+constexpr int kClusterCtas = 8;
+constexpr int kClusterThreads = 512;
+constexpr int kMaxTokensPerThread = 32;  // logits a thread holds in registers: 131072 a row, Llama 3 has 128256
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // (device code for sm_80 has no use for these)
+constexpr int kClusterWarps = kClusterThreads / 32;
+
+struct ClusterShared {
+    // read by the other CTAs of the cluster
+    SoftmaxStats cta_stats;
+    ArgMax cta_best;
+    float cta_above;  // this CTA's mass of the tokens more likely than the drawn one
+    int token;        // the draw, when this CTA held the drawn token
+    float token_x;
+    // this CTA's own
+    float warp_sums[kClusterWarps];
+    SoftmaxStats warp_stats[kClusterWarps];
+    ArgMax warp_best[kClusterWarps];
+    float cta_mass[kClusterCtas];  // every CTA's mass of the tokens the current draw is restricted to
+    float max_x, total, above;
+    int argmax, chosen, first_thread, last_thread;
+    float base;
+};
+
+// Sum over the block in a fixed order (the same bits on every thread and in every CTA).
+__device__ __forceinline__ float cluster_block_sum(float v, ClusterShared& sh, int warp, int lane) {
+    v = warp_sum(v);
+    if (lane == 0) sh.warp_sums[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kClusterWarps; ++w) total += sh.warp_sums[w];
+    __syncthreads();  // warp_sums is free again
+    return total;
+}
+
+// Sum of v over the threads before this one.
+__device__ __forceinline__ float cluster_block_exclusive_scan(float v, ClusterShared& sh, int warp, int lane) {
+    float inclusive = v;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+    }
+    if (lane == 31) sh.warp_sums[warp] = inclusive;
+    __syncthreads();
+    float before = 0.f;
+    for (int w = 0; w < warp; ++w) before += sh.warp_sums[w];
+    __syncthreads();
+    return before + (inclusive - v);
+}
+
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(kClusterThreads, 1)
+    sample_cluster_kernel(const T* __restrict__ logits, int64_t* __restrict__ out, int vocab, float temperature,
+                          float top_p, const int64_t* __restrict__ rng_state) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    __shared__ ClusterShared sh;
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int rank = (int)cluster.block_rank();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t row_index = blockIdx.x / kClusterCtas;  // (rows along x: grid y stops at 65535)
+    const bool greedy = temperature <= 0.f;
+    const float inv_t = greedy ? 1.f : 1.f / temperature;
+
+    // This thread's pieces: kVec tokens each, `count` consecutive ones from piece p0.
+    constexpr int kVec = 16 / sizeof(T);
+    const T* data = logits + row_index * vocab;
+    const bool vectorized = reinterpret_cast<uintptr_t>(data) % 16 == 0 && vocab % kVec == 0;
+    const int pieces = (vocab + kVec - 1) / kVec;
+    const int per_cta = (pieces + kClusterCtas - 1) / kClusterCtas;
+    const int per_thread = (per_cta + kClusterThreads - 1) / kClusterThreads;  // <= kMaxPieces (the host checks)
+    const int p0 = rank * per_cta + (int)threadIdx.x * per_thread;
+    const int count = max(0, min(per_thread, min((rank + 1) * per_cta, pieces) - p0));
+
+    programmatic_launch::allow_next_kernel();
+    programmatic_launch::wait_for_previous_kernel();  // the logits are the lm_head's output
+    union Piece { uint4 raw; T v[kVec]; };
+    constexpr int kMaxPieces = kMaxTokensPerThread / kVec;
+    Piece held[kMaxPieces];
+#pragma unroll
+    for (int i = 0; i < kMaxPieces; ++i) {
+        if (i >= count) break;
+        const int token = (p0 + i) * kVec;
+        if (vectorized) {
+            held[i].raw = __ldg(reinterpret_cast<const uint4*>(data + token));
+        } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) held[i].v[e] = token + e < vocab ? data[token + e] : T{};
+        }
+    }
+    // f(x[kVec], first token) for every held piece, in token order; tokens past the vocabulary are -inf.
+    auto for_each = [&](auto&& f) {
+#pragma unroll
+        for (int i = 0; i < kMaxPieces; ++i) {
+            if (i >= count) break;
+            const int first = (p0 + i) * kVec;
+            float x[kVec];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+                x[e] = first + e < vocab ? __fmul_rn(to_float(held[i].v[e]), inv_t) : -INFINITY;  // as sample_kernel
+            f(x, first);
+        }
+    };
+
+    // Pass 1: argmax and softmax statistics of this CTA, then of the row (every CTA reads all of them).
+    ArgMax best{-INFINITY, 0x7fffffff};
+    SoftmaxStats stats{-INFINITY, 0.f};
+    for_each([&](const float (&x)[kVec], int first) { accumulate_stats(x, first, greedy, best, stats); });
+    best = warp_argmax(best);
+    stats = warp_merge(stats);
+    if (lane == 0) {
+        sh.warp_best[warp] = best;
+        sh.warp_stats[warp] = stats;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = warp_argmax(lane < kClusterWarps ? sh.warp_best[lane] : ArgMax{-INFINITY, 0x7fffffff});
+        stats = warp_merge(lane < kClusterWarps ? sh.warp_stats[lane] : SoftmaxStats{-INFINITY, 0.f});
+        if (lane == 0) {
+            sh.cta_best = best;
+            sh.cta_stats = stats;
+        }
+    }
+    cluster.sync();
+    if (warp == 0) {
+        const ClusterShared* other = lane < kClusterCtas ? cluster.map_shared_rank(&sh, lane) : nullptr;
+        const ArgMax b = other ? other->cta_best : ArgMax{-INFINITY, 0x7fffffff};
+        const SoftmaxStats mine = other ? other->cta_stats : SoftmaxStats{-INFINITY, 0.f};
+        best = warp_argmax(b);
+        const SoftmaxStats all = warp_merge(mine);
+        const float mass = mine.m == -INFINITY ? 0.f : mine.s * __expf(mine.m - all.m);
+        if (lane < kClusterCtas) sh.cta_mass[lane] = mass;
+        const float total = warp_sum(mass);
+        if (lane == 0) {
+            sh.max_x = all.m;  // -inf when greedy or when nothing is finite
+            sh.total = total;
+            // a row with no finite logit has no argmax: token 0, as torch.argmax gives for an all -inf row
+            sh.argmax = best.index < vocab ? best.index : 0;
+        }
+    }
+    __syncthreads();
+    const float max_x = sh.max_x, total = sh.total;
+    int token = sh.argmax;  // greedy; or kept if every round is rejected (the argmax is always in the nucleus)
+    if (!greedy && max_x != -INFINITY) {
+        const uint64_t key = row_key(rng_state, row_index);
+        float threshold = -INFINITY, mass = total;
+        for (int round = 0; round < kMaxRounds; ++round) {
+            // Draw among {x > threshold}: the CTA whose cumulative mass crosses u * mass, then in it the thread,
+            // then in that thread the token.
+            const float target = uniform(key, (uint32_t)round) * mass;
+            if (warp == 0) {
+                const float own = lane < kClusterCtas ? sh.cta_mass[lane] : 0.f;
+                float inclusive = own;
+#pragma unroll
+                for (int offset = 1; offset < 32; offset *= 2) {
+                    const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+                    if (lane >= offset) inclusive += other;
+                }
+                unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
+                if (hits == 0) {  // float rounding put the target past the total: the last CTA with mass
+                    const unsigned with_mass = __ballot_sync(0xffffffffu, own > 0.f);
+                    hits = with_mass != 0 ? 1u << (31 - __clz(with_mass)) : 1u;
+                }
+                const int chosen = __ffs(hits) - 1;
+                if (lane == chosen) {
+                    sh.chosen = chosen;
+                    sh.base = inclusive - own;
+                    sh.first_thread = kClusterThreads;
+                    sh.last_thread = -1;
+                }
+            }
+            __syncthreads();
+            const int chosen = sh.chosen;
+            if (rank == chosen) {  // block-uniform
+                auto weight = [&](float x) { return x > threshold ? __expf(x - max_x) : 0.f; };
+                float own = 0.f;
+                for_each([&](const float (&x)[kVec], int) {
+#pragma unroll
+                    for (int e = 0; e < kVec; ++e) own += weight(x[e]);
+                });
+                const float before = sh.base + cluster_block_exclusive_scan(own, sh, warp, lane);
+                if (own > 0.f) {
+                    atomicMax(&sh.last_thread, (int)threadIdx.x);
+                    if (before + own > target) atomicMin(&sh.first_thread, (int)threadIdx.x);
+                }
+                __syncthreads();
+                const int walker = sh.first_thread < kClusterThreads ? sh.first_thread : sh.last_thread;
+                if ((int)threadIdx.x == walker) {  // float rounding may leave the crossing short: the last token with mass
+                    float running = before, found_x = 0.f, last_x = 0.f;
+                    int found = -1, last = -1;
+                    for_each([&](const float (&x)[kVec], int first) {
+#pragma unroll
+                        for (int e = 0; e < kVec; ++e) {
+                            const float w = weight(x[e]);
+                            if (w > 0.f && found < 0) {
+                                running += w;
+                                last = first + e;
+                                last_x = x[e];
+                                if (running > target) {
+                                    found = last;
+                                    found_x = last_x;
+                                }
+                            }
+                        }
+                    });
+                    sh.token = found >= 0 ? found : last;
+                    sh.token_x = found >= 0 ? found_x : last_x;
+                }
+            }
+            cluster.sync();  // the chosen CTA's draw is visible
+            if (threadIdx.x == 0) {
+                const ClusterShared* holder = cluster.map_shared_rank(&sh, chosen);
+                sh.argmax = holder->token;  // (reused as the broadcast slot: the argmax is still in `token`)
+                sh.above = holder->token_x;
+            }
+            __syncthreads();
+            const int drawn = sh.argmax;
+            const float drawn_x = sh.above;
+            if (top_p >= 1.f) {
+                token = drawn;
+                break;
+            }
+            // Check: the mass of the tokens more likely than the drawn one, over the whole row.
+            float above = 0.f;
+            for_each([&](const float (&x)[kVec], int) {
+#pragma unroll
+                for (int e = 0; e < kVec; ++e)
+                    if (x[e] > drawn_x) above += __expf(x[e] - max_x);
+            });
+            above = cluster_block_sum(above, sh, warp, lane);
+            if (threadIdx.x == 0) sh.cta_above = above;
+            cluster.sync();
+            if (warp == 0) {
+                const float own = lane < kClusterCtas ? cluster.map_shared_rank(&sh, lane)->cta_above : 0.f;
+                if (lane < kClusterCtas) sh.cta_mass[lane] = own;  // the next draw's masses, if there is one
+                const float a = warp_sum(own);
+                if (lane == 0) sh.above = a;
+            }
+            __syncthreads();
+            const float a = sh.above;
+            if (a < top_p * total) {
+                token = drawn;
+                break;
+            }
+            threshold = drawn_x;
+            mass = a;
+        }
+    }
+    cluster.sync();  // no CTA leaves while another may still read its shared memory
+    if (rank == 0 && threadIdx.x == 0) out[row_index] = token;
+#else
+    __trap();  // launched only on sm_90+ (launch below)
+#endif
+}
+
 template <typename T>
 cudaError_t launch(const T* logits, int64_t* out, int rows, int vocab, float temperature, float top_p,
-                   const int64_t* rng_state, cudaStream_t stream) {
+                   const int64_t* rng_state, int ctas_per_row, cudaStream_t stream) {
+    if (ctas_per_row == kClusterCtas)
+        return programmatic_launch::launch_clustered(sample_cluster_kernel<T>, dim3(kClusterCtas * rows),
+                                                     dim3(kClusterThreads), 0, stream, kClusterCtas, logits, out,
+                                                     vocab, temperature, top_p, rng_state);
     return programmatic_launch::launch(sample_kernel<T>, dim3(rows), dim3(kThreads), 0, stream, logits, out, vocab,
                                        temperature, top_p, rng_state);
 }
 
 }  // namespace
 
+int max_ctas_per_row(int vocab) {
+    const int64_t capacity = (int64_t)kClusterCtas * kClusterThreads * kMaxTokensPerThread;
+    return programmatic_launch::current_device_supports() && vocab <= capacity ? kClusterCtas : 1;
+}
+
+int default_ctas_per_row(int rows, int vocab) {
+    return rows <= kClusterMaxRows ? max_ctas_per_row(vocab) : 1;
+}
+
 cudaError_t sample(const void* logits, LogitsType type, int64_t* out, int rows, int vocab, float temperature,
-                   float top_p, const int64_t* rng_state, cudaStream_t stream) {
+                   float top_p, const int64_t* rng_state, int ctas_per_row, cudaStream_t stream) {
     if (rows == 0) return cudaSuccess;
+    if (ctas_per_row == 0) ctas_per_row = default_ctas_per_row(rows, vocab);
+    if (ctas_per_row != 1 && ctas_per_row != max_ctas_per_row(vocab)) return cudaErrorInvalidValue;
     switch (type) {
         case LogitsType::kFloat32:
-            return launch(static_cast<const float*>(logits), out, rows, vocab, temperature, top_p, rng_state, stream);
+            return launch(static_cast<const float*>(logits), out, rows, vocab, temperature, top_p, rng_state,
+                          ctas_per_row, stream);
         case LogitsType::kBFloat16:
             return launch(static_cast<const __nv_bfloat16*>(logits), out, rows, vocab, temperature, top_p, rng_state,
-                          stream);
+                          ctas_per_row, stream);
         case LogitsType::kFloat16:
-            return launch(static_cast<const __half*>(logits), out, rows, vocab, temperature, top_p, rng_state, stream);
+            return launch(static_cast<const __half*>(logits), out, rows, vocab, temperature, top_p, rng_state,
+                          ctas_per_row, stream);
     }
     return cudaErrorInvalidValue;
 }

@@ -14,7 +14,16 @@ enum class LogitsType { kFloat32, kBFloat16, kFloat16 };
 // (top_p >= 1 keeps everything) and sample from it renormalized. rng_state: int64 [2] on the device,
 // {seed, counter}; the same (seed, counter) gives the same tokens, so the caller advances the counter
 // between steps.
+// ctas_per_row: 1 = one thread block per row; max_ctas_per_row(vocab) (> 1 on sm_90+ for vocabularies up to
+// 131072) = a cluster of blocks per row, faster for a few rows; 0 = default_ctas_per_row. Any other value:
+// cudaErrorInvalidValue. The two kernels walk the row in different orders, so they draw different (equally
+// distributed) tokens.
 cudaError_t sample(const void* logits, LogitsType type, int64_t* out, int rows, int vocab, float temperature,
-                   float top_p, const int64_t* rng_state, cudaStream_t stream);
+                   float top_p, const int64_t* rng_state, int ctas_per_row, cudaStream_t stream);
+
+// Rows up to which the cluster kernel is the default (where one block per row leaves most SMs idle).
+constexpr int kClusterMaxRows = 16;
+int max_ctas_per_row(int vocab);
+int default_ctas_per_row(int rows, int vocab);
 
 }  // namespace sampling

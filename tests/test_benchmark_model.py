@@ -156,6 +156,8 @@ def test_exposed_time_counts_only_what_extends_the_busy_time():
     ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "sampling"),
     ("void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel<...>", "sampling"),
     ("void sampling::(anonymous namespace)::sample_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long*, int)", "sampling"),
+    ("void sampling::(anonymous namespace)::sample_cluster_kernel<__nv_bfloat16>(__nv_bfloat16 const*, long*)",
+     "sampling"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise/other"),
 ])
 def test_kernel_categories(name, category):

@@ -52,35 +52,43 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(32, 8, 64), (9, 3, 64), (24, 8, 128), (4, 4, 128)])
-def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim):
-    batch, max_batch, max_seq = 5, 7, 300
+@pytest.mark.parametrize("tokens,start", [(1, [0, 299, 17, 17, 150]),  # decode: one token per sequence
+                                          (37, [0, 263, 5])])  # prefill: whole prompts; 263 + 37 = the cache's end
+def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim, tokens, start):
+    batch, max_batch, max_seq = len(start), 7, 300
     config = llama3.ModelArgs(vocab_size=10, dim=n_heads * head_dim, n_layers=1, n_heads=n_heads,
                               n_kv_heads=n_kv_heads, head_dim=head_dim, intermediate_size=8, norm_eps=1e-5,
                               rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=False)
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
-    g = torch.Generator(device="cuda").manual_seed(n_heads + head_dim)
-    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
-    positions = torch.tensor([0, 299, 17, 17, 150], device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(n_heads + head_dim + tokens)
+    qkv = torch.randn(batch * tokens, (n_heads + 2 * n_kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
+    start = torch.tensor(start, device="cuda")
     k_cache = torch.full((max_batch, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
 
-    q = ops.rope_kv_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+    q = ops.rope_kv_write(qkv, cos, sin, start, k_cache, v_cache, n_heads, tokens)
 
-    q_ref, k_ref, v_ref = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
-    c, s = cos[positions][:, None], sin[positions][:, None]
-    q_ref = llama3.apply_rope(q_ref.view(batch, n_heads, head_dim), c, s)
-    k_ref = llama3.apply_rope(k_ref.view(batch, n_kv_heads, head_dim), c, s)
-    assert_matches_rounding(q, q_ref, dtype)
-    rows = torch.arange(batch, device="cuda")
+    positions = start[:, None] + torch.arange(tokens, device="cuda")  # [batch, tokens]
+    q_ref, k_ref, v_ref = qkv.view(batch, tokens, -1).split(
+        [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    c, s = cos[positions][:, :, None], sin[positions][:, :, None]
+    q_ref = llama3.apply_rope(q_ref.reshape(batch, tokens, n_heads, head_dim), c, s)
+    k_ref = llama3.apply_rope(k_ref.reshape(batch, tokens, n_kv_heads, head_dim), c, s)
+    assert q.shape == (batch * tokens, n_heads, head_dim)
+    assert_matches_rounding(q.view(batch, tokens, n_heads, head_dim), q_ref, dtype)
+    rows = torch.arange(batch, device="cuda")[:, None]
     assert_matches_rounding(k_cache[rows, positions], k_ref, dtype)
-    assert torch.equal(v_cache[rows, positions], v_ref.view(batch, n_kv_heads, head_dim))
+    assert torch.equal(v_cache[rows, positions], v_ref.reshape(batch, tokens, n_kv_heads, head_dim))
     written = torch.zeros(max_batch, max_seq, dtype=torch.bool, device="cuda")
     written[rows, positions] = True
     assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all(), "wrote outside its rows"
+    if tokens > 1:
+        with pytest.raises(ValueError, match="tokens"):  # the rows are not batch x 5
+            ops.rope_kv_write(qkv, cos, sin, start, k_cache, v_cache, n_heads, 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 16384), (3, 2 * 1537), (64, 2 * 8192)])
+@pytest.mark.parametrize("shape", [(1, 16384), (3, 2 * 1537), (64, 2 * 8192), (5, 2 * 1544), (2, 3, 2 * 24)])
 def test_silu_mul_matches_pytorch(ops, dtype, shape):
     gate_up = (3 * torch.randn(*shape, device="cuda")).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -334,6 +342,16 @@ def test_cuda_graphs_are_recaptured_after_the_cache_is_reallocated(gqa_checkpoin
 
 # ---------------------------------------------------------------------------------------- fused sampling
 
+def ctas_per_row(ops, kernel, vocab):
+    """sample_tokens' ctas_per_row for "block" (one thread block per row) or "cluster" (a cluster per row)."""
+    if kernel == "block":
+        return 1
+    cluster = ops.max_sampling_ctas_per_row(vocab)
+    if cluster == 1:
+        pytest.skip("no thread-block clusters on this GPU (sm_90+)")
+    return cluster
+
+
 def reference_keep_mask(logits, temperature, top_p):
     return torch.isfinite(llama3.filter_top_k_top_p(logits.float() / temperature, None, top_p))
 
@@ -357,34 +375,38 @@ def mass_before(logits, temperature):
 @pytest.mark.parametrize("spread", [0.01, 1.0, 8.0])  # flat (random weights) to peaked (a trained model)
 @pytest.mark.parametrize("top_p", [0.9, 0.5, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_sampling_stays_in_the_top_p_set(ops, vocab, spread, top_p, dtype):
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
+def test_fused_sampling_stays_in_the_top_p_set(ops, vocab, spread, top_p, dtype, kernel):
+    ctas = ctas_per_row(ops, kernel, vocab)
     g = torch.Generator(device="cuda").manual_seed(vocab + int(100 * spread))
     logits = (spread * torch.randn(3, vocab, generator=g, device="cuda")).to(dtype)
     logits[1, ::7] = float("-inf")  # masked logits (e.g. banned tokens) carry no mass and are never drawn
     copies = 300  # every row of the batch is an independent draw (the hash mixes the row index)
     batch = logits.repeat_interleave(copies, dim=0)
     rng_state = torch.tensor([123, 0], device="cuda")
-    tokens = ops.sample_tokens(batch, 0.7, top_p, rng_state).view(3, copies)
+    tokens = ops.sample_tokens(batch, 0.7, top_p, rng_state, ctas).view(3, copies)
     before = mass_before(logits, 0.7).gather(-1, tokens)
     # the drawn token's more likely tokens cover less than top_p (fp32 sums may move the boundary a hair)
     assert (before < top_p + 1e-5).all(), f"drew outside the top-p set: mass before {before.max().item()}"
     assert torch.isfinite(logits.gather(-1, tokens)).all(), "drew a -inf logit"
     assert not (tokens[1] % 7 == 0).any()
-    assert torch.equal(ops.sample_tokens(batch, 0.7, top_p, rng_state).view(3, copies), tokens), "not deterministic"
+    assert torch.equal(ops.sample_tokens(batch, 0.7, top_p, rng_state, ctas).view(3, copies), tokens), \
+        "not deterministic"
 
 
 @pytest.mark.parametrize("vocab,spread,top_p,draws,dtype", [
     (1000, 1.0, 0.9, 200_000, torch.float32), (5003, 0.05, 0.9, 100_000, torch.float32),
     (128256, 3.0, 0.5, 20_000, torch.bfloat16)])
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
 def test_fused_sampling_matches_the_nucleus_distribution_over_a_large_vocabulary(ops, vocab, spread, top_p, draws,
-                                                                                   dtype):
+                                                                                   dtype, kernel):
     """Frequencies of many draws (one per row) against the renormalized nucleus, with tokens grouped into
     20 buckets of equal reference mass (most likely first), so that the tail and the top-p boundary are both
     checked; the bound is 8 standard deviations of a bucket's frequency."""
     g = torch.Generator(device="cuda").manual_seed(vocab)
     logits = (spread * torch.randn(vocab, generator=g, device="cuda")).to(dtype).float()
     batch = logits.to(dtype).expand(draws, -1).contiguous()
-    tokens = ops.sample_tokens(batch, 1.0, top_p, torch.tensor([5, 9], device="cuda"))
+    tokens = ops.sample_tokens(batch, 1.0, top_p, torch.tensor([5, 9], device="cuda"), ctas_per_row(ops, kernel, vocab))
     del batch
     # The nucleus with every token tied with its boundary kept, as the kernel does (bf16 logits have many ties;
     # the sorting reference keeps the tied tokens that its sort happens to put first).
@@ -402,11 +424,12 @@ def test_fused_sampling_matches_the_nucleus_distribution_over_a_large_vocabulary
     assert (observed_buckets - expected_buckets).abs().max().item() < bound, (observed_buckets, expected_buckets)
 
 
-def test_fused_sampling_follows_the_renormalized_distribution(ops):
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
+def test_fused_sampling_follows_the_renormalized_distribution(ops, kernel):
     logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -5.0, 0.5], device="cuda")
     rows = 200_000  # every row is an independent draw (the hash mixes the row index)
     batch = logits.expand(rows, -1).contiguous()
-    tokens = ops.sample_tokens(batch, 0.8, 0.85, torch.tensor([7, 3], device="cuda"))
+    tokens = ops.sample_tokens(batch, 0.8, 0.85, torch.tensor([7, 3], device="cuda"), ctas_per_row(ops, kernel, 8))
     probs = torch.softmax(logits / 0.8, dim=-1)
     keep = reference_keep_mask(logits[None], 0.8, 0.85)[0]
     expected = torch.where(keep, probs, 0.0)
@@ -416,28 +439,35 @@ def test_fused_sampling_follows_the_renormalized_distribution(ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops, dtype):
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
+def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops, dtype, kernel):
+    ctas = ctas_per_row(ops, kernel, 128256)
     logits = torch.randn(5, 128256, device="cuda").to(dtype)
     state = torch.tensor([99, 0], device="cuda")
-    first = ops.sample_tokens(logits, 1.0, 0.9, state)
-    assert torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state), first)  # same seed and counter
+    first = ops.sample_tokens(logits, 1.0, 0.9, state, ctas)
+    assert torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state, ctas), first)  # same seed and counter
     state[1] += 1
-    assert not torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state), first)  # next step: new draws
+    assert not torch.equal(ops.sample_tokens(logits, 1.0, 0.9, state, ctas), first)  # next step: new draws
     logits[2, 77] = logits[2, 78] = logits[2].max() + 1  # a tie: the first index, like torch.argmax
-    assert torch.equal(ops.sample_tokens(logits, 0.0, 1.0), logits.argmax(dim=-1))
+    logits[3, -1] = logits[3].max() + 1  # the last token of the last CTA's range
+    assert torch.equal(ops.sample_tokens(logits, 0.0, 1.0, None, ctas), logits.argmax(dim=-1))
     with pytest.raises(ValueError, match="needs rng_state"):
         ops.sample_tokens(logits, 1.0, 0.9)
     with pytest.raises(ValueError, match="temperature must be finite"):
         ops.sample_tokens(logits, float("nan"), 0.9, state)
     with pytest.raises(ValueError, match="top_p"):
         ops.sample_tokens(logits, 1.0, 1e-50, state)  # 0 once rounded to float32
+    with pytest.raises(ValueError, match="ctas_per_row"):
+        ops.sample_tokens(logits, 1.0, 0.9, state, 3)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_fused_sampling_of_a_row_without_finite_logits_gives_token_0(ops, temperature):
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
+def test_fused_sampling_of_a_row_without_finite_logits_gives_token_0(ops, temperature, kernel):
     logits = torch.randn(3, 1000, device="cuda")
     logits[1] = float("-inf")  # everything masked: nothing to draw, token 0 like torch.argmax
-    tokens = ops.sample_tokens(logits, temperature, 0.9, torch.tensor([1, 2], device="cuda"))
+    tokens = ops.sample_tokens(logits, temperature, 0.9, torch.tensor([1, 2], device="cuda"),
+                               ctas_per_row(ops, kernel, 1000))
     assert tokens[1].item() == 0
     assert torch.isfinite(logits[[0, 2], tokens[[0, 2]]]).all()
 

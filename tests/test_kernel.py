@@ -26,11 +26,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-# flash_decode: 2 dtypes x 2 head dims x early cache reads on/off; fused_ops: 7 kernels x
+# flash_decode: 2 dtypes x 2 head dims x early cache reads on/off x cluster merge on/off; fused_ops: 8 kernels x
 # 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue,
-# + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 8), ("fused_ops.cu", 14), ("gemv.cu", 44),
-                                                 ("sampling.cu", 3)])
+# + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster)
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 16), ("gemv.cu", 44),
+                                                 ("sampling.cu", 6)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
     if not Path(nvcc).exists():
@@ -64,6 +64,17 @@ def ext():
     return module
 
 
+@pytest.fixture(params=["cluster", "global"])
+def merge(request, ext):
+    """Each way flash_decode merges its splits: in a thread-block cluster (sm_90+, 2 to 8 splits), or through
+    the float32 workspace in global memory (any GPU, any split count)."""
+    if request.param == "cluster" and not ext.uses_cluster_merge(2):
+        pytest.skip("no thread-block clusters on this GPU (sm_90+)")
+    ext.set_cluster_merge(request.param == "cluster")
+    yield request.param
+    ext.set_cluster_merge(True)
+
+
 def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, q_heads, head_dim, generator=gen, device="cuda").to(dtype)
@@ -92,7 +103,7 @@ def check_against_reference(ext, q, k, v, lens, num_splits=0, tol=1e-2):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("q_heads,kv_heads", [(8, 8), (16, 8), (32, 8), (64, 8), (9, 3), (24, 8), (32, 2)])
-def test_random_shapes_and_gqa_ratios(ext, dtype, head_dim, q_heads, kv_heads):
+def test_random_shapes_and_gqa_ratios(ext, merge, dtype, head_dim, q_heads, kv_heads):
     # GQA ratios 1, 2, 4, 8, 3 (SmolLM2 / Llama 3.2 3B) and 16 (two head groups per KV head)
     for trial, (batch, seq) in enumerate([(1, 1), (3, 77), (5, 1031), (2, 4099)]):
         q, k, v, gen = make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed=trial)
@@ -114,7 +125,7 @@ def test_long_and_wide(ext, head_dim, batch, seq):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cache_rows_past_the_lengths_never_reach_the_output(ext, dtype, head_dim):
+def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, dtype, head_dim):
     # A real cache holds stale or never-written rows past each length (the kernel reads the first tile
     # before it knows the length): NaN and inf there must not leak in, with one split or several.
     q, k, v, _ = make_inputs(5, 700, 32, 8, head_dim, dtype, seed=head_dim)
@@ -135,9 +146,10 @@ def test_cache_rows_past_the_lengths_never_reach_the_output(ext, dtype, head_dim
 
 
 @needs_cuda
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 17, 128])
-def test_explicit_splits_including_empty_ones(ext, num_splits):
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8, 9, 17, 128])
+def test_explicit_splits_including_empty_ones(ext, merge, num_splits):
     # Lengths much shorter than num_splits tiles leave splits with no rows; length 0 gives zeros.
+    assert ext.uses_cluster_merge(num_splits) == (merge == "cluster" and 2 <= num_splits <= 8)
     q, k, v, _ = make_inputs(4, 3000, 32, 8, 64, torch.bfloat16, seed=num_splits)
     lens = torch.tensor([1, 63, 0, 3000], dtype=torch.int32, device="cuda")
     out = check_against_reference(ext, q, k, v, lens, num_splits=num_splits)
@@ -158,26 +170,28 @@ def test_strided_views_of_a_larger_cache(ext):
 
 
 @needs_cuda
-def test_deterministic_and_race_free(ext):
+def test_deterministic_and_race_free(ext, merge):
     q, k, v, _ = make_inputs(2, 50000, 32, 8, 64, torch.bfloat16, seed=7)
     lens = torch.tensor([50000, 31337], dtype=torch.int32, device="cuda")
-    first = ext.flash_decode(q, k, v, lens, 0.125)
-    for _ in range(20):
-        assert torch.equal(ext.flash_decode(q, k, v, lens, 0.125), first)
+    for splits in (0, 8):  # automatic (17 here: a global merge), and one a cluster can merge
+        first = ext.flash_decode(q, k, v, lens, 0.125, num_splits=splits)
+        for _ in range(20):
+            assert torch.equal(ext.flash_decode(q, k, v, lens, 0.125, num_splits=splits), first)
 
 
 @needs_cuda
-def test_cuda_graph_replay_follows_device_lengths(ext):
+def test_cuda_graph_replay_follows_device_lengths(ext, merge):
     # One capture serves every decode step: the kernel reads the lengths from the device.
     q, k, v, _ = make_inputs(2, 4096, 32, 8, 64, torch.bfloat16, seed=3)
     lens = torch.tensor([10, 20], dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    ext.flash_decode(q, k, v, lens, 0.125, out=out)  # warm-up outside capture (workspace, counters)
+    splits = 6  # within a cluster's reach
+    ext.flash_decode(q, k, v, lens, 0.125, num_splits=splits, out=out)  # warm-up outside capture (workspace, counters)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        ext.flash_decode(q, k, v, lens, 0.125, out=out)
+        ext.flash_decode(q, k, v, lens, 0.125, num_splits=splits, out=out)
     torch.cuda.current_stream().wait_stream(stream)
     for new_lens in ([1, 4096], [4000, 77], [2048, 2049]):
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
