@@ -3,7 +3,9 @@
 // 1 to 4 rows (CUDA cores; 5 to 16 rows use tensor cores, further down): a warp owns one weight row (one
 // output; with silu_mul the gate and the up row of one output; with the RoPE epilogue rows d and d + D/2
 // of a head), its lanes walk the row in 16-byte pieces (lane l takes pieces l, l + 32, ...), and dot each
-// with the matching piece of every x row; a warp shuffle sums the lanes at the end. x is staged in shared
+// with the matching piece of every x row; a warp shuffle sums the lanes at the end. Long rows without a
+// fused prologue or epilogue (down_proj) are cut into 2 or 4 parts, one warp each, summed through shared
+// memory (Params::split_k). x is staged in shared
 // memory once per block, so the only device-memory stream is the weights, read once. Before the prologue
 // touches x, each warp already issues its first 8 pieces (a whole 2048-wide row, or half of two): weight loads
 // depend on no earlier kernel, so they are issued even before the previous kernel has finished
@@ -56,6 +58,10 @@ template <int kRows, Epilogue kEpilogue>
 constexpr int kMinBlocksPerSm =
     kEpilogue == Epilogue::kRopeKv ? (kRows == 1 && kRopeFits64Registers ? 4 : 2) : (kRows <= 2 ? 4 : 2);
 
+// Variants that may split k between warps (Params::split_k).
+template <bool kNorm, Epilogue kEpilogue>
+constexpr bool kSplitK = !kNorm && kEpilogue == Epilogue::kStore;
+
 template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
     gemv_kernel(const __grid_constant__ Params p) {
@@ -71,7 +77,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
     constexpr bool kRope = kEpilogue == Epilogue::kRopeKv;
     constexpr int kWarpRows = kEpilogue == Epilogue::kStore ? 1 : 2;
     constexpr int kUnroll = kPiecesInFlight / kWarpRows;
-    const int task = blockIdx.x * kWarps + warp;  // the output (pair) this warp computes
+    // The output (pair) this warp computes, and which of its split_k consecutive parts of k (split_k warps
+    // of the block share an output; only the plain variant: the others are at the 64-register bound).
+    const int split_k = kSplitK<kNorm, kEpilogue> ? p.split_k : 1;
+    const int task = (blockIdx.x * kWarps + warp) / split_k;
+    const int part_pieces = pieces / split_k;  // (the host makes it a whole number)
+    const int piece0 = (warp % split_k) * part_pieces;
     const int half = kRope ? p.head_dim / 2 : 1;
     const int rope_head = task / half, rope_d = task % half;
     const bool valid = task < (kRope ? p.n_out / 2 : p.n_out);
@@ -92,7 +103,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             const int piece = base + u * 32 + lane;
 #pragma unroll
             for (int j = 0; j < kWarpRows; ++j)
-                wv[j][u] = valid && piece < pieces ? load_stream_16B(wrow[j] + piece * 8) : make_uint4(0, 0, 0, 0);
+                wv[j][u] = valid && piece < part_pieces ? load_stream_16B(wrow[j] + (piece0 + piece) * 8)
+                                                        : make_uint4(0, 0, 0, 0);
         }
     };
     load_batch(0);
@@ -165,19 +177,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
 
     // Main loop: dot products of the warp's weight rows with every x row.
     float acc[kWarpRows][kRows] = {};
-    for (int base = 0; base < pieces; base += 32 * kUnroll) {
+    for (int base = 0; base < part_pieces; base += 32 * kUnroll) {
         if (base > 0) load_batch(base);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int piece = base + u * 32 + lane;
-            if (piece >= pieces) break;
+            if (piece >= part_pieces) break;
             float wf[kWarpRows][8];
 #pragma unroll
             for (int j = 0; j < kWarpRows; ++j) unpack8<T>(wv[j][u], wf[j]);
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 float xf[8];
-                unpack8<T>(smem[r * pieces + piece], xf);
+                unpack8<T>(smem[r * pieces + piece0 + piece], xf);
 #pragma unroll
                 for (int j = 0; j < kWarpRows; ++j)
 #pragma unroll
@@ -192,6 +204,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
 #pragma unroll
             for (int offset = 16; offset > 0; offset /= 2)
                 acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], offset);
+    if (split_k > 1) {  // the first warp of each output adds the others' parts, in a fixed order
+        __shared__ float part_sums[kWarps][kWarpRows][kRows];
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < kWarpRows; ++j)
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) part_sums[warp][j][r] = acc[j][r];
+        }
+        __syncthreads();
+        if (warp % split_k != 0) return;
+#pragma unroll
+        for (int j = 0; j < kWarpRows; ++j)
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                float sum = 0.f;
+                for (int q = 0; q < split_k; ++q) sum += part_sums[warp + q][j][r];
+                acc[j][r] = sum;
+            }
+    }
 
     if (lane != 0 || !valid) return;
     T* out = static_cast<T*>(p.out);
@@ -343,8 +374,17 @@ cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
         if (err != cudaSuccess) return err;
     }
     const int tasks = kEpilogue == Epilogue::kRopeKv ? p.n_out / 2 : p.n_out;
-    const int blocks = (tasks + kWarps - 1) / kWarps;
-    return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
+    // A warp streams its row in rounds of kPiecesInFlight 16-byte pieces per lane, one DRAM round trip
+    // each; from 4 rounds on (down_proj of Llama-3.2-1B, k = 8192) 2 (from 8 on, 4) warps split k, so each
+    // waits on fewer round trips and more bytes are in flight at once.
+    const int rounds = (p.k / 8 + 32 * kPiecesInFlight - 1) / (32 * kPiecesInFlight);
+    Params q = p;
+    q.split_k = 1;
+    while (kSplitK<kNorm, kEpilogue> && q.split_k < 4 && rounds >= 4 * q.split_k && (p.k / 8) % (2 * q.split_k) == 0)
+        q.split_k *= 2;
+    const int tasks_per_block = kWarps / q.split_k;
+    const int blocks = (tasks + tasks_per_block - 1) / tasks_per_block;
+    return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, q);
 }
 
 template <typename T, int kRows>

@@ -34,6 +34,7 @@ struct Params {
     void* out;                 // [rows, n_out]
     int rows, k, n_out;
     bool silu_mul;
+    int split_k;               // warps per output, each taking a contiguous part of k (set by launch)
     // RoPE + KV-cache write epilogue (rope_kv; 1 to 4 rows, with the RMSNorm prologue), weight = wqkv with
     // n_out = (q_heads + 2 kv_heads) * head_dim: rotates q and k like fused_ops::rope_kv_write, writes q to
     // out [rows, q_heads, head_dim] and k, v to row positions[r] of k_cache, v_cache
