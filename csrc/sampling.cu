@@ -110,24 +110,33 @@ __device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
     return a;
 }
 
-__device__ __forceinline__ ArgMax warp_argmax(ArgMax v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2)
-        v = better(v, ArgMax{__shfl_xor_sync(0xffffffffu, v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)});
-    return v;
-}
-
-// Sums in a fixed butterfly order; every lane gets the same bits (IEEE addition is commutative).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
 // Running softmax statistics: s = sum exp(x - m) over the tokens seen.
 struct SoftmaxStats {
     float m, s;
 };
+
+__device__ __forceinline__ float shfl_xor(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
+__device__ __forceinline__ ArgMax shfl_xor(ArgMax v, int offset) {
+    return {shfl_xor(v.value, offset), __shfl_xor_sync(0xffffffffu, v.index, offset)};
+}
+__device__ __forceinline__ SoftmaxStats shfl_xor(SoftmaxStats v, int offset) {
+    return {shfl_xor(v.m, offset), shfl_xor(v.s, offset)};
+}
+
+// combine() of the 32 lanes' values in a fixed butterfly order: every lane gets the same bits (the combines
+// used here are commutative).
+template <typename V, typename Combine>
+__device__ __forceinline__ V warp_all_reduce(V v, Combine combine) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v = combine(v, shfl_xor(v, offset));
+    return v;
+}
+
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax v) { return warp_all_reduce(v, better); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    return warp_all_reduce(v, [](float a, float b) { return a + b; });
+}
 
 __device__ __forceinline__ SoftmaxStats merge(SoftmaxStats a, SoftmaxStats b) {
     const float m = fmaxf(a.m, b.m);
@@ -154,12 +163,29 @@ __device__ __forceinline__ void accumulate_stats(const float (&x)[kVec], int fir
     stats = {m, s};
 }
 
-__device__ __forceinline__ SoftmaxStats warp_merge(SoftmaxStats v) {
+// The check pass: adds to `above` the mass (relative to exp(max_x)) of the kVec tokens x more likely than
+// the drawn token.
+template <int kVec>
+__device__ __forceinline__ void add_mass_above(const float (&x)[kVec], float drawn_x, float max_x, float& above) {
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2)
-        v = merge(v, SoftmaxStats{__shfl_xor_sync(0xffffffffu, v.m, offset), __shfl_xor_sync(0xffffffffu, v.s, offset)});
-    return v;
+    for (int e = 0; e < kVec; ++e)
+        if (x[e] > drawn_x) above += __expf(x[e] - max_x);
 }
+
+// The check's verdict: the drawn token is kept (true) when the tokens more likely than it carry less than
+// top_p of the row's mass; otherwise the next draw is restricted to those tokens (mass `above`).
+__device__ __forceinline__ bool accept_draw(float above, float top_p, float total, int drawn, float drawn_x,
+                                            int& token, float& threshold, float& mass) {
+    if (above < top_p * total) {
+        token = drawn;
+        return true;
+    }
+    threshold = drawn_x;
+    mass = above;
+    return false;
+}
+
+__device__ __forceinline__ SoftmaxStats warp_merge(SoftmaxStats v) { return warp_all_reduce(v, merge); }
 
 __device__ __forceinline__ uint64_t row_key(const int64_t* rng_state, int64_t row_index) {
     return mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
@@ -176,6 +202,38 @@ struct Shared {
     float token_x;
 };
 
+// Each warp's argmax and softmax statistics into warp_best[warp] / warp_stats[warp], then a block barrier.
+__device__ __forceinline__ void warp_stats_to_shared(ArgMax best, SoftmaxStats stats, ArgMax* warp_best,
+                                                     SoftmaxStats* warp_stats, int warp, int lane) {
+    best = warp_argmax(best);
+    stats = warp_merge(stats);
+    if (lane == 0) {
+        warp_best[warp] = best;
+        warp_stats[warp] = stats;
+    }
+    __syncthreads();
+}
+
+// Within one warp, each lane holding the mass `own` of one segment of the walk (segments in lane order):
+// the lane whose segment the cumulative mass crosses `target` in, and in `base` the mass before that
+// segment (on every lane). If float rounding put the target past the total: the last lane with mass.
+__device__ __forceinline__ int crossing_lane(float own, float target, int lane, float& base) {
+    float inclusive = own;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+    }
+    unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
+    if (hits == 0) {
+        const unsigned with_mass = __ballot_sync(0xffffffffu, own > 0.f);
+        hits = with_mass != 0 ? 1u << (31 - __clz(with_mass)) : 1u;  // (mass > 0 is checked by the caller)
+    }
+    const int chosen = __ffs(hits) - 1;
+    base = __shfl_sync(0xffffffffu, inclusive - own, chosen);
+    return chosen;
+}
+
 // Warp 0 sums the per-warp masses in a fixed order; returns the sum on warp 0's lanes.
 __device__ __forceinline__ float block_mass(const Shared& sh, int lane) { return warp_sum(sh.warp_mass[lane]); }
 
@@ -185,23 +243,12 @@ template <typename T>
 __device__ void draw(const Row<T>& row, Shared& sh, float inv_t, float threshold, float mass, float u, int warp,
                      int lane) {
     if (warp == 0) {
-        const float own = sh.warp_mass[lane];
-        float inclusive = own;
-#pragma unroll
-        for (int offset = 1; offset < 32; offset *= 2) {
-            const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-            if (lane >= offset) inclusive += other;
-        }
         const float target = u * mass;
-        unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
-        if (hits == 0) {  // float rounding put the target past the total: the last warp with mass
-            const unsigned with_mass = __ballot_sync(0xffffffffu, own > 0.f);
-            hits = with_mass != 0 ? 1u << (31 - __clz(with_mass)) : 1u;  // (mass > 0 is checked by the caller)
-        }
-        const int chosen = __ffs(hits) - 1;
+        float base;
+        const int chosen = crossing_lane(sh.warp_mass[lane], target, lane, base);
         if (lane == chosen) {
             sh.chosen_warp = chosen;
-            sh.base = inclusive - own;
+            sh.base = base;
             sh.target = target;
         }
     }
@@ -293,13 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int first) {
         accumulate_stats(x, first, greedy, best, stats);  // walk order is index order within a lane
     });
-    best = warp_argmax(best);
-    stats = warp_merge(stats);
-    if (lane == 0) {
-        sh.warp_best[warp] = best;
-        sh.warp_stats[warp] = stats;
-    }
-    __syncthreads();
+    warp_stats_to_shared(best, stats, sh.warp_best, sh.warp_stats, warp, lane);
     if (warp == 0) {
         best = warp_argmax(sh.warp_best[lane]);
         if (lane == 0) sh.max_x = -INFINITY;  // stays so when greedy
@@ -338,11 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             break;
         }
         float above = 0.f;  // this thread's mass of the tokens more likely than the drawn one
-        row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int) {
-#pragma unroll
-            for (int e = 0; e < kVec; ++e)
-                if (x[e] > drawn_x) above += __expf(x[e] - max_x);
-        });
+        row.for_each(warp, lane, inv_t, [&](const float (&x)[kVec], int) { add_mass_above(x, drawn_x, max_x, above); });
         above = warp_sum(above);
         if (lane == 0) sh.warp_mass[warp] = above;
         __syncthreads();
@@ -351,13 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (lane == 0) sh.base = a;
         }
         __syncthreads();
-        const float a = sh.base;
-        if (a < top_p * total) {
-            token = drawn;
-            break;
-        }
-        threshold = drawn_x;
-        mass = a;
+        if (accept_draw(sh.base, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
         __syncthreads();  // sh.base is rewritten by the next draw
     }
     if (threadIdx.x == 0) out[row_index] = token;
@@ -482,13 +513,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     ArgMax best{-INFINITY, 0x7fffffff};
     SoftmaxStats stats{-INFINITY, 0.f};
     for_each([&](const float (&x)[kVec], int first) { accumulate_stats(x, first, greedy, best, stats); });
-    best = warp_argmax(best);
-    stats = warp_merge(stats);
-    if (lane == 0) {
-        sh.warp_best[warp] = best;
-        sh.warp_stats[warp] = stats;
-    }
-    __syncthreads();
+    warp_stats_to_shared(best, stats, sh.warp_best, sh.warp_stats, warp, lane);
     if (warp == 0) {
         best = warp_argmax(lane < kClusterWarps ? sh.warp_best[lane] : ArgMax{-INFINITY, 0x7fffffff});
         stats = warp_merge(lane < kClusterWarps ? sh.warp_stats[lane] : SoftmaxStats{-INFINITY, 0.f});
@@ -525,22 +550,11 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
             // then in that thread the token.
             const float target = uniform(key, (uint32_t)round) * mass;
             if (warp == 0) {
-                const float own = lane < kClusterCtas ? sh.cta_mass[lane] : 0.f;
-                float inclusive = own;
-#pragma unroll
-                for (int offset = 1; offset < 32; offset *= 2) {
-                    const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-                    if (lane >= offset) inclusive += other;
-                }
-                unsigned hits = __ballot_sync(0xffffffffu, own > 0.f && inclusive > target);
-                if (hits == 0) {  // float rounding put the target past the total: the last CTA with mass
-                    const unsigned with_mass = __ballot_sync(0xffffffffu, own > 0.f);
-                    hits = with_mass != 0 ? 1u << (31 - __clz(with_mass)) : 1u;
-                }
-                const int chosen = __ffs(hits) - 1;
+                float base;
+                const int chosen = crossing_lane(lane < kClusterCtas ? sh.cta_mass[lane] : 0.f, target, lane, base);
                 if (lane == chosen) {
                     sh.chosen = chosen;
-                    sh.base = inclusive - own;
+                    sh.base = base;
                     sh.first_thread = kClusterThreads;
                     sh.last_thread = -1;
                 }
@@ -598,11 +612,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
             }
             // Check: the mass of the tokens more likely than the drawn one, over the whole row.
             float above = 0.f;
-            for_each([&](const float (&x)[kVec], int) {
-#pragma unroll
-                for (int e = 0; e < kVec; ++e)
-                    if (x[e] > drawn_x) above += __expf(x[e] - max_x);
-            });
+            for_each([&](const float (&x)[kVec], int) { add_mass_above(x, drawn_x, max_x, above); });
             above = cluster_block_sum(above, sh, warp, lane);
             if (threadIdx.x == 0) sh.cta_above = above;
             cluster.sync();
@@ -613,13 +623,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
                 if (lane == 0) sh.above = a;
             }
             __syncthreads();
-            const float a = sh.above;
-            if (a < top_p * total) {
-                token = drawn;
-                break;
-            }
-            threshold = drawn_x;
-            mass = a;
+            if (accept_draw(sh.above, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
         }
     }
     cluster.sync();  // no CTA leaves while another may still read its shared memory
