@@ -648,6 +648,7 @@ cudaError_t launch(const T* logits, int64_t* out, int rows, int vocab, float tem
 
 int max_ctas_per_row(int vocab) {
     const int64_t capacity = (int64_t)kClusterCtas * kClusterThreads * kMaxTokensPerThread;
+    // (thread-block clusters need sm_90+, as programmatic launch does)
     return programmatic_launch::current_device_supports() && vocab <= capacity ? kClusterCtas : 1;
 }
 
