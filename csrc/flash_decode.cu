@@ -103,8 +103,19 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // programmatic-launch wait, two splits (twice that head start) were faster while the blocks are
     // fewer than the SMs: 16x2048+2048 end to end 8,163 -> 8,316 tokens/s (4 and 8 splits: 8,071, 8,129).
     if (2 * base_blocks >= info.num_sms) return early_cache_reads && base_blocks < info.num_sms && tiles >= 4 ? 2 : 1;
-    const int splits = std::min({kMaxSplits, tiles, (2 * info.num_sms + base_blocks - 1) / base_blocks});
-    return std::max(splits, 1);
+    int splits;
+    if (early_cache_reads) {
+        // about two blocks per SM (the decode step's rule, measured end to end)
+        splits = (2 * info.num_sms + base_blocks - 1) / base_blocks;
+    } else {
+        // Plain launches, measured on an H100 (2026-11-27, batch 1-8, explicit splits): one wave of one block
+        // per SM while a split has at most 16 tiles (batch 1 head 64 S = 8192: 16 splits 17.4 us against 18.8
+        // with 33), else about 1.5 blocks per SM (batch 4 head 64 S = 16384: 6 splits 62.9 us; 8, two blocks
+        // per SM, 79.5; the former ceil(2 SMs / blocks) = 9, a partial second wave, 75.7).
+        const int one_wave = std::max(1, info.num_sms / base_blocks);
+        splits = (tiles + one_wave - 1) / one_wave <= 16 ? one_wave : 3 * info.num_sms / (2 * base_blocks);
+    }
+    return std::max(1, std::min({kMaxSplits, tiles, splits}));
 }
 
 bool& cluster_merge_enabled() {
