@@ -584,18 +584,21 @@ class Transformer(nn.Module):
         return self.output(normed)
 
     @torch.no_grad()
-    def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, float_logits=True) -> torch.Tensor:
+    def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, float_logits=True,
+                       cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step: tokens [B] long at cache positions [B] (device tensor). Writes their k/v at
         positions[b] and returns logits [B, V], as float32 or (float_logits=False) in the model's dtype.
-        Static shapes, no host syncs: CUDA-graph capturable."""
+        cache_seqlens (int32 [B], = positions + 1) may be passed by a caller that keeps it up to date (the
+        decode loop, whose sampler advances it). Static shapes, no host syncs: CUDA-graph capturable."""
         B = tokens.shape[0]
         positions = positions.long()
-        cache_seqlens = (positions + 1).to(torch.int32)
-        x = self.tok_embeddings(tokens)
-        ops = _fused_decode_ops(x)
+        if cache_seqlens is None:
+            cache_seqlens = (positions + 1).to(torch.int32)
+        ops = _fused_decode_ops(self.tok_embeddings.weight)
         if ops is not None:
-            logits = self._forward_decode_fused(ops, x, positions, cache_seqlens)
+            logits = self._forward_decode_fused(ops, tokens, positions, cache_seqlens)
             return logits.float() if float_logits else logits
+        x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         batch_index = self.batch_index[:B]
         for layer in self.layers:
@@ -603,17 +606,21 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x))
         return logits.float() if float_logits else logits
 
-    def _forward_decode_gemv(self, ops, x, positions, cache_seqlens):
+    def _forward_decode_gemv(self, ops, tokens, positions, cache_seqlens):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
-        add + RMSNorm before qkv, gate_up and lm_head run in its prologue, RoPE + the cache write in qkv's
-        epilogue and SiLU * up in gate_up's, so a layer is 5 kernels (qkv, attention, o, gate_up, down)."""
-        B = x.shape[0]
-        h, delta = None, x  # the residual stream is h + delta, summed in the next prologue
+        add + RMSNorm before qkv, gate_up and lm_head run in its prologue (the first one also looks the tokens'
+        embeddings up), RoPE + the cache write in qkv's epilogue and SiLU * up in gate_up's, so a layer is 5
+        kernels (qkv, attention, o, gate_up, down) and the step has no others but lm_head's."""
+        B = tokens.shape[0]
+        tokens = tokens.contiguous()
+        h, delta = None, None  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
-            q, h = ops.gemv_rope_kv_write(delta, att.wqkv.weight, h, layer.attention_norm.weight,
-                                          layer.attention_norm.eps, self.rope_cos, self.rope_sin, positions,
-                                          att.kv_cache.k, att.kv_cache.v, att.n_heads)
+            first = delta is None  # x = the embeddings of tokens, gathered by the prologue
+            q, h = ops.gemv_rope_kv_write(self.tok_embeddings.weight if first else delta, att.wqkv.weight, h,
+                                          layer.attention_norm.weight, layer.attention_norm.eps, self.rope_cos,
+                                          self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v, att.n_heads,
+                                          token_ids=tokens if first else None)
             attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
             delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
             act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
@@ -622,18 +629,19 @@ class Transformer(nn.Module):
         logits, _ = ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)
         return logits
 
-    def _forward_decode_fused(self, ops, x, positions, cache_seqlens):
+    def _forward_decode_fused(self, ops, tokens, positions, cache_seqlens):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
         follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm. Up to
         GEMV_MAX_BATCH sequences the projections are csrc/gemv.cu launches (with the norms folded in up to
         GEMV_MAX_NORM_BATCH: _forward_decode_gemv), else cuBLAS."""
-        B = x.shape[0]
+        B = tokens.shape[0]
         c = self.config
         dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
         # the CUDA-core GEMV stages x [B, k] in shared memory: at most GEMV_MAX_SHARED_BYTES
         if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
-                and B * max(dims) * x.element_size() <= GEMV_MAX_SHARED_BYTES):
-            return self._forward_decode_gemv(ops, x, positions, cache_seqlens)
+                and B * max(dims) * self.tok_embeddings.weight.element_size() <= GEMV_MAX_SHARED_BYTES):
+            return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens)
+        x = self.tok_embeddings(tokens)
         # the tensor-core GEMV (5 to 16 rows) takes k in chunks of 32 and needs no shared memory for x
         use_gemv = (USE_CUSTOM_GEMV and GEMV_MAX_NORM_BATCH < B <= GEMV_MAX_BATCH
                     and all(d % 32 == 0 for d in dims))
@@ -659,15 +667,21 @@ class Transformer(nn.Module):
         normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
         return linear(normed, self.output)
 
-    def _decode_and_sample(self, tokens, positions, sampler: "TokenSampler"):
-        """The per-token work of generate: device tensors in (tokens [B], positions [B]), next tokens [B] out."""
+    def _decode_and_sample(self, state: "_DecodeStepper"):
+        """The per-token work of generate, in place on the decode loop's device tensors: the logits of
+        state.tokens at state.positions, the next tokens sampled into state.tokens and state.history, and
+        state.positions / state.cache_seqlens advanced by one (by the fused sampler's epilogue when it serves:
+        no other kernel runs between two steps' layers)."""
         # The model's bf16/fp16 logits go to the sampler as they are: at batch 256 a float copy of them is
         # 131 MB written and read again every step.
-        return sampler(self.forward_decode(tokens, positions, float_logits=False))
+        logits = self.forward_decode(state.tokens, state.positions, float_logits=False,
+                                     cache_seqlens=state.cache_seqlens)
+        state.sampler.advance(logits, state.tokens, state.positions, state.cache_seqlens, state.history)
 
     def _decode_stepper(self, batch_size: int, temperature: float, top_p, top_k, use_cuda_graph: bool):
-        """The decode loop's state and step: tokens [B] (the last sampled tokens) and positions [B] (where
-        they go in the cache) are device tensors that step() advances in place by one token.
+        """The decode loop's state and step: tokens [B] (the last sampled tokens), positions [B] (where they
+        go in the cache), cache_seqlens [B] (= positions + 1) and history [B, max_seq_len] (every sampled token
+        at its cache position) are device tensors that step() advances in place by one token.
 
         With CUDA graphs the whole step (embedding, every layer, lm_head, sampling and the state update) is
         one graph replay, captured on first use for this batch size, sampling setting and kernel choice, and
@@ -681,29 +695,32 @@ class Transformer(nn.Module):
         if use_cuda_graph and key in self._decode_graphs:
             self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]
-        tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        positions = torch.zeros(batch_size, dtype=torch.long, device=device)
-        sampler = TokenSampler(device, temperature, top_p, top_k)
+        state = _DecodeStepper(
+            tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
+            positions=torch.zeros(batch_size, dtype=torch.long, device=device),
+            cache_seqlens=torch.ones(batch_size, dtype=torch.int32, device=device),
+            history=torch.zeros(batch_size, self.max_seq_len, dtype=torch.long, device=device),
+            sampler=TokenSampler(device, temperature, top_p, top_k), step=None)
 
         def advance():
-            tokens.copy_(self._decode_and_sample(tokens, positions, sampler))
-            positions.add_(1)
+            self._decode_and_sample(state)
 
         if not use_cuda_graph:
-            return _DecodeStepper(tokens, positions, sampler, advance)
+            state.step = advance
+            return state
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}; "
                              "pass use_cuda_graph=False")
         while len(self._decode_graphs) >= MAX_DECODE_GRAPHS:  # each holds its own memory pool
             self._decode_graphs.pop(next(iter(self._decode_graphs)))
-        fused = (_fused_sampling_serves(device, self.dtype, batch_size, temperature, top_k, sampler.rng_state)
+        fused = (_fused_sampling_serves(device, self.dtype, batch_size, temperature, top_k, state.sampler.rng_state)
                  and _custom_decode_kernels() is not None)
         # (the fused sampler draws from sampler.rng_state instead)
-        generator = sampler.generator if temperature > 0 and not fused else None
+        generator = state.sampler.generator if temperature > 0 and not fused else None
         graph, _ = _capture_cuda_graph(device, advance, generator)
-        stepper = _DecodeStepper(tokens, positions, sampler, graph.replay)
-        self._decode_graphs[key] = stepper
-        return stepper
+        state.step = graph.replay
+        self._decode_graphs[key] = state
+        return state
 
     @torch.no_grad()
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
@@ -740,30 +757,34 @@ class Transformer(nn.Module):
         stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         stop_ids_tensor = torch.tensor(stop_ids or (-1,), device=device)
 
-        out = torch.zeros(B, max_gen_len, dtype=torch.long, device=device)
         logits = self._prefill_for_generate(tokens, prompt_lens, use_cuda_graph)
-        stepper.tokens.copy_(stepper.sampler(logits))
+        first = stepper.sampler(logits)
+        stepper.tokens.copy_(first)
         stepper.positions.copy_(prompt_lens)
-        out[:, 0] = stepper.tokens
-        done = torch.isin(stepper.tokens, stop_ids_tensor)
+        stepper.cache_seqlens.copy_(prompt_lens + 1)
+        # The generated tokens are read back from the history (sequence b's i-th at prompt_lens[b] + i), which
+        # the steps write themselves: nothing is launched between two steps.
+        stepper.history.scatter_(1, prompt_lens[:, None], first[:, None])
+
+        def generated(count: int) -> torch.Tensor:
+            return stepper.history.gather(1, prompt_lens[:, None] + torch.arange(count, device=device))
+
         n_generated = 1
         bar = _progress_bar(max_gen_len, progress)
         bar.update(1)
         for step in range(1, max_gen_len):
-            # Reading `done` syncs with the device, so only look every few steps; tokens generated after a
+            # Checking for stops syncs with the device, so only look every few steps; tokens generated after a
             # stop are trimmed below.
-            if stop_ids and step % DONE_CHECK_INTERVAL == 0 and bool(done.all()):
+            if (stop_ids and step % DONE_CHECK_INTERVAL == 0
+                    and bool(torch.isin(generated(step), stop_ids_tensor).any(dim=1).all())):
                 break
             stepper.step()
-            out[:, step] = stepper.tokens
-            if stop_ids:
-                done |= torch.isin(stepper.tokens, stop_ids_tensor)
             n_generated += 1
             bar.update(1)
         bar.close()
 
         results = []
-        for seq in out[:, :n_generated].tolist():
+        for seq in generated(n_generated).tolist():
             cut = next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))
             results.append(seq[:cut])
         return results
@@ -876,8 +897,10 @@ class Transformer(nn.Module):
 class _DecodeStepper:
     tokens: torch.Tensor  # [B] long, the last sampled tokens
     positions: torch.Tensor  # [B] long, the cache positions they are written to by the next step
+    cache_seqlens: torch.Tensor  # [B] int32, positions + 1: the next step's attention lengths
+    history: torch.Tensor  # [B, max_seq_len] long, each sampled token at its cache position
     sampler: "TokenSampler"  # sampling settings and randomness; reseeded by every generate call
-    step: object  # advances tokens and positions by one decode step, in place
+    step: object  # advances all of the above by one decode step, in place
 
 
 def _capture_cuda_graph(device, fn, generator=None):
@@ -970,6 +993,23 @@ class TokenSampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return sample_next_token(logits, self.temperature, self.top_p, self.top_k, self.generator, self.rng_state)
+
+    def advance(self, logits, tokens, positions, cache_seqlens, history):
+        """The sampling end of a decode step, in place: the next tokens into tokens [B] and
+        history[b, positions[b] + 1], then positions += 1 and cache_seqlens (int32) = positions + 1. The fused
+        kernel does all of it in its epilogue (keying its draws by the new positions, so the step counter needs
+        no update either); otherwise PyTorch ops on the tokens sample_next_token draws."""
+        ops = _fused_sampling_ops(logits, self.temperature, self.top_k, self.rng_state)
+        if ops is not None:
+            ops.sample_tokens(logits.contiguous(), self.temperature, 1.0 if self.top_p is None else self.top_p,
+                              self.rng_state, out=tokens, positions=positions, cache_seqlens=cache_seqlens,
+                              history=history)
+            return
+        next_tokens = self(logits)
+        positions.add_(1)
+        history.scatter_(1, positions[:, None], next_tokens[:, None])
+        tokens.copy_(next_tokens)
+        cache_seqlens.copy_(positions + 1)
 
 
 def _fused_sampling_serves(device, dtype, batch_size: int, temperature: float, top_k, rng_state) -> bool:

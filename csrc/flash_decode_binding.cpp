@@ -325,16 +325,31 @@ void check_aligned(const at::Tensor& t, const char* op, const char* name) {
 }
 
 // Checks the GEMV's inputs and fills the parameters that gemv and gemv_rope_kv_write share; returns h (the
-// residual stream: x + residual, or x).
+// residual stream: x + residual, or x). With token_ids (int64 [rows]) x is an embedding table [V, k] and the
+// input rows are x[token_ids] (needs the RMSNorm prologue and no residual; h is then a copy of those rows).
 at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& weight,
                         c10::optional<at::Tensor> residual, c10::optional<at::Tensor> norm_weight, double eps,
-                        bool silu_mul) {
+                        bool silu_mul, const c10::optional<at::Tensor>& token_ids = c10::nullopt) {
     const flash_decode::DType dtype = model_dtype(x, "gemv");
     check_fused_input(x, x, "gemv", "x");
     check_fused_input(weight, x, "gemv", "weight");
-    FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxRows, "gemv: x must be [rows, k] with 1 to ",
-             gemv::kMaxRows, " rows (larger batches: use a GEMM), got ", x.sizes());
-    const int64_t rows = x.size(0), k = x.size(1);
+    int64_t rows = x.size(0);
+    if (token_ids.has_value()) {
+        FD_CHECK(token_ids->is_cuda() && token_ids->device() == x.device() && token_ids->scalar_type() == at::kLong &&
+                     token_ids->dim() == 1 && token_ids->is_contiguous(),
+                 "gemv: token_ids must be a contiguous int64 CUDA tensor [rows] on ", x.device());
+        FD_CHECK(x.dim() == 2 && x.size(0) >= 1, "gemv: with token_ids, x must be the embedding table [V, k], got ",
+                 x.sizes());
+        FD_CHECK(norm_weight.has_value() && !residual.has_value(), "gemv: token_ids (the embedding lookup) come with "
+                 "the RMSNorm prologue of the first layer: pass norm_weight and no residual");
+        rows = token_ids->size(0);
+        FD_CHECK(rows >= 1 && rows <= gemv::kMaxNormRows, "gemv: token_ids must have 1 to ", gemv::kMaxNormRows,
+                 " entries, got ", rows);
+    } else {
+        FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxRows, "gemv: x must be [rows, k] with 1 to ",
+                 gemv::kMaxRows, " rows (larger batches: use a GEMM), got ", x.sizes());
+    }
+    const int64_t k = x.size(1);
     FD_CHECK(rows <= gemv::kMaxNormRows || !norm_weight.has_value(), "gemv: the RMSNorm prologue serves 1 to ",
              gemv::kMaxNormRows, " rows, got ", rows, "; normalize with add_rmsnorm first");
     FD_CHECK(rows <= gemv::kMaxNormRows || k % 32 == 0, "gemv: more than ", gemv::kMaxNormRows,
@@ -355,6 +370,12 @@ at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& 
     p.silu_mul = silu_mul;
     p.eps = (float)eps;
     at::Tensor h = x;
+    if (token_ids.has_value()) {
+        h = at::empty({rows, k}, x.options());
+        p.x_rows = token_ids->data_ptr<int64_t>();
+        p.x_table_rows = x.size(0);
+        p.residual_out = h.data_ptr();
+    }
     if (residual.has_value()) {
         FD_CHECK(norm_weight.has_value(), "gemv: residual is only added by the RMSNorm prologue; pass norm_weight");
         check_fused_input(*residual, x, "gemv", "residual");
@@ -412,14 +433,14 @@ std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const
                                                       const at::Tensor& norm_weight, double eps, const at::Tensor& cos,
                                                       const at::Tensor& sin, const at::Tensor& positions,
                                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                                      int64_t q_heads) {
-    FD_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxNormRows,
+                                                      int64_t q_heads, c10::optional<at::Tensor> token_ids) {
+    FD_CHECK(token_ids.has_value() || (x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= gemv::kMaxNormRows),
              "gemv_rope_kv_write: x must be [rows, k] with 1 to ", gemv::kMaxNormRows, " rows, got ", x.sizes());
     gemv::Params p{};
-    const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, false);
-    const auto [max_seq, kv_heads, head_dim] = check_rope_args("gemv_rope_kv_write", x.size(0), weight.size(0), x,
+    const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, false, token_ids);
+    const auto [max_seq, kv_heads, head_dim] = check_rope_args("gemv_rope_kv_write", p.rows, weight.size(0), x,
                                                                cos, sin, positions, k_cache, v_cache, q_heads);
-    at::Tensor q = at::empty({x.size(0), q_heads, head_dim}, x.options());
+    at::Tensor q = at::empty({p.rows, q_heads, head_dim}, x.options());
     p.out = q.data_ptr();
     p.rope_kv = true;
     p.cos = cos.data_ptr();
@@ -439,8 +460,13 @@ std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const
 
 // Next tokens [B] (int64) from logits [B, V] float32: greedy when temperature <= 0, else top-p sampling
 // (top_p >= 1: plain temperature sampling) driven by rng_state = int64 {seed, counter} on the device.
+// With positions (int64 [B]) the sampler also advances the decode loop's state in place (sampling.h
+// DecodeState): out (int64 [B], e.g. the step's input tokens), positions += 1, cache_seqlens (int32 [B]) =
+// positions + 1, history [B, L] (int64) at the new positions.
 at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double top_p,
-                         c10::optional<at::Tensor> rng_state, int64_t ctas_per_row) {
+                         c10::optional<at::Tensor> rng_state, int64_t ctas_per_row, c10::optional<at::Tensor> out_arg,
+                         c10::optional<at::Tensor> positions, c10::optional<at::Tensor> cache_seqlens,
+                         c10::optional<at::Tensor> history) {
     FD_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(),
              "sample_tokens: logits must be a contiguous CUDA tensor [batch, vocab], got ", logits.sizes(), " on ",
              logits.device());
@@ -470,10 +496,32 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
     FD_CHECK(ctas_per_row == 0 || ctas_per_row == 1 || ctas_per_row == cluster, "sample_tokens: ctas_per_row must be "
              "0 (automatic), 1 (a block per row)", cluster > 1 ? " or " + std::to_string(cluster) + " (a cluster per row)" : "",
              " on this GPU for this vocabulary, got ", ctas_per_row);
-    at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
-    check_cuda(sampling::sample(logits.data_ptr(), type, out.data_ptr<int64_t>(), (int)logits.size(0),
-                                (int)logits.size(1), (float)temperature, (float)top_p, rng_ptr, (int)ctas_per_row,
-                                c10::cuda::getCurrentCUDAStream().stream()),
+    const int64_t rows = logits.size(0);
+    auto check_state = [&](const c10::optional<at::Tensor>& t, const char* name, at::ScalarType dtype, int dims) {
+        if (!t.has_value()) return;
+        FD_CHECK(t->is_cuda() && t->device() == logits.device() && t->scalar_type() == dtype && t->is_contiguous() &&
+                     t->dim() == dims && t->size(0) == rows,
+                 "sample_tokens: ", name, " must be a contiguous ", dtype, " tensor with ", dims == 1 ? "shape [" : "[",
+                 rows, dims == 1 ? "]" : ", L]", " on ", logits.device(), ", got ", t->scalar_type(), " ", t->sizes(),
+                 " on ", t->device());
+    };
+    check_state(out_arg, "out", at::kLong, 1);
+    check_state(positions, "positions", at::kLong, 1);
+    check_state(cache_seqlens, "cache_seqlens", at::kInt, 1);
+    check_state(history, "history", at::kLong, 2);
+    FD_CHECK(positions.has_value() || (!cache_seqlens.has_value() && !history.has_value()),
+             "sample_tokens: cache_seqlens and history are advanced from positions; pass positions too");
+    sampling::DecodeState state;
+    if (positions.has_value()) {
+        state.positions = positions->data_ptr<int64_t>();
+        state.cache_seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
+        state.history = history.has_value() ? history->data_ptr<int64_t>() : nullptr;
+        state.history_len = history.has_value() ? history->size(1) : 0;
+    }
+    at::Tensor out = out_arg.has_value() ? *out_arg : at::empty({rows}, logits.options().dtype(at::kLong));
+    check_cuda(sampling::sample(logits.data_ptr(), type, out.data_ptr<int64_t>(), (int)rows, (int)logits.size(1),
+                                (float)temperature, (float)top_p, rng_ptr, (int)ctas_per_row,
+                                c10::cuda::getCurrentCUDAStream().stream(), state),
                "sample_tokens launch");
     return out;
 }
@@ -515,10 +563,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("eps") = 1e-5, py::arg("silu_mul") = false, py::arg("out") = py::none());
     m.def("gemv_rope_kv_write", &gemv_rope_kv_write,
           "(q, h): gemv's qkv projection with the RMSNorm prologue (1 to 4 rows) and rope_kv_write's RoPE and "
-          "cache write in its epilogue; q [rows, q_heads, head_dim].",
+          "cache write in its epilogue; q [rows, q_heads, head_dim]. With token_ids (int64 [rows], no residual) x is "
+          "the embedding table and the input rows are x[token_ids] (the first layer of a decode step).",
           py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("norm_weight"), py::arg("eps"),
           py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
-          py::arg("q_heads"));
+          py::arg("q_heads"), py::arg("token_ids") = py::none());
     m.def("set_cluster_merge", [](bool enabled) { flash_decode::cluster_merge_enabled() = enabled; },
           "Merge flash_decode's splits inside a thread-block cluster through distributed shared memory (sm_90+, "
           "2 to 8 splits; on by default); False merges them through a float32 workspace in global memory, for "
@@ -536,9 +585,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "temperature <= 0, else top-p sampling with rng_state = int64 {seed, counter} on the device (the caller "
           "advances the counter). ctas_per_row: 0 = automatic, 1 = one thread block per row, or "
           "max_sampling_ctas_per_row(vocab) = a cluster of blocks per row (sm_90+; the default up to 16 rows); "
-          "the two draw different, equally distributed tokens.",
+          "the two draw different, equally distributed tokens. With positions [B] (int64) it also advances a "
+          "decode loop in place: the tokens go to out (int64 [B]), positions += 1, cache_seqlens (int32 [B]) = "
+          "positions + 1, history[b, positions[b]] = token (int64 [B, L]); draws are then keyed by the new "
+          "positions instead of rng_state's counter.",
           py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none(),
-          py::arg("ctas_per_row") = 0);
+          py::arg("ctas_per_row") = 0, py::arg("out") = py::none(), py::arg("positions") = py::none(),
+          py::arg("cache_seqlens") = py::none(), py::arg("history") = py::none());
     m.def("max_sampling_ctas_per_row", [](int64_t vocab) { return sampling::max_ctas_per_row((int)vocab); },
           "The cluster size sample_tokens can use for this vocabulary on the current GPU (1: none).",
           py::arg("vocab"));

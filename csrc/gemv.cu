@@ -121,17 +121,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
         const T* residual = static_cast<const T*>(p.residual);
         T* residual_out = blockIdx.x == 0 ? static_cast<T*>(p.residual_out) : nullptr;
         float sum_sq[kRows] = {};
+        if (p.x_rows != nullptr && threadIdx.x < kRows && (uint64_t)p.x_rows[threadIdx.x] >= (uint64_t)p.x_table_rows)
+            __trap();  // a token id outside the embedding table
         for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
             const int r = i / pieces;
-            uint4 hv = *reinterpret_cast<const uint4*>(x + (int64_t)i * 8);
+            int64_t source = i;  // in 16-byte pieces
+            if (p.x_rows != nullptr) {  // the embedding lookup of the step's tokens, folded in
+                source = p.x_rows[r] * pieces + i % pieces;
+            }
+            uint4 hv = *reinterpret_cast<const uint4*>(x + source * 8);
             if (residual != nullptr) {
                 const uint4 rv = *reinterpret_cast<const uint4*>(residual + (int64_t)i * 8);
                 T* he = reinterpret_cast<T*>(&hv);
                 const T* re = reinterpret_cast<const T*>(&rv);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) he[e] = from_float<T>(to_float(he[e]) + to_float(re[e]));
-                if (residual_out != nullptr) *reinterpret_cast<uint4*>(residual_out + (int64_t)i * 8) = hv;
             }
+            if (residual_out != nullptr) *reinterpret_cast<uint4*>(residual_out + (int64_t)i * 8) = hv;
             float h[8];
             unpack8<T>(hv, h);
             float s = 0.f;

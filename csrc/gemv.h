@@ -25,9 +25,12 @@ constexpr int kMaxNormRows = 4;
 constexpr int kMaxRows = 16;
 
 struct Params {
-    const void* x;             // [rows, k]
+    const void* x;             // [rows, k]; or with x_rows a table [x_table_rows, k] (the token embeddings)
+    const int64_t* x_rows;     // [rows] or null: row r of the input is row x_rows[r] of x (RMSNorm prologue only;
+                               // residual_out then receives the gathered rows when there is no residual)
+    int64_t x_table_rows;
     const void* residual;      // [rows, k] or null: the stream is x + residual (prologue only)
-    void* residual_out;        // [rows, k] or null: receives x + residual (prologue only; must not alias inputs)
+    void* residual_out;        // [rows, k] or null: receives x + residual, or x (prologue only; must not alias inputs)
     const void* norm_weight;   // [k] or null: no prologue, x is used as it is
     float eps;
     const void* weight;        // [n_out, k], or [2 * n_out, k] = [gate; up] with silu_mul

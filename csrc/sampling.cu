@@ -18,8 +18,9 @@
 // Each pass is a plain reduction (no atomics, no histogram contention), so flat rows (random weights) cost
 // what peaked ones do, and fixed reduction orders make the result deterministic. The uniforms come from a
 // counter-based hash of (seed, step counter, row, round), read from a device tensor, so the kernel runs in a
-// CUDA graph and the caller advances the counter on the device. temperature <= 0 is greedy: a plain argmax
-// (first index on ties, like torch.argmax).
+// CUDA graph and the caller advances the counter on the device (or, when the kernel advances the decode state
+// itself, of the drawn token's cache position instead of the counter: sampling.h). temperature <= 0 is greedy: a
+// plain argmax (first index on ties, like torch.argmax).
 #include <cooperative_groups.h>
 
 #include <cstdint>
@@ -187,8 +188,27 @@ __device__ __forceinline__ bool accept_draw(float above, float top_p, float tota
 
 __device__ __forceinline__ SoftmaxStats warp_merge(SoftmaxStats v) { return warp_all_reduce(v, merge); }
 
-__device__ __forceinline__ uint64_t row_key(const int64_t* rng_state, int64_t row_index) {
-    return mix64(mix64((uint64_t)rng_state[0] ^ mix64((uint64_t)rng_state[1])) ^ (uint64_t)row_index);
+// The key of a row's draws: (seed, step counter, row), or with a DecodeState (seed, the drawn token's cache
+// position, row). Positions grow by one each step, so they number the steps of a row without a counter that
+// some kernel would have to advance (and that other rows' blocks might still be reading); the tag keeps the
+// two kinds of keys apart.
+constexpr uint64_t kPositionKeyTag = 1ull << 62;
+__device__ __forceinline__ uint64_t row_key(const int64_t* rng_state, const DecodeState& state, int64_t row_index) {
+    const uint64_t counter = state.positions != nullptr ? (uint64_t)(state.positions[row_index] + 1) | kPositionKeyTag
+                                                        : (uint64_t)rng_state[1];
+    return mix64(mix64((uint64_t)rng_state[0] ^ mix64(counter)) ^ (uint64_t)row_index);
+}
+
+// Writes the row's token, and advances the decode state (sampling.h) when there is one. Called by one thread
+// per row after every thread of the row has read positions[row_index] (row_key).
+__device__ __forceinline__ void finish_row(int64_t* out, const DecodeState& state, int64_t row_index, int token) {
+    out[row_index] = token;
+    if (state.positions == nullptr) return;
+    const int64_t position = state.positions[row_index] + 1;
+    state.positions[row_index] = position;
+    if (state.cache_seqlens != nullptr) state.cache_seqlens[row_index] = (int32_t)(position + 1);
+    if (state.history != nullptr && position < state.history_len)
+        state.history[row_index * state.history_len + position] = token;
 }
 
 struct Shared {
@@ -198,6 +218,7 @@ struct Shared {
     float max_x, total;       // M and Z of the whole row
     int chosen_warp;
     float base, target;       // the draw's cumulative mass before the chosen warp, and u * mass
+    uint64_t key;             // of the row's draws (row_key)
     int token;
     float token_x;
 };
@@ -322,7 +343,7 @@ __device__ void draw(const Row<T>& row, Shared& sh, float inv_t, float threshold
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     sample_kernel(const T* __restrict__ logits, int64_t* __restrict__ out, int vocab, float temperature, float top_p,
-                  const int64_t* __restrict__ rng_state) {
+                  const int64_t* __restrict__ rng_state, const DecodeState state) {
     __shared__ Shared sh;
     programmatic_launch::allow_next_kernel();
     programmatic_launch::wait_for_previous_kernel();  // the logits are the lm_head's output
@@ -355,23 +376,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     if (greedy || sh.max_x == -INFINITY) {  // greedy, or nothing to sample from (all logits -inf)
-        if (threadIdx.x == 0) out[row_index] = sh.token;
+        if (threadIdx.x == 0) finish_row(out, state, row_index, sh.token);
         return;
     }
     const int argmax_token = sh.token;
     if (warp == 0) {
         const float total = block_mass(sh, lane);
-        if (lane == 0) sh.total = total;
+        if (lane == 0) {
+            sh.total = total;
+            sh.key = row_key(rng_state, state, row_index);  // (kept in shared memory: 64 registers on sm_80)
+        }
     }
     __syncthreads();
     const float total = sh.total, max_x = sh.max_x;
-    const uint64_t key = row_key(rng_state, row_index);
 
     // Draw, check, and redraw above the rejected token.
     float threshold = -INFINITY, mass = total;
     int token = argmax_token;  // kept if every round is rejected (the argmax is always in the nucleus)
     for (int round = 0; round < kMaxRounds; ++round) {
-        draw(row, sh, inv_t, threshold, mass, uniform(key, (uint32_t)round), warp, lane);
+        draw(row, sh, inv_t, threshold, mass, uniform(sh.key, (uint32_t)round), warp, lane);
         const int drawn = sh.token;
         const float drawn_x = sh.token_x;
         if (top_p >= 1.f) {
@@ -391,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (accept_draw(sh.base, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
         __syncthreads();  // sh.base is rewritten by the next draw
     }
-    if (threadIdx.x == 0) out[row_index] = token;
+    if (threadIdx.x == 0) finish_row(out, state, row_index, token);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -458,7 +481,7 @@ __device__ __forceinline__ float cluster_block_exclusive_scan(float v, ClusterSh
 template <typename T>
 __global__ void __launch_bounds__(kClusterThreads, 1)
     sample_cluster_kernel(const T* __restrict__ logits, int64_t* __restrict__ out, int vocab, float temperature,
-                          float top_p, const int64_t* __restrict__ rng_state) {
+                          float top_p, const int64_t* __restrict__ rng_state, const DecodeState state) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
     __shared__ ClusterShared sh;
@@ -543,7 +566,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     const float max_x = sh.max_x, total = sh.total;
     int token = sh.argmax;  // greedy; or kept if every round is rejected (the argmax is always in the nucleus)
     if (!greedy && max_x != -INFINITY) {
-        const uint64_t key = row_key(rng_state, row_index);
+        const uint64_t key = row_key(rng_state, state, row_index);
         float threshold = -INFINITY, mass = total;
         for (int round = 0; round < kMaxRounds; ++round) {
             // Draw among {x > threshold}: the CTA whose cumulative mass crosses u * mass, then in it the thread,
@@ -626,8 +649,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
             if (accept_draw(sh.above, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
         }
     }
-    cluster.sync();  // no CTA leaves while another may still read its shared memory
-    if (rank == 0 && threadIdx.x == 0) out[row_index] = token;
+    cluster.sync();  // no CTA leaves while another may still read its shared memory (or positions: finish_row)
+    if (rank == 0 && threadIdx.x == 0) finish_row(out, state, row_index, token);
 #else
     __trap();  // launched only on sm_90+ (launch below)
 #endif
@@ -635,13 +658,13 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
 
 template <typename T>
 cudaError_t launch(const T* logits, int64_t* out, int rows, int vocab, float temperature, float top_p,
-                   const int64_t* rng_state, int ctas_per_row, cudaStream_t stream) {
+                   const int64_t* rng_state, int ctas_per_row, cudaStream_t stream, const DecodeState& state) {
     if (ctas_per_row == kClusterCtas)
         return programmatic_launch::launch_clustered(sample_cluster_kernel<T>, dim3(kClusterCtas * rows),
                                                      dim3(kClusterThreads), 0, stream, kClusterCtas, logits, out,
-                                                     vocab, temperature, top_p, rng_state);
+                                                     vocab, temperature, top_p, rng_state, state);
     return programmatic_launch::launch(sample_kernel<T>, dim3(rows), dim3(kThreads), 0, stream, logits, out, vocab,
-                                       temperature, top_p, rng_state);
+                                       temperature, top_p, rng_state, state);
 }
 
 }  // namespace
@@ -657,20 +680,21 @@ int default_ctas_per_row(int rows, int vocab) {
 }
 
 cudaError_t sample(const void* logits, LogitsType type, int64_t* out, int rows, int vocab, float temperature,
-                   float top_p, const int64_t* rng_state, int ctas_per_row, cudaStream_t stream) {
+                   float top_p, const int64_t* rng_state, int ctas_per_row, cudaStream_t stream,
+                   const DecodeState& state) {
     if (rows == 0) return cudaSuccess;
     if (ctas_per_row == 0) ctas_per_row = default_ctas_per_row(rows, vocab);
     if (ctas_per_row != 1 && ctas_per_row != max_ctas_per_row(vocab)) return cudaErrorInvalidValue;
     switch (type) {
         case LogitsType::kFloat32:
             return launch(static_cast<const float*>(logits), out, rows, vocab, temperature, top_p, rng_state,
-                          ctas_per_row, stream);
+                          ctas_per_row, stream, state);
         case LogitsType::kBFloat16:
             return launch(static_cast<const __nv_bfloat16*>(logits), out, rows, vocab, temperature, top_p, rng_state,
-                          ctas_per_row, stream);
+                          ctas_per_row, stream, state);
         case LogitsType::kFloat16:
             return launch(static_cast<const __half*>(logits), out, rows, vocab, temperature, top_p, rng_state,
-                          ctas_per_row, stream);
+                          ctas_per_row, stream, state);
     }
     return cudaErrorInvalidValue;
 }

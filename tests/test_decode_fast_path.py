@@ -183,6 +183,44 @@ def test_gemv_with_rope_and_cache_write_matches_the_two_kernels_it_replaces(ops,
     assert caches[0][~written].isnan().all() and not caches[0][written].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (3, 1000), (4, 576)])
+def test_gemv_looks_the_tokens_embeddings_up_in_its_prologue(ops, dtype, rows, k):
+    """token_ids: the first layer's qkv GEMV reads x = table[token_ids] itself (the decode step's embedding
+    lookup): the same q, cache rows and residual stream h as with the rows gathered by PyTorch."""
+    n_heads, n_kv_heads, head_dim, vocab, max_seq = 9, 3, 64, 4099, 64
+    config = llama3.ModelArgs(vocab_size=vocab, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(rows * k)
+    table = torch.randn(vocab, k, generator=g, device="cuda").to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
+    weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+    token_ids = torch.tensor([vocab - 1, 0, 2024, 7][:rows], device="cuda")
+    positions = torch.tensor([5, 63, 0, 31][:rows], device="cuda")
+    caches = [torch.full((4, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+              for _ in range(4)]
+    q, h = ops.gemv_rope_kv_write(table, weight, None, norm_weight, 1e-5, cos, sin, positions, caches[0], caches[1],
+                                  n_heads, token_ids=token_ids)
+    x = table[token_ids]
+    q_ref, h_ref = ops.gemv_rope_kv_write(x, weight, None, norm_weight, 1e-5, cos, sin, positions, caches[2],
+                                          caches[3], n_heads)
+    assert torch.equal(h, x) and torch.equal(h_ref, x)
+    assert torch.equal(q, q_ref)
+    for ours, ref in zip(caches[:2], caches[2:]):
+        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="no residual"):
+        ops.gemv_rope_kv_write(table, weight, x, norm_weight, 1e-5, cos, sin, positions, caches[0], caches[1],
+                               n_heads, token_ids=token_ids)
+    with pytest.raises(ValueError, match="token_ids must be a contiguous int64"):
+        ops.gemv_rope_kv_write(table, weight, None, norm_weight, 1e-5, cos, sin, positions, caches[0], caches[1],
+                               n_heads, token_ids=token_ids.int())
+    with pytest.raises(ValueError, match="1 to 4 entries"):
+        ops.gemv_rope_kv_write(table, weight, None, norm_weight, 1e-5, cos, sin, positions, caches[0], caches[1],
+                               n_heads, token_ids=torch.zeros(5, dtype=torch.long, device="cuda"))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim):
     """A decode step's attention (early_cache_reads=True) starts while the qkv GEMV that writes the newest
@@ -459,6 +497,51 @@ def test_fused_sampling_is_reproducible_and_greedy_is_argmax(ops, dtype, kernel)
         ops.sample_tokens(logits, 1.0, 1e-50, state)  # 0 once rounded to float32
     with pytest.raises(ValueError, match="ctas_per_row"):
         ops.sample_tokens(logits, 1.0, 0.9, state, 3)
+
+
+@pytest.mark.parametrize("kernel", ["block", "cluster"])
+def test_fused_sampling_advances_the_decode_state(ops, kernel):
+    """With positions, the sampler writes the tokens to out and to history at the new positions and advances
+    positions and cache_seqlens; its draws are keyed by the positions (same positions, same draws), not by the
+    counter, which it leaves alone."""
+    rows, vocab, history_len = 6, 50000, 40
+    ctas = ctas_per_row(ops, kernel, vocab)
+    logits = torch.randn(rows, vocab, device="cuda").to(torch.bfloat16)
+    start = torch.tensor([0, 17, 38, 3, 39, 25], device="cuda")  # 39: the new position is past the history
+
+    def run(temperature, rng_state=None, positions=None):
+        state = dict(out=torch.full((rows,), -5, dtype=torch.long, device="cuda"),
+                     positions=start.clone() if positions is None else positions,
+                     cache_seqlens=torch.full((rows,), -7, dtype=torch.int32, device="cuda"),
+                     history=torch.full((rows, history_len), -1, dtype=torch.long, device="cuda"))
+        returned = ops.sample_tokens(logits, temperature, 0.9, rng_state, ctas, **state)
+        assert returned.data_ptr() == state["out"].data_ptr()
+        return state
+
+    greedy = run(0.0)
+    assert torch.equal(greedy["out"], logits.argmax(dim=-1))
+    assert torch.equal(greedy["positions"], start + 1)
+    assert torch.equal(greedy["cache_seqlens"], (start + 2).int())
+    expected = torch.full((rows, history_len), -1, dtype=torch.long, device="cuda")
+    for r, position in enumerate((start + 1).tolist()):
+        if position < history_len:  # (row 4's position 40 is outside the history: not written)
+            expected[r, position] = greedy["out"][r]
+    assert torch.equal(greedy["history"], expected)
+
+    rng_state = torch.tensor([11, 4], device="cuda")
+    first = run(1.0, rng_state)
+    assert torch.equal(rng_state, torch.tensor([11, 4], device="cuda"))  # the counter is not used
+    assert torch.equal(run(1.0, rng_state)["out"], first["out"])  # same seed, same positions
+    rng_state[1] = 5
+    assert torch.equal(run(1.0, rng_state)["out"], first["out"])  # still keyed by the positions
+    moved = [run(1.0, rng_state, positions=start + step)["out"] for step in range(1, 4)]
+    assert not all(torch.equal(m, first["out"]) for m in moved)  # the next steps draw anew
+    with pytest.raises(ValueError, match="cache_seqlens must be a contiguous Int"):
+        ops.sample_tokens(logits, 1.0, 0.9, rng_state, ctas, positions=start.clone(),
+                          cache_seqlens=torch.zeros(rows, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match="pass positions too"):
+        ops.sample_tokens(logits, 1.0, 0.9, rng_state, ctas,
+                          history=torch.zeros(rows, 4, dtype=torch.long, device="cuda"))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
