@@ -48,9 +48,9 @@ struct Params {
     int head_groups;         // head_groups_for(group_size)
     int num_splits;          // blocks along the sequence, >= 1
     float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
-    // The kernels launched just before this one (programmatic_launch.cuh) write no length and no cache
-    // row except each sequence's newest (seqlens - 1), as in a decode step: the kernel may then read
-    // the lengths and the older rows before they finish.
+    // No kernel that may still run when this one starts (those launched since the last plain launch:
+    // programmatic_launch.cuh) writes a length or a cache row except each sequence's newest (seqlens - 1),
+    // as in a decode step: the kernel may then read the lengths and the older rows before they finish.
     bool early_cache_reads;
 };
 

@@ -390,6 +390,8 @@ cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
         q.split_k *= 2;
     const int tasks_per_block = kWarps / q.split_k;
     const int blocks = (tasks + tasks_per_block - 1) / tasks_per_block;
+    if (p.x_rows != nullptr)  // the first kernel of a decode step (gemv.h)
+        return programmatic_launch::launch_after_all_previous(kernel, dim3(blocks), dim3(kThreads), smem, stream, q);
     return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, q);
 }
 

@@ -72,4 +72,19 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
     return launch_clustered(kernel, grid, block, shared_bytes, stream, 1u, std::forward<Args>(args)...);
 }
 
+// A plain launch of a kernel written for launch(): it starts only once everything before it in the stream has
+// completed (its wait_for_previous_kernel() returns at once). For the first kernel of a chain whose later kernels
+// read, before their own wait, data that the end of the previous chain wrote: wait_for_previous_kernel() orders a
+// kernel after the one before it, but the kernels launched early behind that one could already be running.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_after_all_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
+                                      cudaStream_t stream, Args&&... args) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream;
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 }  // namespace programmatic_launch

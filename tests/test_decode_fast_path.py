@@ -262,6 +262,55 @@ def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim):
         assert relative_error(out, ref) < 1e-2
 
 
+def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths(ops):
+    """The chain across decode steps without a graph between them: the sampler advances tokens, positions and
+    lengths in place, the next step's first GEMV gathers the new token's embedding and is a plain launch, so
+    the attention behind it, which reads its length before its wait, finds the new one, and every step attends
+    over exactly its rows with the q of the token sampled before it."""
+    n_heads, n_kv_heads, head_dim, k, vocab, max_seq, steps = 32, 8, 64, 2048, 128256, 640, 12
+    config = llama3.ModelArgs(vocab_size=vocab, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(31)
+    table = torch.randn(vocab, k, generator=g, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5)
+    weight = weight.to(torch.bfloat16)
+    norm_weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.randn(1, max_seq, n_kv_heads, head_dim, generator=g, device="cuda").to(torch.bfloat16)
+              for _ in range(2)]
+    # a full vocabulary row per step, so the sampler runs long enough for a step's kernels to start early
+    logits = torch.randn(steps, 1, vocab, generator=g, device="cuda").to(torch.bfloat16)
+    tokens = torch.tensor([17], device="cuda")
+    positions = torch.tensor([300], device="cuda")
+    cache_seqlens = (positions + 1).int()
+    history = torch.zeros(1, max_seq, dtype=torch.long, device="cuda")
+    rng_state = torch.tensor([3, 0], device="cuda")
+    ops.set_programmatic_launch(True)
+    outs = []
+    for step in range(steps):
+        q, _ = ops.gemv_rope_kv_write(table, weight, None, norm_weight, 1e-5, cos, sin, positions, caches[0],
+                                      caches[1], n_heads, token_ids=tokens)
+        outs.append((q, ops.flash_decode(q.view(1, n_heads, head_dim), caches[0], caches[1], cache_seqlens,
+                                         head_dim ** -0.5, early_cache_reads=True)))
+        ops.sample_tokens(logits[step], 1.0, 0.9, rng_state, out=tokens, positions=positions,
+                          cache_seqlens=cache_seqlens, history=history)
+    torch.cuda.synchronize()
+    assert positions.item() == 300 + steps and cache_seqlens.item() == 301 + steps
+    sampled = history[0, 301:301 + steps]
+    assert tokens.item() == sampled[-1].item()
+    assert all(torch.isfinite(logits[i, 0, sampled[i]]) for i in range(steps))
+    for step, (q, out) in enumerate(outs):
+        lengths = torch.tensor([301 + step], dtype=torch.int32, device="cuda")
+        ref = llama3.decode_attention_reference(q.view(1, n_heads, head_dim).float(), caches[0].float(),
+                                                caches[1].float(), lengths, head_dim ** -0.5)
+        assert relative_error(out, ref) < 1e-2, f"step {step}"
+    # each step's q came from the token the step before sampled
+    expected_q, _ = ops.gemv_rope_kv_write(table[sampled[-2:-1]], weight, None, norm_weight, 1e-5, cos, sin,
+                                           positions - 1, caches[0].clone(), caches[1].clone(), n_heads)
+    assert torch.equal(outs[-1][0], expected_q)
+
+
 def test_gemv_rejects_bad_input(ops):
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
