@@ -82,6 +82,16 @@ static cudaError_t device_info(int device, DType dtype, int head_dim, DeviceInfo
     return cudaSuccess;
 }
 
+bool& cluster_merge_enabled() {
+    static bool on = true;
+    return on;
+}
+
+bool uses_cluster_merge(int num_splits) {
+    return cluster_merge_enabled() && num_splits >= 2 && num_splits <= kMaxClusterSplits &&
+           programmatic_launch::current_device_supports();  // (thread-block clusters: sm_90+ too)
+}
+
 int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int max_seqlen, bool early_cache_reads,
                        int device, cudaError_t* error) {
     *error = cudaSuccess;
@@ -97,6 +107,16 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // is faster in one block than with the merge's extra memory round trips (8.2 vs 9.5 us at 256 rows).
     const int tiles = (max_seqlen + rows_per_tile - 1) / rows_per_tile;
     if (tiles <= 2) return 1;
+    // Inside a decode step each block reads its first two tiles before the programmatic-launch wait: with
+    // splits of at most two tiles merged in a cluster (no workspace round trips), everything a sequence of up
+    // to 16 tiles needs is in flight before the previous kernel ends, while that is at most two blocks per SM.
+    // Measured end to end on an H100 (2026-11-27, batch 1, head 64, a 17-tile cache in 8 splits): 953 -> 960
+    // tokens/s with 128-token prompts, but 897 -> 889 with 2048-token ones, where one split's third tile is
+    // read after the wait at every step; hence at most 16 tiles.
+    const int pairs = (tiles + 1) / 2;
+    if (early_cache_reads && pairs <= kMaxClusterSplits && uses_cluster_merge(pairs) &&
+        base_blocks * pairs <= 2 * info.num_sms)
+        return pairs;
     // Measured on an H100 (2026-11-26, split counts 1..128 at batch 1, 16 and 64): once the batch alone
     // gives a block to every other SM (batch 16 x 8 KV heads), one split is fastest for a plain launch
     // (5-12% ahead of 2-4). Inside a decode step, where each block reads its first tile before the
@@ -116,16 +136,6 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
         splits = (tiles + one_wave - 1) / one_wave <= 16 ? one_wave : 3 * info.num_sms / (2 * base_blocks);
     }
     return std::max(1, std::min({kMaxSplits, tiles, splits}));
-}
-
-bool& cluster_merge_enabled() {
-    static bool on = true;
-    return on;
-}
-
-bool uses_cluster_merge(int num_splits) {
-    return cluster_merge_enabled() && num_splits >= 2 && num_splits <= kMaxClusterSplits &&
-           programmatic_launch::current_device_supports();  // (thread-block clusters: sm_90+ too)
 }
 
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {

@@ -184,6 +184,8 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         }
     };
     uint4 k_next[kSteps][2][kKChunks], v_next[kSteps][4][kVChunks];
+    // (early_cache_reads: the second tile, also read before the wait; registers the loop needs anyway)
+    uint4 k_second[kEarlyReads ? kSteps : 1][2][kKChunks], v_second[kEarlyReads ? kSteps : 1][4][kVChunks];
 
     // q, and at least the newest cache row, come from the kernels just before (programmatic_launch.cuh).
     // With early_cache_reads the caller promises that those kernels write no other cache row and no
@@ -191,17 +193,23 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     // lengths that tile is all the block reads, and its memory latency hides under the previous kernel.
     // After the wait the length is read again (a different value means start over) and the newest row
     // is loaded again through L2, where the previous kernel's write is now visible.
-    bool first_tile_loaded = false;
+    bool first_tile_loaded = false, second_tile_loaded = false;
     if constexpr (kEarlyReads) {
         set_rows(__ldg(p.seqlens + b));
         if (start < end) {
             load_tile(start, k_next, v_next);
             first_tile_loaded = true;
+            // and the block's second tile, if it has one: with splits of up to two tiles (the decode rule,
+            // flash_decode.cu) everything a short sequence needs is in flight before the wait
+            if (start + tile_stride < end) {
+                load_tile(start + tile_stride, k_second, v_second);
+                second_tile_loaded = true;
+            }
         }
         programmatic_launch::wait_for_previous_kernel();
         const int early_seqlen = seqlen;
         set_rows(__ldcg(p.seqlens + b));  // through L2, not the early read's L1 copy
-        if (first_tile_loaded && seqlen != early_seqlen) first_tile_loaded = false;
+        if (seqlen != early_seqlen) first_tile_loaded = second_tile_loaded = false;
         if (first_tile_loaded) {
             // the pieces of row seqlen - 1, if this lane loaded any, again
             auto reload_newest = [&](uint4* pieces, int chunks, const char* base, int64_t row_bytes, int chunk_bytes,
@@ -219,6 +227,18 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
                     reload_newest(v_next[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(start, s, i));
+            }
+            if (second_tile_loaded) {
+                const int second = start + tile_stride;
+#pragma unroll
+                for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+                        reload_newest(k_second[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(second, s, nt));
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+                        reload_newest(v_second[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(second, s, i));
+                }
             }
         }
     } else {
@@ -280,22 +300,9 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 #pragma unroll
         for (int n = 0; n < kOutTiles; ++n) acc[n][0] = acc[n][1] = 0.f;
 
-        if (!first_tile_loaded) load_tile(start, k_next, v_next);
-        for (int tile = start; tile < end; tile += tile_stride) {
-            uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s) {
-#pragma unroll
-                for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                    for (int c = 0; c < kKChunks; ++c) k_cur[s][nt][c] = k_next[s][nt][c];
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int c = 0; c < kVChunks; ++c) v_cur[s][i][c] = v_next[s][i][c];
-            }
-            if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
-
+        // One tile of rows from registers: S, the online softmax and O += P V.
+        auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks],
+                                const uint4 (&v_cur)[kSteps][4][kVChunks]) {
             // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain)
             float sc[kSteps][4];
 #pragma unroll
@@ -366,6 +373,36 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                     if constexpr (kSplitP) tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0_lo, a2_lo, b0, b1);
                 }
             }
+        };
+        auto copy_tile = [&](uint4 (&k_to)[kSteps][2][kKChunks], uint4 (&v_to)[kSteps][4][kVChunks],
+                             const uint4 (&k_from)[kSteps][2][kKChunks], const uint4 (&v_from)[kSteps][4][kVChunks]) {
+#pragma unroll
+            for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int c = 0; c < kKChunks; ++c) k_to[s][nt][c] = k_from[s][nt][c];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int c = 0; c < kVChunks; ++c) v_to[s][i][c] = v_from[s][i][c];
+            }
+        };
+
+        int first = start;
+        if constexpr (kEarlyReads) {
+            if (second_tile_loaded) {  // both of the first two tiles were read early: the first, then the loop
+                process_tile(start, k_next, v_next);
+                copy_tile(k_next, v_next, k_second, v_second);
+                first = start + tile_stride;
+            }
+        }
+        if (!first_tile_loaded) load_tile(start, k_next, v_next);
+        for (int tile = first; tile < end; tile += tile_stride) {
+            uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
+            copy_tile(k_cur, v_cur, k_next, v_next);
+            if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
+            process_tile(tile, k_cur, v_cur);
         }
 
         // ---- this warp's result per head into shared memory ----

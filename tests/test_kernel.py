@@ -214,6 +214,11 @@ def test_default_num_splits_fills_the_gpu(ext):
     # ... but inside a decode step two splits give twice the tiles read before the programmatic-launch wait
     assert ext.default_num_splits(16, 32, 8, 64, 2048, early_cache_reads=True) == (2 if 128 < sms <= 256 else 1)
     assert ext.default_num_splits(256, 32, 8, 64, 4096) == 1  # the batch alone fills the GPU
+    if ext.uses_cluster_merge(8):  # decode steps of short sequences: splits of <= 2 tiles, read before the wait
+        assert ext.default_num_splits(1, 32, 8, 64, 2048, early_cache_reads=True) == 8
+        assert ext.default_num_splits(1, 32, 8, 128, 640, early_cache_reads=True) == 5
+        assert ext.default_num_splits(1, 32, 8, 64, 2176, early_cache_reads=True) > 8  # 17 tiles: 3 in one split
+        assert ext.default_num_splits(1, 32, 8, 64, 8192, early_cache_reads=True) > 8  # long: the workspace merge
 
 
 @needs_cuda
