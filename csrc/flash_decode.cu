@@ -19,7 +19,13 @@ struct Variant {
 
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
 static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
-    const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;  // <= 8: the portable size
+    const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;
+    if (cluster > 8) {  // beyond the portable cluster size: an opt-in per kernel (H100: up to 16)
+        static const cudaError_t opt_in = cudaFuncSetAttribute(
+            flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>,
+            cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        if (opt_in != cudaSuccess) return opt_in;
+    }
     return programmatic_launch::launch_clustered(flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>,
                                                  grid, dim3(KernelTraits<Element, kHeadDim>::kThreads), 0, stream,
                                                  cluster, params);
@@ -87,8 +93,9 @@ bool& cluster_merge_enabled() {
     return on;
 }
 
-bool uses_cluster_merge(int num_splits) {
-    return cluster_merge_enabled() && num_splits >= 2 && num_splits <= kMaxClusterSplits &&
+bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
+    return cluster_merge_enabled() && num_splits >= 2 &&
+           num_splits <= (early_cache_reads ? kMaxDecodeClusterSplits : kMaxClusterSplits) &&
            programmatic_launch::current_device_supports();  // (thread-block clusters: sm_90+ too)
 }
 
@@ -110,13 +117,13 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // Inside a decode step each block reads its first two tiles before the programmatic-launch wait: with
     // splits of at most two tiles merged in a cluster (no workspace round trips), everything a sequence of up
     // to 16 tiles needs is in flight before the previous kernel ends, while that is at most two blocks per SM.
-    // Measured end to end on an H100 (2026-11-27, batch 1, head 64, a 17-tile cache in 8 splits): 953 -> 960
-    // tokens/s with 128-token prompts, but 897 -> 889 with 2048-token ones, where one split's third tile is
-    // read after the wait at every step; hence at most 16 tiles.
+    // Measured end to end on an H100 (2026-11-27, batch 1, head 64): a 17-tile cache in 8 splits gave 953 ->
+    // 960 tokens/s with 128-token prompts but 897 -> 889 with 2048-token ones (one split's third tile read after
+    // the wait at every step); in 9 splits (a non-portable cluster, up to 16: kMaxDecodeClusterSplits) 951 ->
+    // 960 and 892 -> 899, and a 32-tile cache in 16 splits 922 -> 927 (against the workspace merge of 17-33
+    // splits of one tile).
     const int pairs = (tiles + 1) / 2;
-    if (early_cache_reads && pairs <= kMaxClusterSplits && uses_cluster_merge(pairs) &&
-        base_blocks * pairs <= 2 * info.num_sms)
-        return pairs;
+    if (early_cache_reads && uses_cluster_merge(pairs, true) && base_blocks * pairs <= 2 * info.num_sms) return pairs;
     // Measured on an H100 (2026-11-26, split counts 1..128 at batch 1, 16 and 64): once the batch alone
     // gives a block to every other SM (batch 16 x 8 KV heads), one split is fastest for a plain launch
     // (5-12% ahead of 2-4). Inside a decode step, where each block reads its first tile before the
@@ -144,7 +151,7 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
-    return variant.launch(params, grid, uses_cluster_merge(params.num_splits), stream);
+    return variant.launch(params, grid, uses_cluster_merge(params.num_splits, params.early_cache_reads), stream);
 }
 
 }  // namespace flash_decode

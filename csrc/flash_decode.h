@@ -72,7 +72,10 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
 // L2 flushed): 4 and 8 splits 0.2-0.8 us faster in a cluster (h64 S=512 10.3 -> 9.5 us); 16 splits (a
 // non-portable cluster size) 0.5-0.6 us slower than the global merge, so clusters stop at the portable 8.
 constexpr int kMaxClusterSplits = 8;
+// Decode steps (early_cache_reads) also use non-portable clusters of up to 16 blocks: there the splits have
+// at most two tiles, both read before the wait (default_num_splits).
+constexpr int kMaxDecodeClusterSplits = 16;
 bool& cluster_merge_enabled();
-bool uses_cluster_merge(int num_splits);
+bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 
 }  // namespace flash_decode

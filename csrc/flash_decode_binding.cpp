@@ -198,7 +198,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     p.early_cache_reads = early_cache_reads;
 
     at::Tensor partial_out, partial_lse, counters;
-    if (num_splits > 1 && !flash_decode::uses_cluster_merge((int)num_splits)) {
+    if (num_splits > 1 && !flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads)) {
         const auto f32 = q.options().dtype(at::kFloat);
         partial_out = at::empty({batch, q_heads, num_splits, head_dim}, f32);
         partial_lse = at::empty({batch, q_heads, num_splits}, f32);
@@ -573,9 +573,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "2 to 8 splits; on by default); False merges them through a float32 workspace in global memory, for "
           "comparison.",
           py::arg("enabled"));
-    m.def("uses_cluster_merge", [](int64_t num_splits) { return flash_decode::uses_cluster_merge((int)num_splits); },
-          "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU.",
-          py::arg("num_splits"));
+    m.def("uses_cluster_merge",
+          [](int64_t num_splits, bool early_cache_reads) {
+              return flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads);
+          },
+          "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU "
+          "(early_cache_reads, a decode step: clusters of up to 16 blocks, else 8).",
+          py::arg("num_splits"), py::arg("early_cache_reads") = false);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

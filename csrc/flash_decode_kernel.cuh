@@ -21,7 +21,8 @@
 //      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
 //      weights through shared memory at the end.
 //   4. With one split, the block writes the normalized output. Otherwise the splits are merged with
-//      log-sum-exp weights, with no second kernel launch: with at most 8 splits on sm_90+ the blocks of a
+//      log-sum-exp weights, with no second kernel launch: with at most 8 splits (16 in a decode step,
+//      flash_decode.h) on sm_90+ the blocks of a
 //      (sequence, KV head) form a thread-block cluster, keep their partial results in shared memory, and
 //      after a cluster barrier each merges a share of the output reading the others' shared memory; else
 //      each block writes its partial output and log-sum-exp to a float32 workspace, and the last block to

@@ -221,16 +221,18 @@ def test_gemv_looks_the_tokens_embeddings_up_in_its_prologue(ops, dtype, rows, k
                                n_heads, token_ids=torch.zeros(5, dtype=torch.long, device="cuda"))
 
 
+# (3, 1600): splits of up to 3 tiles (head 128, workspace merge) or 2 (head 64, a cluster of 7); (1, 3000): a
+# non-portable cluster of 12 splits of 2 tiles at head 64
+@pytest.mark.parametrize("batch,max_seq", [(3, 1600), (1, 3000)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim):
+def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim, batch, max_seq):
     """A decode step's attention (early_cache_reads=True) starts while the qkv GEMV that writes the newest
-    cache row still runs (programmatic launch) and loads the older rows early: every step's newest row is
-    poisoned (NaN) until that GEMV writes it, so a stale read shows up as NaN."""
-    n_heads, n_kv_heads, k, batch, steps = 32, 8, 2048, 3, 24
+    cache row still runs (programmatic launch) and loads the older rows (its first two tiles) early: every
+    step's newest row is poisoned (NaN) until that GEMV writes it, so a stale read shows up as NaN."""
+    n_heads, n_kv_heads, k, steps = 32, 8, 2048, 24
     config = llama3.ModelArgs(vocab_size=8, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
                               rope_scaling=None, tie_word_embeddings=False)
-    max_seq = 1600
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(head_dim)
     # a 12-25 MB weight: the GEMV runs several microseconds, long enough for the attention to start early
@@ -239,7 +241,7 @@ def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim):
     norm_weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
     caches = [torch.randn(batch, max_seq, n_kv_heads, head_dim, generator=g, device="cuda").to(torch.bfloat16)
               for _ in range(2)]
-    start = torch.tensor([0, 130, 1500], device="cuda")
+    start = torch.tensor([max_seq - 100, 0, 130][:batch], device="cuda")
     for cache in caches:
         for b in range(batch):
             cache[b, start[b]:start[b] + steps] = float("nan")  # rows the steps below write
