@@ -220,27 +220,19 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 for (int c = 0; c < chunks; ++c)
                     pieces[c] = __ldcg(reinterpret_cast<const uint4*>(base + (seqlen - 1) * row_bytes + c * chunk_bytes));
             };
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s) {
-#pragma unroll
-                for (int nt = 0; nt < 2; ++nt)
-                    reload_newest(k_next[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(start, s, nt));
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    reload_newest(v_next[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(start, s, i));
-            }
-            if (second_tile_loaded) {
-                const int second = start + tile_stride;
+            auto reload_tile_newest = [&](int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
 #pragma unroll
                 for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
-                        reload_newest(k_second[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(second, s, nt));
+                        reload_newest(kt[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(tile, s, nt));
 #pragma unroll
                     for (int i = 0; i < 4; ++i)
-                        reload_newest(v_second[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(second, s, i));
+                        reload_newest(vt[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(tile, s, i));
                 }
-            }
+            };
+            reload_tile_newest(start, k_next, v_next);
+            if (second_tile_loaded) reload_tile_newest(start + tile_stride, k_second, v_second);
         }
     } else {
         // The first tile's loads go out together with the length's (rows up to the capacity). Once the
