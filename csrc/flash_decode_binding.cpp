@@ -501,8 +501,8 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
         if (!t.has_value()) return;
         FD_CHECK(t->is_cuda() && t->device() == logits.device() && t->scalar_type() == dtype && t->is_contiguous() &&
                      t->dim() == dims && t->size(0) == rows,
-                 "sample_tokens: ", name, " must be a contiguous ", dtype, " tensor with ", dims == 1 ? "shape [" : "[",
-                 rows, dims == 1 ? "]" : ", L]", " on ", logits.device(), ", got ", t->scalar_type(), " ", t->sizes(),
+                 "sample_tokens: ", name, " must be a contiguous ", dtype, " tensor of shape [", rows,
+                 dims == 1 ? "]" : ", L]", " on ", logits.device(), ", got ", t->scalar_type(), " ", t->sizes(),
                  " on ", t->device());
     };
     check_state(out_arg, "out", at::kLong, 1);

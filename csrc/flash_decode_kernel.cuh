@@ -190,19 +190,18 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 
     // q, and at least the newest cache row, come from the kernels just before (programmatic_launch.cuh).
     // With early_cache_reads the caller promises that those kernels write no other cache row and no
-    // length, so the block reads its length and issues its first tile's loads before waiting: at short
-    // lengths that tile is all the block reads, and its memory latency hides under the previous kernel.
-    // After the wait the length is read again (a different value means start over) and the newest row
-    // is loaded again through L2, where the previous kernel's write is now visible.
+    // length, so the block reads its length and issues its first two tiles' loads before waiting: with
+    // the decode split rule those are all the block reads up to 16 tiles (flash_decode.cu), and their memory
+    // latency hides under the previous kernel. After the wait the length is read again (a different value
+    // means start over) and the newest row is loaded again through L2, where the previous kernel's write is
+    // now visible.
     bool first_tile_loaded = false, second_tile_loaded = false;
     if constexpr (kEarlyReads) {
         set_rows(__ldg(p.seqlens + b));
         if (start < end) {
             load_tile(start, k_next, v_next);
             first_tile_loaded = true;
-            // and the block's second tile, if it has one: with splits of up to two tiles (the decode rule,
-            // flash_decode.cu) everything a short sequence needs is in flight before the wait
-            if (start + tile_stride < end) {
+            if (start + tile_stride < end) {  // the block's second tile
                 load_tile(start + tile_stride, k_second, v_second);
                 second_tile_loaded = true;
             }
