@@ -612,7 +612,7 @@ class Transformer(nn.Module):
         embeddings up), RoPE + the cache write in qkv's epilogue and SiLU * up in gate_up's, so a layer is 5
         kernels (qkv, attention, o, gate_up, down) and the step has no others but lm_head's."""
         B = tokens.shape[0]
-        tokens = tokens.contiguous()
+        tokens = tokens.long().contiguous()  # (as nn.Embedding, int32 ids are fine too)
         h, delta = None, None  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
