@@ -42,10 +42,11 @@ inline bool current_device_supports() {
     return major >= 9;
 }
 
-// cluster_x > 1: thread-block clusters of cluster_x blocks along x (sm_90+; grid.x a multiple of it).
+// programmatic: with the early start (when enabled() and supported); cluster_x > 1: thread-block clusters of
+// cluster_x blocks along x (sm_90+; grid.x a multiple of it).
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
-                             cudaStream_t stream, unsigned cluster_x, Args&&... args) {
+cudaError_t launch_with(bool programmatic, void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
+                        cudaStream_t stream, unsigned cluster_x, Args&&... args) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
@@ -53,7 +54,7 @@ cudaError_t launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 bloc
     config.stream = stream;
     cudaLaunchAttribute attributes[2];
     config.attrs = attributes;
-    if (enabled() && current_device_supports()) {
+    if (programmatic && enabled() && current_device_supports()) {
         attributes[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attributes[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
     }
@@ -64,6 +65,12 @@ cudaError_t launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 bloc
         attributes[config.numAttrs++].val.clusterDim.z = 1;
     }
     return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_clustered(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
+                             cudaStream_t stream, unsigned cluster_x, Args&&... args) {
+    return launch_with(true, kernel, grid, block, shared_bytes, stream, cluster_x, std::forward<Args>(args)...);
 }
 
 template <typename... KernelArgs, typename... Args>
@@ -79,12 +86,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_after_all_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
                                       cudaStream_t stream, Args&&... args) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = shared_bytes;
-    config.stream = stream;
-    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+    return launch_with(false, kernel, grid, block, shared_bytes, stream, 1u, std::forward<Args>(args)...);
 }
 
 }  // namespace programmatic_launch
