@@ -614,6 +614,7 @@ def run_meta(args, ceilings):
                 torch=torch.__version__, transformers=transformers.__version__,
                 custom_decode_kernel=custom_kernel_state(args), cuda_graph=not args.no_cuda_graph,
                 custom_gemv=llama3.USE_CUSTOM_GEMV, programmatic_launch=not args.no_programmatic_launch,
+                persistent_decode=llama3.USE_PERSISTENT_DECODE,
                 copy_gbps=ceilings[0] if ceilings else None, matmul_tflops=ceilings[1] if ceilings else None,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=[os.path.basename(sys.argv[0])] + sys.argv[1:])
@@ -720,7 +721,46 @@ def run_single(args, impl, ceilings):
         print_profile(profile, torch.device(args.device).type == "cuda")
         if args.profile_trace:
             print(f"wrote {args.profile_trace}")
+        if impl == "custom" and llama3.USE_PERSISTENT_DECODE and args.max_gen_batch_size == 1:
+            profile["persistent_phases"] = persistent_phases(runner.model, args.input_len)
+            if profile["persistent_phases"]:
+                print_persistent_phases(profile["persistent_phases"])
     return run_meta(args, ceilings), [rec], profile
+
+
+PERSISTENT_PHASES = ["qkv", "barrier", "attention", "barrier", "o", "barrier", "gate_up", "barrier", "down",
+                     "barrier (next layer)"]
+
+
+def persistent_phases(model, position):
+    """Where the persistent decode kernel's time goes (csrc/decode_layers.cu, --persistent_decode): its phase
+    trace over a few eager steps at `position` (graphs keep the trace switch of their capture), as mean us per
+    layer over blocks and layers, and the slowest block's."""
+    layers = model._decode_layers
+    if layers is None:
+        return None
+    trace = layers.set_trace(True)
+    device = model.device
+    tokens = torch.tensor([17], device=device)
+    positions = torch.tensor([position], device=device)
+    for _ in range(3):
+        model.forward_decode(tokens, positions, float_logits=False)
+    torch.cuda.synchronize(device)
+    layers.set_trace(False)
+    n_layers = len(model.layers)
+    stamps = trace[:, :n_layers * 10].double().view(-1, n_layers, 10) / 1000  # [blocks, layers, events] us
+    spans = [stamps[:, :, i + 1] - stamps[:, :, i] for i in range(9)] + [stamps[:, 1:, 0] - stamps[:, :-1, 9]]
+    return dict(position=position, kernel_us=float(stamps[:, -1, 9].max() - stamps[:, 0, 0].min()),
+                phases=[dict(phase=name, mean_us=float(d.mean()), slowest_block_us=float(d.max(0).values.mean()))
+                        for name, d in zip(PERSISTENT_PHASES, spans)])
+
+
+def print_persistent_phases(phases):
+    print(f"\nPersistent decode kernel at position {phases['position']}: {phases['kernel_us']:.1f} us from the first "
+          "block's start to the last block's end; per layer (stamps of thread 0 of each block: a phase ends when "
+          "the block's first warp is done, so the barrier after it also holds the other warps' last units):\n")
+    print_markdown(["phase", "mean us a layer", "slowest block us"],
+                   [[p["phase"], f"{p['mean_us']:.2f}", f"{p['slowest_block_us']:.2f}"] for p in phases["phases"]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -778,6 +818,9 @@ def parse_args(argv=None):
                    help="cuBLAS (and separate norm/SiLU kernels) for the batch-1..4 projections instead of csrc/gemv.cu")
     p.add_argument("--no_programmatic_launch", action="store_true",
                    help="plain kernel launches instead of programmatic dependent launch (for comparison)")
+    p.add_argument("--persistent_decode", action="store_true",
+                   help="batch-1 decode layers as one persistent kernel (csrc/decode_layers.cu, sm_90+; experimental, "
+                        "off by default: see docs/perf-notes.md); with --profile, its phase breakdown")
     args = p.parse_args(argv)
     validate_args(p, args)
     return args
@@ -830,6 +873,8 @@ def main(argv=None):
         llama3.USE_CUSTOM_GEMV = False
     if args.no_programmatic_launch:
         llama3.set_programmatic_launch(False)
+    if args.persistent_decode:
+        llama3.USE_PERSISTENT_DECODE = True
     device = torch.device(args.device)
     try:
         ceilings = measure_ceilings(device, llama3.resolve_dtype(args.dtype))  # first, while the card is empty

@@ -42,6 +42,12 @@ FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH",
 # RoPE + cache write and SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
 # use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
+# Batch-1 decode steps run every layer as one persistent kernel (csrc/decode_layers.cu: weights streamed into
+# shared memory by a producer warp, grid barriers between the phases; sm_90+) when this is True, the GEMV path
+# is on and the model's sizes allow it (ops.decode_layers_unsupported); else one kernel per projection.
+# Experimental, off by default: on an H100 it is level with the per-projection kernels at short contexts and
+# slower at long ones (docs/perf-notes.md). LLAMA3_PERSISTENT_DECODE=1 or benchmark_model.py --persistent_decode.
+USE_PERSISTENT_DECODE = os.environ.get("LLAMA3_PERSISTENT_DECODE", "0") == "1"
 GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
 GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 # Shared memory for x that every sm_80+ GPU grants a block (A100: 163 KB, consumer Ada/Ampere: 99 KB);
@@ -475,6 +481,8 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
         self._decode_graphs: dict = {}  # (batch, sampling) -> _DecodeStepper replaying a CUDA graph
         self._prefill_graphs: dict = {}  # (batch, padded length, switches) -> _PrefillGraph
+        self._decode_layers = None  # ops.DecodeLayers for the current weights and cache, or None
+        self._decode_layers_key = None  # the tensor addresses it was built for
 
     @property
     def device(self) -> torch.device:
@@ -490,6 +498,7 @@ class Transformer(nn.Module):
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_seq_len ({max_seq_len}) must be >= 1")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self._decode_graphs.clear()  # captured graphs point into the old cache
+        self._decode_layers = self._decode_layers_key = None  # (it holds the old cache too)
         self._prefill_graphs.clear()
         c, device, dtype = self.config, self.device, self.dtype
         for layer in self.layers:
@@ -631,11 +640,18 @@ class Transformer(nn.Module):
 
     def _forward_decode_fused(self, ops, tokens, positions, cache_seqlens):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
-        follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm. Up to
-        GEMV_MAX_BATCH sequences the projections are csrc/gemv.cu launches (with the norms folded in up to
+        follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm. At batch 1 all
+        layers are one persistent kernel (USE_PERSISTENT_DECODE, csrc/decode_layers.cu) where it serves the model.
+        Up to GEMV_MAX_BATCH sequences the projections are csrc/gemv.cu launches (with the norms folded in up to
         GEMV_MAX_NORM_BATCH: _forward_decode_gemv), else cuBLAS."""
         B = tokens.shape[0]
         c = self.config
+        if B == 1 and USE_PERSISTENT_DECODE and USE_CUSTOM_GEMV:
+            decode_layers = self._persistent_decode_layers(ops)
+            if decode_layers is not None:
+                delta, h = decode_layers(self.tok_embeddings.weight, tokens.long().contiguous(), positions,
+                                         cache_seqlens, self.rope_cos, self.rope_sin)
+                return ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)[0]
         dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
         # the CUDA-core GEMV stages x [B, k] in shared memory: at most GEMV_MAX_SHARED_BYTES
         if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
@@ -667,6 +683,25 @@ class Transformer(nn.Module):
         normed, _ = ops.add_rmsnorm(delta, h, self.norm.weight, self.norm.eps)
         return linear(normed, self.output)
 
+    def _persistent_decode_layers(self, ops):
+        """The persistent decode kernel's op (ops.DecodeLayers) for the current weights and KV cache, built on first
+        use and again when their storage changes; None when it does not serve this model on this GPU."""
+        first, last = self.layers[0], self.layers[-1]
+        key = (first.attention.wqkv.weight.data_ptr(), last.feed_forward.w_down.weight.data_ptr(),
+               first.attention.kv_cache.k.data_ptr(), last.attention.kv_cache.v.data_ptr())
+        if key != self._decode_layers_key:
+            self._decode_layers, self._decode_layers_key = None, key
+            c = self.config
+            if ops.decode_layers_unsupported(c.dim, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim) is None:
+                layers = [(layer.attention, layer.feed_forward, layer) for layer in self.layers]
+                self._decode_layers = ops.DecodeLayers(
+                    [a.wqkv.weight for a, _, _ in layers], [a.wo.weight for a, _, _ in layers],
+                    [f.w_gate_up.weight for _, f, _ in layers], [f.w_down.weight for _, f, _ in layers],
+                    [b.attention_norm.weight for _, _, b in layers], [b.ffn_norm.weight for _, _, b in layers],
+                    [a.kv_cache.k for a, _, _ in layers], [a.kv_cache.v for a, _, _ in layers],
+                    c.n_heads, c.norm_eps, first.attention.scale)
+        return self._decode_layers
+
     def _decode_and_sample(self, state: "_DecodeStepper"):
         """The per-token work of generate, in place on the decode loop's device tensors: the logits of
         state.tokens at state.positions, the next tokens sampled into state.tokens and state.history, and
@@ -691,7 +726,7 @@ class Transformer(nn.Module):
         device = self.device
         # The dispatch switches are baked into a captured graph, so they are part of its key.
         key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
-               USE_CUSTOM_GEMV, batch_size >= FUSED_SAMPLING_MIN_BATCH)
+               USE_CUSTOM_GEMV, USE_PERSISTENT_DECODE, batch_size >= FUSED_SAMPLING_MIN_BATCH)
         if use_cuda_graph and key in self._decode_graphs:
             self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "decode_layers.h"
 #include "flash_decode.h"
 #include "fused_ops.h"
 #include "gemv.h"
@@ -526,6 +527,159 @@ at::Tensor sample_tokens(const at::Tensor& logits, double temperature, double to
     return out;
 }
 
+// The batch-1 decode layers as one persistent kernel (decode_layers.h): built once per model and KV cache,
+// it checks every layer's tensors, keeps them alive, and holds the device table of their addresses and the
+// kernel's workspace (fixed addresses, as captured CUDA graphs need).
+class DecodeLayers {
+  public:
+    DecodeLayers(const std::vector<at::Tensor>& wqkv, const std::vector<at::Tensor>& wo,
+                 const std::vector<at::Tensor>& w_gate_up, const std::vector<at::Tensor>& w_down,
+                 const std::vector<at::Tensor>& attention_norm, const std::vector<at::Tensor>& ffn_norm,
+                 const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache, int64_t q_heads,
+                 double eps, double softmax_scale) {
+        const size_t layers = wqkv.size();
+        FD_CHECK(layers >= 1 && wo.size() == layers && w_gate_up.size() == layers && w_down.size() == layers &&
+                     attention_norm.size() == layers && ffn_norm.size() == layers && k_cache.size() == layers &&
+                     v_cache.size() == layers,
+                 "DecodeLayers: pass one tensor per layer in every list (got ", wqkv.size(), " wqkv, ", wo.size(),
+                 " wo, ", w_gate_up.size(), " w_gate_up, ", w_down.size(), " w_down, ", attention_norm.size(), " / ",
+                 ffn_norm.size(), " norms, ", k_cache.size(), " / ", v_cache.size(), " caches)");
+        const at::Tensor& like = wqkv[0];
+        dtype_ = model_dtype(like, "DecodeLayers");
+        FD_CHECK(k_cache[0].dim() == 4, "DecodeLayers: k_cache must be [batch, max_seq, kv_heads, head_dim], got ",
+                 k_cache[0].sizes());
+        const int64_t max_seq = k_cache[0].size(1), kv_heads = k_cache[0].size(2), head_dim = k_cache[0].size(3);
+        FD_CHECK(like.dim() == 2, "DecodeLayers: wqkv must be [(q_heads + 2 kv_heads) head_dim, dim], got ",
+                 like.sizes());
+        const int64_t dim = like.size(1);
+        FD_CHECK(w_gate_up[0].dim() == 2 && w_gate_up[0].size(0) % 2 == 0,
+                 "DecodeLayers: w_gate_up must be [2 hidden, dim], got ", w_gate_up[0].sizes());
+        const int64_t hidden = w_gate_up[0].size(0) / 2;
+        FD_CHECK(q_heads >= 1 && q_heads < 4096 && kv_heads < 4096 && dim < (1 << 20) && hidden < (1 << 20),
+                 "DecodeLayers: sizes out of range");
+        cudaError_t err = cudaSuccess;
+        const char* reason = decode_layers::unsupported_reason((int)dim, (int)hidden, (int)q_heads, (int)kv_heads,
+                                                               (int)head_dim, like.device().index(), &err);
+        check_cuda(err, "DecodeLayers: device query");
+        FD_CHECK(reason == nullptr, "DecodeLayers: this model is not served by the persistent decode kernel (",
+                 reason ? reason : "", "); use the per-projection decode path");
+        auto check = [&](const at::Tensor& t, const char* name, size_t l, std::vector<int64_t> shape) {
+            check_fused_input(t, like, "DecodeLayers", name);
+            check_aligned(t, "DecodeLayers", name);
+            FD_CHECK(t.sizes() == at::IntArrayRef(shape), "DecodeLayers: ", name, " of layer ", l, " must be ",
+                     at::IntArrayRef(shape), ", got ", t.sizes());
+            tensors_.push_back(t);
+            return reinterpret_cast<int64_t>(t.data_ptr());
+        };
+        const int64_t qkv_rows = (q_heads + 2 * kv_heads) * head_dim;
+        std::vector<int64_t> table;
+        for (size_t l = 0; l < layers; ++l) {
+            int64_t row[decode_layers::kLayerPointers];
+            row[decode_layers::kWqkv] = check(wqkv[l], "wqkv", l, {qkv_rows, dim});
+            row[decode_layers::kWo] = check(wo[l], "wo", l, {dim, q_heads * head_dim});
+            row[decode_layers::kWGateUp] = check(w_gate_up[l], "w_gate_up", l, {2 * hidden, dim});
+            row[decode_layers::kWDown] = check(w_down[l], "w_down", l, {dim, hidden});
+            row[decode_layers::kAttentionNorm] = check(attention_norm[l], "attention_norm", l, {dim});
+            row[decode_layers::kFfnNorm] = check(ffn_norm[l], "ffn_norm", l, {dim});
+            row[decode_layers::kKCache] = check(k_cache[l], "k_cache", l, k_cache[0].sizes().vec());
+            row[decode_layers::kVCache] = check(v_cache[l], "v_cache", l, k_cache[0].sizes().vec());
+            table.insert(table.end(), row, row + decode_layers::kLayerPointers);
+        }
+        const auto on_device = like.options();
+        table_ = at::tensor(table, at::kLong).view({(int64_t)layers, decode_layers::kLayerPointers}).to(like.device());
+        p_ = decode_layers::Params{};
+        p_.layers = table_.data_ptr<int64_t>();
+        p_.n_layers = (int)layers, p_.dim = (int)dim, p_.hidden = (int)hidden, p_.q_heads = (int)q_heads;
+        p_.kv_heads = (int)kv_heads, p_.head_dim = (int)head_dim, p_.max_seq = (int)max_seq;
+        p_.eps = (float)eps;
+        p_.scale_log2 = (float)(softmax_scale * 1.4426950408889634);
+        q_ = at::empty({q_heads * head_dim}, on_device);
+        attention_ = at::empty({q_heads * head_dim}, on_device);
+        act_ = at::empty({hidden}, on_device);
+        delta_ = at::empty({1, dim}, on_device);
+        stream_ = at::empty({1, dim}, on_device);
+        partial_out_ = at::empty({q_heads * decode_layers::kMaxSplits * head_dim}, on_device.dtype(at::kFloat));
+        partial_lse_ = at::empty({q_heads * decode_layers::kMaxSplits}, on_device.dtype(at::kFloat));
+        counters_ = at::zeros({decode_layers::kCounterWords((int)kv_heads)}, on_device.dtype(at::kInt));
+        p_.q = q_.data_ptr(), p_.attention = attention_.data_ptr(), p_.act = act_.data_ptr();
+        p_.delta = delta_.data_ptr(), p_.stream = stream_.data_ptr();
+        p_.partial_out = partial_out_.data_ptr<float>(), p_.partial_lse = partial_lse_.data_ptr<float>();
+        p_.counters = reinterpret_cast<unsigned*>(counters_.data_ptr<int>());
+    }
+
+    // (delta, h), both [1, dim]: the last layer's down_proj output and the residual stream before it, for the
+    // lm_head's gemv(delta, weight, h, norm_weight). The outputs are this object's buffers, rewritten by the
+    // next call.
+    std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embedding, const at::Tensor& tokens,
+                                               const at::Tensor& positions, const at::Tensor& cache_seqlens,
+                                               const at::Tensor& cos, const at::Tensor& sin) {
+        const at::Tensor& like = table_;
+        check_fused_input(embedding, q_, "DecodeLayers", "embedding");
+        FD_CHECK(embedding.dim() == 2 && embedding.size(1) == p_.dim, "DecodeLayers: embedding must be [vocab, ",
+                 p_.dim, "], got ", embedding.sizes());
+        auto check_state = [&](const at::Tensor& t, const char* name, at::ScalarType type) {
+            FD_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == type && t.numel() == 1 &&
+                         t.is_contiguous(),
+                     "DecodeLayers: ", name, " must be a contiguous ", type, " CUDA tensor of one element (batch 1) on ",
+                     like.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+        };
+        check_state(tokens, "tokens", at::kLong);
+        check_state(positions, "positions", at::kLong);
+        check_state(cache_seqlens, "cache_seqlens", at::kInt);
+        for (const at::Tensor* t : {&cos, &sin}) {
+            check_fused_input(*t, q_, "DecodeLayers", "cos/sin");
+            FD_CHECK(t->dim() == 2 && t->size(0) >= p_.max_seq && t->size(1) == p_.head_dim,
+                     "DecodeLayers: cos and sin must be [>= ", p_.max_seq, ", ", p_.head_dim, "], got ", t->sizes());
+        }
+        decode_layers::Params p = p_;
+        if (trace_.defined()) p.trace = reinterpret_cast<unsigned long long*>(trace_.data_ptr<int64_t>());
+        p.embedding = embedding.data_ptr();
+        p.vocab = embedding.size(0);
+        p.tokens = tokens.data_ptr<int64_t>();
+        p.positions = positions.data_ptr<int64_t>();
+        p.cache_seqlens = cache_seqlens.data_ptr<int>();
+        p.cos = cos.data_ptr();
+        p.sin = sin.data_ptr();
+        const c10::cuda::CUDAGuard guard(like.device());
+        check_cuda(decode_layers::launch(p, dtype_, c10::cuda::getCurrentCUDAStream().stream()),
+                   "DecodeLayers launch");
+        return {delta_, stream_};
+    }
+
+    // Phase tracing (decode_layers.h Params::trace): returns the int64 buffer [blocks, slots] the next calls fill,
+    // or stops tracing with enabled=False.
+    c10::optional<at::Tensor> set_trace(bool enabled) {
+        if (!enabled) {
+            trace_ = at::Tensor();
+            return c10::nullopt;
+        }
+        int sms = 0;
+        check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, table_.device().index()),
+                   "DecodeLayers: device query");
+        trace_ = at::zeros({sms, decode_layers::trace_slots_per_block(p_.n_layers)}, table_.options());
+        return trace_;
+    }
+
+  private:
+    decode_layers::Params p_;
+    flash_decode::DType dtype_;
+    std::vector<at::Tensor> tensors_;  // the layers' tensors, kept alive while their addresses are in table_
+    at::Tensor table_, q_, attention_, act_, delta_, stream_, partial_out_, partial_lse_, counters_, trace_;
+};
+
+// Why the persistent decode kernel does not serve these sizes on the current GPU, or None.
+c10::optional<std::string> decode_layers_unsupported(int64_t dim, int64_t hidden, int64_t q_heads, int64_t kv_heads,
+                                                     int64_t head_dim) {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "querying the current device");
+    cudaError_t err = cudaSuccess;
+    const char* reason = decode_layers::unsupported_reason((int)dim, (int)hidden, (int)q_heads, (int)kv_heads,
+                                                           (int)head_dim, device, &err);
+    check_cuda(err, "device query");
+    if (reason == nullptr) return c10::nullopt;
+    return std::string(reason);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -596,6 +750,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("logits"), py::arg("temperature"), py::arg("top_p"), py::arg("rng_state") = py::none(),
           py::arg("ctas_per_row") = 0, py::arg("out") = py::none(), py::arg("positions") = py::none(),
           py::arg("cache_seqlens") = py::none(), py::arg("history") = py::none());
+    py::class_<DecodeLayers>(m, "DecodeLayers",
+                             "Every layer of a batch-1 decode step as one persistent kernel (sm_90+; "
+                             "csrc/decode_layers.cu). Built from per-layer lists of the model's tensors; calling it "
+                             "runs the layers for tokens at positions and returns (delta, h) for the lm_head's "
+                             "gemv(delta, weight, h, norm_weight).")
+        .def(py::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                      const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                      const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, int64_t, double, double>(),
+             py::arg("wqkv"), py::arg("wo"), py::arg("w_gate_up"), py::arg("w_down"), py::arg("attention_norm"),
+             py::arg("ffn_norm"), py::arg("k_cache"), py::arg("v_cache"), py::arg("q_heads"), py::arg("eps"),
+             py::arg("softmax_scale"))
+        .def("__call__", &DecodeLayers::forward, py::arg("embedding"), py::arg("tokens"), py::arg("positions"),
+             py::arg("cache_seqlens"), py::arg("cos"), py::arg("sin"))
+        .def("set_trace", &DecodeLayers::set_trace,
+             "Trace the phases of the next calls into an int64 [SMs, n_layers * 10 + 3] buffer (returned): per "
+             "layer 10 %globaltimer stamps of thread 0 of each block (layer start, qkv done, barrier passed, "
+             "attention done, passed, o done, passed, gate_up done, passed, down done), then clock totals: producer "
+             "waits for a free stage, first consumer warp's waits for data, grid-barrier waits. False stops.",
+             py::arg("enabled") = true);
+    m.def("decode_layers_unsupported", &decode_layers_unsupported,
+          "Why the persistent decode kernel (DecodeLayers) does not serve a model of these sizes on the current GPU, "
+          "or None when it does.",
+          py::arg("dim"), py::arg("hidden"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"));
     m.def("max_sampling_ctas_per_row", [](int64_t vocab) { return sampling::max_ctas_per_row((int)vocab); },
           "The cluster size sample_tokens can use for this vocabulary on the current GPU (1: none).",
           py::arg("vocab"));

@@ -9,6 +9,7 @@
 #include "element_convert.cuh"
 #include "fused_ops.h"
 #include "programmatic_launch.cuh"
+#include "rope.cuh"
 
 namespace fused_ops {
 namespace {
@@ -142,15 +143,12 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
         if (head < rotated_heads) {
             const float x1 = to_float(src[head * head_dim + d]);
             const float x2 = to_float(src[head * head_dim + d + half]);
-            const float c1 = to_float(cos_row[d]), c2 = to_float(cos_row[d + half]);
-            const float s1 = to_float(sin_row[d]), s2 = to_float(sin_row[d + half]);
-            // x * cos + cat(-x2, x1) * sin, each product and the sum rounded like the PyTorch ops
-            const T out1 = from_float<T>(round_to<T>(x1 * c1) + round_to<T>(-x2 * s1));
-            const T out2 = from_float<T>(round_to<T>(x2 * c2) + round_to<T>(x1 * s2));
+            float out1, out2;
+            rope::rotate_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
             T* dst = head < q_heads ? q_out + (token * q_heads + head) * head_dim
                                     : k_cache + cache_row + (int64_t)(head - q_heads) * head_dim;
-            dst[d] = out1;
-            dst[d + half] = out2;
+            dst[d] = from_float<T>(out1);
+            dst[d + half] = from_float<T>(out2);
         } else {
             const int v_head = head - rotated_heads;
             const T* v_src = src + (int64_t)(rotated_heads + v_head) * head_dim;

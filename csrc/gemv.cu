@@ -25,6 +25,7 @@
 #include "element_convert.cuh"
 #include "gemv.h"
 #include "programmatic_launch.cuh"
+#include "rope.cuh"
 #include "tensor_core.cuh"
 
 namespace gemv {
@@ -245,10 +246,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             if (h < p.q_heads + p.kv_heads) {
                 const T* cos_row = static_cast<const T*>(p.cos) + pos * p.head_dim;
                 const T* sin_row = static_cast<const T*>(p.sin) + pos * p.head_dim;
-                const float c1 = to_float(cos_row[d]), c2 = to_float(cos_row[d + half]);
-                const float s1 = to_float(sin_row[d]), s2 = to_float(sin_row[d + half]);
-                out1 = round_to<T>(x1 * c1) + round_to<T>(-x2 * s1);
-                out2 = round_to<T>(x2 * c2) + round_to<T>(x1 * s2);
+                rope::rotate_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
                 dst = h < p.q_heads ? out + ((int64_t)r * p.q_heads + h) * p.head_dim
                                     : static_cast<T*>(p.k_cache) + cache_row + (int64_t)(h - p.q_heads) * p.head_dim;
             } else {

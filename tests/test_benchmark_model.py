@@ -84,9 +84,10 @@ def test_single_run_prints_the_original_format_and_json(tiny_config, tmp_path):
 def test_comparison_switches_are_recorded(tiny_config, tmp_path):
     path = tmp_path / "r.json"
     run(*tiny_args(tiny_config, "--max_gen_batch_size=1", "--max_gen_len=3", "--input_len=4", "--no_custom_gemv",
-                   "--no_programmatic_launch", "--json", str(path)))
+                   "--no_programmatic_launch", "--persistent_decode", "--json", str(path)))
     meta = json.loads(path.read_text())["meta"]
     assert meta["custom_gemv"] is False and meta["programmatic_launch"] is False
+    assert meta["persistent_decode"] is True
 
 
 def test_sweep_with_two_implementations(tiny_config, tmp_path):

@@ -313,6 +313,135 @@ def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths
     assert torch.equal(outs[-1][0], expected_q)
 
 
+@pytest.fixture
+def decode_switches():
+    saved = llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE
+    yield
+    llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE = saved
+
+
+def random_model(dim, hidden, n_heads, n_kv_heads, head_dim, n_layers, dtype, max_seq_len, seed, vocab=1000):
+    config = llama3.ModelArgs(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=hidden, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    model = llama3.Transformer.from_config(config, device="cuda", dtype=dtype, max_seq_len=max_seq_len, seed=seed)
+    with torch.no_grad():  # std 0.02 leaves tiny models' logits flat; larger weights make the steps differ
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.mul_(4.0)
+    return model
+
+
+# (dim, hidden, n_heads, n_kv_heads, head_dim, n_layers): GQA groups 1, 2, 3 and 4, both head sizes, phases
+# with fewer units than the GPU has blocks (128 wide) and Llama-3.2-1B's widths, sizes that are not multiples of 64
+PERSISTENT_SHAPES = [(128, 256, 8, 2, 64, 2), (264, 520, 6, 2, 64, 3), (512, 1376, 8, 4, 128, 2),
+                     (2048, 8192, 32, 8, 64, 1), (384, 1000, 4, 4, 128, 2), (1024, 2816, 6, 2, 128, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("prompt_len", [1, 300, 2100])  # attention in 1, 3 and 16 splits
+def test_persistent_decode_layers_match_the_pytorch_modules(ops, decode_switches, dtype, shape, prompt_len):
+    """The whole batch-1 step as one persistent kernel against the PyTorch modules, step after step on the same
+    cache (each step rewrites the row the reference wrote); the rows past the sequence hold large values that
+    only a masking error would let through. Bound: 1%, or twice the per-projection kernels' error on the same
+    step where bf16 rounding flips move both more (the larger random weights amplify them)."""
+    dim, hidden, n_heads, n_kv_heads, head_dim, n_layers = shape
+    reason = ops.decode_layers_unsupported(dim, hidden, n_heads, n_kv_heads, head_dim)
+    if reason is not None:
+        pytest.skip(f"the persistent decode kernel does not run here: {reason}")
+    model = random_model(dim, hidden, n_heads, n_kv_heads, head_dim, n_layers, dtype, prompt_len + 8, seed=prompt_len)
+    g = torch.Generator(device="cuda").manual_seed(prompt_len + dim)
+    prompt = torch.randint(3, 1000, (1, prompt_len), generator=g, device="cuda")
+    fed = model.prefill(prompt, torch.tensor([prompt_len], device="cuda")).argmax(-1)
+    for layer in model.layers:
+        layer.attention.kv_cache.k[:, prompt_len:] = 100.0
+        layer.attention.kv_cache.v[:, prompt_len:] = -100.0
+    positions = torch.tensor([prompt_len], device="cuda")
+    for step in range(5):
+        llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE = True, False
+        per_projection = model.forward_decode(fed, positions)
+        llama3.USE_FUSED_DECODE_OPS = False
+        expected = model.forward_decode(fed, positions)
+        llama3.USE_FUSED_DECODE_OPS = llama3.USE_PERSISTENT_DECODE = True
+        logits = model.forward_decode(fed.int() if step % 2 else fed, positions)
+        assert model._decode_layers is not None
+        assert not logits.isnan().any()
+        bound = max(1e-2, 2 * relative_error(per_projection, expected))
+        assert relative_error(logits, expected) < bound, f"decode step {step}"
+        fed, positions = expected.argmax(-1), positions + 1
+
+
+def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, decode_switches):
+    """The same step through the persistent kernel and through gemv.cu + flash_decode: the same roundings and,
+    except down_proj's split k and the attention, the same summation orders, so nearly every logit is equal."""
+    if ops.decode_layers_unsupported(2048, 8192, 32, 8, 64) is not None:
+        pytest.skip("the persistent decode kernel does not run here")
+    model = random_model(2048, 8192, 32, 8, 64, 2, torch.bfloat16, 700, seed=5)
+    prompt = torch.randint(3, 1000, (1, 600), generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+    fed = model.prefill(prompt, torch.tensor([600], device="cuda")).argmax(-1)
+    positions = torch.tensor([600], device="cuda")
+    llama3.USE_FUSED_DECODE_OPS = True
+    llama3.USE_PERSISTENT_DECODE = False
+    per_projection = model.forward_decode(fed, positions)
+    llama3.USE_PERSISTENT_DECODE = True
+    persistent = model.forward_decode(fed, positions)
+    assert model._decode_layers is not None
+    assert relative_error(persistent, per_projection) < 2e-3
+    assert (persistent == per_projection).float().mean() > 0.5
+
+
+def test_persistent_decode_generation_in_a_graph_equals_eager_and_transformers(ops, gqa_checkpoint, decode_switches):
+    """The persistent kernel inside generate: captured with the lm_head and the sampler in a CUDA graph, replayed
+    step after step (the sampler advancing tokens and lengths in place), against eager steps and transformers."""
+    if ops.decode_layers_unsupported(128, 256, 8, 2, 64) is not None:
+        pytest.skip("the persistent decode kernel does not run here")
+    llama3.USE_PERSISTENT_DECODE = True
+    directory, _ = gqa_checkpoint
+    model = load_cuda(directory, max_batch_size=1)
+    prompts = random_prompts([9], seed=24)
+    eager = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=False)
+    graphed = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=True)
+    assert model._decode_layers is not None
+    assert graphed == eager
+    hf_model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
+    reference, reference_logits = hf_greedy_reference(hf_model, prompts[0], 32)
+    ok, message = compare_greedy(graphed[0], reference, reference_logits, torch.bfloat16)
+    assert ok, message
+
+
+def test_persistent_decode_layers_reject_bad_input(ops):
+    assert "head_dim" in ops.decode_layers_unsupported(2048, 8192, 32, 8, 96)
+    assert "1, 2, 3 or 4" in ops.decode_layers_unsupported(2048, 8192, 48, 8, 128)
+    assert "hidden > 16384" in ops.decode_layers_unsupported(2048, 28672, 32, 8, 64)
+    if ops.decode_layers_unsupported(128, 256, 8, 2, 64) is not None:
+        pytest.skip("the persistent decode kernel does not run here")
+    model = random_model(128, 256, 8, 2, 64, 2, torch.bfloat16, 64, seed=1)
+    a = [layer.attention for layer in model.layers]
+    f = [layer.feed_forward for layer in model.layers]
+    args = dict(wqkv=[x.wqkv.weight for x in a], wo=[x.wo.weight for x in a],
+                w_gate_up=[x.w_gate_up.weight for x in f], w_down=[x.w_down.weight for x in f],
+                attention_norm=[layer.attention_norm.weight for layer in model.layers],
+                ffn_norm=[layer.ffn_norm.weight for layer in model.layers], k_cache=[x.kv_cache.k for x in a],
+                v_cache=[x.kv_cache.v for x in a], q_heads=8, eps=1e-5, softmax_scale=0.125)
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        ops.DecodeLayers(**{**args, "wo": args["wo"][:1]})
+    with pytest.raises(ValueError, match="wo of layer 1 must be"):
+        ops.DecodeLayers(**{**args, "wo": [args["wo"][0], args["wo"][1][:, :64].contiguous()]})
+    with pytest.raises(ValueError, match="dtype"):
+        ops.DecodeLayers(**{**args, "w_down": [w.half() for w in args["w_down"]]})
+    layers = ops.DecodeLayers(**args)
+    one = torch.zeros(1, dtype=torch.long, device="cuda")
+    lengths = torch.ones(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="tokens must be a contiguous Long CUDA tensor of one element"):
+        layers(model.tok_embeddings.weight, torch.zeros(2, dtype=torch.long, device="cuda"), one, lengths,
+               model.rope_cos, model.rope_sin)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        layers(model.tok_embeddings.weight, one, one, lengths.long(), model.rope_cos, model.rope_sin)
+    delta, h = layers(model.tok_embeddings.weight, one, one, lengths + 1, model.rope_cos, model.rope_sin)
+    assert delta.shape == h.shape == (1, 128) and torch.isfinite(delta.float()).all()
+
+
 def test_gemv_rejects_bad_input(ops):
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
@@ -356,9 +485,9 @@ def fused_ops_switch():
     llama3.USE_FUSED_DECODE_OPS = saved
 
 
-# batch 3 runs the GEMV with the norms folded in (llama3.GEMV_MAX_NORM_BATCH), batch 6 the tensor-core GEMV
-# and the separate fused ops, batch 18 cuBLAS
-@pytest.mark.parametrize("lengths", [[5, 23, 12], [5, 23, 12, 3, 30, 8], [5, 23, 12, 3, 30, 8] * 3])
+# batches 1 and 3 run the GEMV with the norms folded in (llama3.GEMV_MAX_NORM_BATCH), batch 6 the tensor-core
+# GEMV and the separate fused ops, batch 18 cuBLAS
+@pytest.mark.parametrize("lengths", [[23], [5, 23, 12], [5, 23, 12, 3, 30, 8], [5, 23, 12, 3, 30, 8] * 3])
 def test_fused_decode_step_matches_pytorch_modules(gqa_checkpoint, fused_ops_switch, lengths):
     model = load_cuda(gqa_checkpoint[0], max_batch_size=18)
     tokens, lengths = llama3.pad_prompts(random_prompts(lengths, seed=21), "cuda")
