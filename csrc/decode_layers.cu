@@ -33,13 +33,14 @@
 // Reference: the PyTorch decode path (llama3.Transformer.forward_decode with the fused ops off), and the
 // GEMV path, which tests/test_decode_fast_path.py compares it with.
 //
-// Status: experimental, off by default (llama3.USE_PERSISTENT_DECODE). On an H100 (2026-11-27) it is 4-8% slower
-// end to end than the kernel-per-projection path. Its phase trace (Params::trace, benchmark_model.py --profile
-// --persistent_decode) says why: the five grid barriers of a layer take 2-3 us each under the weight stream,
-// and the attention items 1-8 us (their loads wait behind ~25 MB of bulk copies in flight), so the windows in
-// which a block consumes nothing reach 8-18 us, while the ring (6 stages, 192 KB) buffers 8 us of its DRAM
-// share. Tried and slower: L2 prefetch of the stages beyond the ring, of the attention's cache rows, smaller
-// attention splits, other barrier schemes (see grid_barrier). docs/perf-notes.md has the numbers.
+// Status: experimental, off by default (llama3.USE_PERSISTENT_DECODE). On an H100 (2026-11-27) a decode step
+// with it is about 1% faster than with the kernel-per-projection path after a 128-token prompt and 2-5% slower
+// after 2048 tokens. Its phase trace (Params::trace, benchmark_model.py --profile --persistent_decode) says
+// why: the five grid barriers of a layer take 2-3 us each under the weight stream and the attention items
+// 4-12 us, so a block consumes nothing for 8-18 us around the attention and after gate_up, while its ring
+// (6 stages, 192 KB) holds 8 us of its share of the DRAM bandwidth. Tried and slower: L2 prefetch of the
+// stages beyond the ring and of the attention's cache rows, the attention's cache rows loaded before the qkv
+// phase, smaller attention splits, other barrier schemes (see grid_barrier). docs/perf-notes.md has the numbers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -63,6 +64,11 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
 constexpr int kStageBytes = 32 * 1024;
 constexpr int kMaxStages = 8;
+// The producer keeps at most this many stages requested and not yet arrived, however many are free: with all
+// six in flight (25 MB over the GPU) every dependent access (the barriers' atomics, the attention's loads)
+// queued behind them. 2 made the layers 3% faster than 6 (1, 3 and 4 slower; H100, 2026-11-27), and the free
+// stages still fill with arrived data while the consumers wait at a barrier.
+constexpr int kStagesInFlight = 2;
 constexpr int kPositionsPerSplit = 128;  // attention: below this many positions a KV head is one item
 
 enum class Phase { kQkv, kO, kGateUp, kDown };
@@ -253,6 +259,10 @@ __device__ void produce(const Params& p, unsigned char* ring, uint64_t* full, ui
         const int slot = n % stages;
         const long long t0 = clock64();
         mbarrier_wait(&empty[slot], ((n / stages) & 1) ^ 1);
+        if (n >= kStagesInFlight) {  // pacing: no more than kStagesInFlight stages requested and not arrived
+            const int older = n - kStagesInFlight;
+            mbarrier_wait(&full[older % stages], (older / stages) & 1);
+        }
         waited += clock64() - t0;
         const int count = copy.units();
         const unsigned row_bytes = copy.row_bytes();
