@@ -45,8 +45,8 @@ USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
 # Batch-1 decode steps run every layer as one persistent kernel (csrc/decode_layers.cu: weights streamed into
 # shared memory by a producer warp, grid barriers between the phases; sm_90+) when this is True, the GEMV path
 # is on and the model's sizes allow it (ops.decode_layers_unsupported); else one kernel per projection.
-# Experimental, off by default: on an H100 it is level with the per-projection kernels at short contexts and
-# slower at long ones (docs/perf-notes.md). LLAMA3_PERSISTENT_DECODE=1 or benchmark_model.py --persistent_decode.
+# Experimental, off by default: on an H100 it makes generate 2-5% slower than the per-projection kernels
+# (docs/perf-notes.md). LLAMA3_PERSISTENT_DECODE=1 or benchmark_model.py --persistent_decode.
 USE_PERSISTENT_DECODE = os.environ.get("LLAMA3_PERSISTENT_DECODE", "0") == "1"
 GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
 GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
@@ -693,12 +693,14 @@ class Transformer(nn.Module):
             self._decode_layers, self._decode_layers_key = None, key
             c = self.config
             if ops.decode_layers_unsupported(c.dim, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim) is None:
-                layers = [(layer.attention, layer.feed_forward, layer) for layer in self.layers]
+                attention = [layer.attention for layer in self.layers]
+                ffn = [layer.feed_forward for layer in self.layers]
                 self._decode_layers = ops.DecodeLayers(
-                    [a.wqkv.weight for a, _, _ in layers], [a.wo.weight for a, _, _ in layers],
-                    [f.w_gate_up.weight for _, f, _ in layers], [f.w_down.weight for _, f, _ in layers],
-                    [b.attention_norm.weight for _, _, b in layers], [b.ffn_norm.weight for _, _, b in layers],
-                    [a.kv_cache.k for a, _, _ in layers], [a.kv_cache.v for a, _, _ in layers],
+                    [a.wqkv.weight for a in attention], [a.wo.weight for a in attention],
+                    [f.w_gate_up.weight for f in ffn], [f.w_down.weight for f in ffn],
+                    [layer.attention_norm.weight for layer in self.layers],
+                    [layer.ffn_norm.weight for layer in self.layers],
+                    [a.kv_cache.k for a in attention], [a.kv_cache.v for a in attention],
                     c.n_heads, c.norm_eps, first.attention.scale)
         return self._decode_layers
 
