@@ -46,8 +46,8 @@ struct Params {
     float* partial_lse;          // [q_heads, kMaxSplits] (log2 domain)
     unsigned* counters;          // [kCounterWords], zero before the first launch
     // Optional phase trace (null: off): per block, kTraceEventsPerLayer %globaltimer stamps (ns) per layer, then
-    // kTraceTotals clock totals (cycles): the producer's waits for a free stage, the first consumer warp's waits
-    // for a stage's data, thread 0's grid-barrier waits. See trace_events() in the binding.
+    // kTraceTotals clock totals (cycles): the producer's waits (for a free stage, or pacing), the first consumer
+    // warp's waits for a stage's data, thread 0's grid-barrier waits. See DecodeLayers.set_trace in the binding.
     unsigned long long* trace;
 };
 
