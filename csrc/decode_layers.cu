@@ -49,7 +49,7 @@
 #include "decode_layers.h"
 #include "element_convert.cuh"
 #include "programmatic_launch.cuh"
-#include "rope.cuh"
+#include "rounded_ops.cuh"
 
 namespace decode_layers {
 namespace {
@@ -480,7 +480,7 @@ struct Consumer {
         float total = 0.f;
 #pragma unroll
         for (int w = 0; w < kConsumerWarps; ++w) total += warp_sums[w];
-        const float inv_rms = rsqrtf(total * __frcp_rn((float)p.dim) + p.eps);
+        const float inv_rms = rounded::inverse_rms(total, p.dim, p.eps);
         const uint4* g4 = reinterpret_cast<const uint4*>(norm_weight);
         for (int i = threadIdx.x; i < pieces; i += kConsumerThreads) {
             float hf[8], gf[8];
@@ -489,7 +489,7 @@ struct Consumer {
             uint4 ov;
             T* oe = reinterpret_cast<T*>(&ov);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) oe[e] = from_float<T>(gf[e] * round_to<T>(hf[e] * inv_rms));
+            for (int e = 0; e < 8; ++e) oe[e] = rounded::rms_normalize<T>(hf[e], gf[e], inv_rms);
             x4[i] = ov;
         }
         consumer_sync();
@@ -635,7 +635,7 @@ struct Consumer {
                 float out1 = round_to<T>(acc[0]), out2 = round_to<T>(acc[1]);
                 T* dst;
                 if (head < p.q_heads + p.kv_heads) {
-                    rope::rotate_pair(out1, out2, cos_row, sin_row, d, half, out1, out2);
+                    rounded::rope_pair(out1, out2, cos_row, sin_row, d, half, out1, out2);
                     dst = head < p.q_heads ? q + head * kHeadDim : k_cache + (head - p.q_heads) * kHeadDim;
                 } else {
                     dst = v_cache + (head - p.q_heads - p.kv_heads) * kHeadDim;
@@ -667,9 +667,7 @@ struct Consumer {
             }
             T* act = static_cast<T*>(p.act);
             gemv<2>(matrix_of(p, layer, Phase::kGateUp), [&](int u, const float (&acc)[2]) {
-                const float gate = round_to<T>(acc[0]), up = round_to<T>(acc[1]);
-                const float silu = round_to<T>(gate / (1.f + expf(-gate)));
-                act[u] = from_float<T>(silu * up);
+                act[u] = rounded::silu_mul<T>(round_to<T>(acc[0]), round_to<T>(acc[1]));
             });
             stamp(l, 7);
             grid_barrier();  // act

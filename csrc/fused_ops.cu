@@ -9,7 +9,7 @@
 #include "element_convert.cuh"
 #include "fused_ops.h"
 #include "programmatic_launch.cuh"
-#include "rope.cuh"
+#include "rounded_ops.cuh"
 
 namespace fused_ops {
 namespace {
@@ -54,14 +54,13 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_kernel(const T* __re
         if (residual != nullptr) h = round_to<T>(h + to_float(residual[i]));
         sum_sq += h * h;
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) * __frcp_rn((float)dim) + eps);  // mean = sum * (1/n), as PyTorch
+    const float inv_rms = rounded::inverse_rms(block_sum(sum_sq), dim, eps);
 
     // The second pass re-reads x (and residual) from L1/L2; it is a few KB per row.
     for (int i = threadIdx.x; i < dim; i += kNormThreads) {
         float h = to_float(x[i]);
         if (residual != nullptr) h = round_to<T>(h + to_float(residual[i]));
-        const float normed = round_to<T>(h * inv_rms);
-        out[i] = from_float<T>(to_float(weight[i]) * normed);
+        out[i] = rounded::rms_normalize<T>(h, to_float(weight[i]), inv_rms);
         if (h_out != nullptr) h_out[i] = from_float<T>(h);  // may alias residual: written after its last read
     }
 }
@@ -97,7 +96,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
             }
         }
     }
-    const float inv_rms = rsqrtf(block_sum(sum_sq) * __frcp_rn((float)dim) + eps);  // mean = sum * (1/n), as PyTorch
+    const float inv_rms = rounded::inverse_rms(block_sum(sum_sq), dim, eps);
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
         const int col = (j * kNormThreads + threadIdx.x) * kElems;
@@ -109,7 +108,7 @@ __global__ void __launch_bounds__(kNormThreads) add_rmsnorm_vec_kernel(const T* 
             T* he = reinterpret_cast<T*>(&hv);
 #pragma unroll
             for (int e = 0; e < kElems; ++e) {
-                oe[e] = from_float<T>(to_float(we[e]) * round_to<T>(h[j][e] * inv_rms));
+                oe[e] = rounded::rms_normalize<T>(h[j][e], to_float(we[e]), inv_rms);
                 he[e] = from_float<T>(h[j][e]);
             }
             *reinterpret_cast<uint4*>(out + row * dim + col) = ov;
@@ -144,7 +143,7 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
             const float x1 = to_float(src[head * head_dim + d]);
             const float x2 = to_float(src[head * head_dim + d + half]);
             float out1, out2;
-            rope::rotate_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
+            rounded::rope_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
             T* dst = head < q_heads ? q_out + (token * q_heads + head) * head_dim
                                     : k_cache + cache_row + (int64_t)(head - q_heads) * head_dim;
             dst[d] = from_float<T>(out1);
@@ -159,11 +158,6 @@ __global__ void rope_kv_write_kernel(const T* __restrict__ qkv, const T* __restr
     }
 }
 
-// silu(gate) * up, with silu(gate) rounded to T first like F.silu's output.
-template <typename T>
-__device__ __forceinline__ T silu_mul_one(float gate, float up) {
-    return from_float<T>(round_to<T>(gate / (1.f + expf(-gate))) * up);
-}
 
 // Any width: one element per thread.
 template <typename T>
@@ -174,7 +168,7 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ o
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / width;
         const int col = (int)(i % width);
-        out[i] = silu_mul_one<T>(to_float(gate_up[row * 2 * width + col]),
+        out[i] = rounded::silu_mul<T>(to_float(gate_up[row * 2 * width + col]),
                                  to_float(gate_up[row * 2 * width + width + col]));
     }
 }
@@ -197,7 +191,7 @@ __global__ void silu_mul_vec_kernel(const uint4* __restrict__ gate_up, uint4* __
         uint4 ov;
         T* oe = reinterpret_cast<T*>(&ov);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) oe[e] = silu_mul_one<T>(to_float(ge[e]), to_float(ue[e]));
+        for (int e = 0; e < 8; ++e) oe[e] = rounded::silu_mul<T>(to_float(ge[e]), to_float(ue[e]));
         out[i] = ov;
     }
 }

@@ -25,7 +25,7 @@
 #include "element_convert.cuh"
 #include "gemv.h"
 #include "programmatic_launch.cuh"
-#include "rope.cuh"
+#include "rounded_ops.cuh"
 #include "tensor_core.cuh"
 
 namespace gemv {
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             float total = 0.f;
 #pragma unroll
             for (int w = 0; w < kWarps; ++w) total += warp_sums[w][r];
-            inv_rms[r] = rsqrtf(total * __frcp_rn((float)k) + p.eps);  // mean = sum * (1/n), as PyTorch
+            inv_rms[r] = rounded::inverse_rms(total, k, p.eps);
         }
         const T* norm_weight = static_cast<const T*>(p.norm_weight);
         for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             uint4 ov;
             T* oe = reinterpret_cast<T*>(&ov);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) oe[e] = from_float<T>(g[e] * round_to<T>(h[e] * rms));
+            for (int e = 0; e < 8; ++e) oe[e] = rounded::rms_normalize<T>(h[e], g[e], rms);
             smem[i] = ov;  // each thread rewrites only the pieces it read
         }
         __syncthreads();
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             if (h < p.q_heads + p.kv_heads) {
                 const T* cos_row = static_cast<const T*>(p.cos) + pos * p.head_dim;
                 const T* sin_row = static_cast<const T*>(p.sin) + pos * p.head_dim;
-                rope::rotate_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
+                rounded::rope_pair(x1, x2, cos_row, sin_row, d, half, out1, out2);
                 dst = h < p.q_heads ? out + ((int64_t)r * p.q_heads + h) * p.head_dim
                                     : static_cast<T*>(p.k_cache) + cache_row + (int64_t)(h - p.q_heads) * p.head_dim;
             } else {
@@ -257,8 +257,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
         } else if constexpr (kSiluMul) {
             const float g = round_to<T>(acc[0][r]);
             const float u = round_to<T>(acc[kWarpRows - 1][r]);
-            const float silu = round_to<T>(g / (1.f + expf(-g)));
-            out[(int64_t)r * p.n_out + task] = from_float<T>(silu * u);
+            out[(int64_t)r * p.n_out + task] = rounded::silu_mul<T>(g, u);
         } else {
             out[(int64_t)r * p.n_out + task] = from_float<T>(acc[0][r]);
         }
@@ -351,13 +350,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2) gemv_mma_kernel(const __gri
         const int row = e < 2 ? g : g + 8;
         const int col = n0 + 2 * t + e % 2;
         if (row >= p.rows || col >= p.n_out) continue;
-        float y = acc[0][e];
-        if constexpr (kSiluMul) {
-            const float gate = round_to<T>(acc[0][e]);
-            const float up = round_to<T>(acc[kTiles - 1][e]);
-            y = round_to<T>(gate / (1.f + expf(-gate))) * up;
-        }
-        out[(int64_t)row * p.n_out + col] = from_float<T>(y);
+        T y;
+        if constexpr (kSiluMul)
+            y = rounded::silu_mul<T>(round_to<T>(acc[0][e]), round_to<T>(acc[kTiles - 1][e]));
+        else
+            y = from_float<T>(acc[0][e]);
+        out[(int64_t)row * p.n_out + col] = y;
     }
 }
 
