@@ -26,11 +26,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-# flash_decode: 2 dtypes x 2 head dims x early cache reads on/off x cluster merge on/off; fused_ops: 8 kernels x
+# flash_decode: 2 dtypes x 2 head dims x (early cache reads on/off x cluster merge on/off, + the fused output
+# projection); fused_ops: 8 kernels x
 # 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue,
 # + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster);
 # decode_layers: 2 dtypes x 2 head dims x 4 GQA group sizes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 16), ("gemv.cu", 44),
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 20), ("fused_ops.cu", 16), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -243,3 +244,145 @@ def test_bad_inputs_give_clear_errors(ext):
         ext.flash_decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, lens, 0.1)
     with pytest.raises(ValueError, match="batch mismatch"):
         ext.flash_decode(q, k[:1], v[:1], lens, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention with the output projection fused in (flash_decode_out_proj: batch-1 decode steps, sm_90+)
+# ------------------------------------------------------------------------------------------------
+
+# (rows, q_heads, kv_heads, head_dim): Llama-3.2-1B, SmolLM2-135M (GQA 3), head 128, no GQA with rows that 16
+# blocks do not share evenly, fewer rows than blocks
+OUT_PROJ_SHAPES = [(2048, 32, 8, 64), (576, 9, 3, 64), (1024, 16, 8, 128), (520, 8, 8, 64), (12, 8, 8, 64)]
+
+
+def out_proj_inputs(ext, shape, dtype, capacity, seed):
+    rows, q_heads, kv_heads, head_dim = shape
+    reason = ext.out_proj_unsupported(rows, q_heads, kv_heads, head_dim)
+    if reason is not None:
+        pytest.skip(f"flash_decode_out_proj does not run here: {reason}")
+    q, k, v, gen = make_inputs(1, capacity, q_heads, kv_heads, head_dim, dtype, seed=seed)
+    weight = (torch.randn(rows, q_heads * head_dim, generator=gen, device="cuda") / math.sqrt(q_heads * head_dim))
+    return q, k, v, weight.to(dtype), gen
+
+
+def out_proj_reference(q, k, v, lens, weight):
+    """The attention output (float32) and its projection, which the kernel takes from the output rounded to the
+    model dtype, as the o_proj GEMV it replaces reads it."""
+    attention = decode_attention_reference(q.float(), k.float(), v.float(), lens, q.shape[-1] ** -0.5)
+    return weight.float() @ attention.to(q.dtype).float().reshape(-1), attention
+
+
+def relative(ours, ref):
+    return ((ours.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", OUT_PROJ_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_fused_out_proj_matches_the_reference(ext, dtype, shape):
+    rows = shape[0]
+    accum = torch.zeros(rows, dtype=torch.long, device="cuda")
+    # lengths: one row, nothing, a tile and one row, every tile read before the wait, more than 2 tiles a split
+    for trial, (capacity, length) in enumerate([(256, 1), (256, 0), (300, 129), (2176, 2048), (9000, 8999)]):
+        q, k, v, weight, gen = out_proj_inputs(ext, shape, dtype, capacity, seed=trial)
+        if trial >= 2:  # ragged: a random length in the last tile's range instead
+            length = int(torch.randint(length - 60, length + 1, (1,), generator=gen, device="cuda"))
+        lens = torch.tensor([length], dtype=torch.int32, device="cuda")
+        ref, ref_attention = out_proj_reference(q, k, v, lens, weight)
+        k[:, length:] = float("nan")  # rows past the length must not reach the output
+        v[:, length:] = float("inf")
+        out = torch.full((1, rows), float("nan"), dtype=dtype, device="cuda")  # poisoned: every row must be written
+        projected, attention = ext.flash_decode_out_proj(q, k, v, lens, q.shape[-1] ** -0.5, weight, accum, out=out)
+        torch.cuda.synchronize()
+        assert projected.data_ptr() == out.data_ptr()
+        assert not out.isnan().any() and not attention.isnan().any(), f"length {length}: unwritten or NaN rows"
+        if length == 0:
+            assert torch.count_nonzero(out) == 0 and torch.count_nonzero(attention) == 0
+        else:
+            assert relative(attention, ref_attention) < 1e-2, f"length {length}: attention"
+            assert relative(out[0], ref) < 1e-2, f"length {length}: projection"
+        assert torch.count_nonzero(accum) == 0, "the fixed-point sums must be left at zero"
+        again, _ = ext.flash_decode_out_proj(q, k, v, lens, q.shape[-1] ** -0.5, weight, accum)
+        assert torch.equal(again, out), "the sum must not depend on the order the units arrive in"
+
+
+@needs_cuda
+def test_fused_out_proj_rows_are_the_rounded_sums(ext):
+    """Row by row, on the attention output the kernel returns: its fixed-point sum of the units' float32 partials
+    differs from a float32 dot product only in rounding, so after rounding to bf16 each row is the reference's
+    or a neighbour of it (absolute slack: the fixed point's resolution, 8 x 2^-30)."""
+    q, k, v, weight, _ = out_proj_inputs(ext, (2048, 32, 8, 64), torch.bfloat16, 1000, seed=11)
+    lens = torch.tensor([777], dtype=torch.int32, device="cuda")
+    accum = torch.zeros(2048, dtype=torch.long, device="cuda")
+    out, attention = ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight, accum)
+    ref = weight.double() @ attention.double().reshape(-1)
+    spacing = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)  # bf16's spacing at each value
+    assert ((out[0].double() - ref).abs() <= spacing * 1.01 + 8 * 2.0 ** -30).all()
+    assert (out[0] == ref.to(torch.bfloat16)).float().mean() > 0.9
+
+
+@needs_cuda
+def test_fused_out_proj_propagates_nan_and_refuses_out_of_range_sums(ext):
+    """A NaN query gives NaN rows, as the reference does; a partial sum beyond the fixed-point range (|x| >= 2^20,
+    far beyond any model's) gives NaN rather than a wrapped value. The sums are left at zero either way."""
+    q, k, v, weight, _ = out_proj_inputs(ext, (576, 9, 3, 64), torch.float16, 256, seed=5)
+    lens = torch.tensor([200], dtype=torch.int32, device="cuda")
+    accum = torch.zeros(576, dtype=torch.long, device="cuda")
+    q_nan = q.clone()
+    q_nan[0, 4, 0] = float("nan")  # one head of the second KV head's group
+    out, _ = ext.flash_decode_out_proj(q_nan, k, v, lens, 0.125, weight, accum)
+    assert out.isnan().all()
+    assert torch.count_nonzero(accum) == 0
+    huge = weight.clone()
+    huge[7] = 60000.0
+    v_big = v.clone()
+    v_big[:] = 60.0  # each unit's partial for row 7: 3 heads x 64 x 60000 x 60, about 6.9e8
+    out, _ = ext.flash_decode_out_proj(q, k, v_big, lens, 0.125, huge, accum)
+    assert out[0, 7].isnan() and not out[0, :7].isnan().any() and not out[0, 8:].isnan().any()
+    assert torch.count_nonzero(accum) == 0
+
+
+@needs_cuda
+def test_fused_out_proj_in_a_cuda_graph_follows_device_lengths(ext):
+    q, k, v, weight, _ = out_proj_inputs(ext, (2048, 32, 8, 64), torch.bfloat16, 4096, seed=2)
+    lens = torch.tensor([10], dtype=torch.int32, device="cuda")
+    accum = torch.zeros(2048, dtype=torch.long, device="cuda")
+    out = torch.empty(1, 2048, dtype=torch.bfloat16, device="cuda")
+    ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight, accum, out=out)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight, accum, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    for length in (1, 4096, 2049, 127):
+        lens.fill_(length)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = out_proj_reference(q, k, v, lens, weight)
+        assert relative(out[0], ref) < 1e-2, f"length {length}"
+    assert torch.count_nonzero(accum) == 0
+
+
+@needs_cuda
+def test_fused_out_proj_rejects_bad_input(ext):
+    q, k, v, weight, _ = out_proj_inputs(ext, (2048, 32, 8, 64), torch.bfloat16, 64, seed=0)
+    lens = torch.tensor([64], dtype=torch.int32, device="cuda")
+    accum = torch.zeros(2048, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="batch 2 is not supported"):
+        ext.flash_decode_out_proj(q.expand(2, -1, -1).contiguous(), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                                  lens.expand(2).contiguous(), 0.125, weight, accum)
+    with pytest.raises(ValueError, match="out_proj_accum must be a contiguous int64"):
+        ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight, accum.int())
+    with pytest.raises(ValueError, match="out_proj_weight must be"):
+        ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight[:, :1024].contiguous(), accum)
+    with pytest.raises(ValueError, match="out_proj_weight has dtype"):
+        ext.flash_decode_out_proj(q, k, v, lens, 0.125, weight.half(), accum)
+    # Llama 3.1 8B: a block's share of the weight rows would be 256 KB of shared memory
+    assert "96 KB" in ext.out_proj_unsupported(4096, 32, 8, 128)
+    q8, k8, v8, _ = make_inputs(1, 64, 32, 8, 128, torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="not supported for 4096 rows.*use flash_decode and a GEMV"):
+        ext.flash_decode_out_proj(q8, k8, v8, lens, 0.1, torch.zeros(4096, 4096, dtype=torch.bfloat16, device="cuda"),
+                                  torch.zeros(4096, dtype=torch.long, device="cuda"))
+    assert "more than 8" in ext.out_proj_unsupported(2048, 32, 16, 64)
