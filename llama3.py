@@ -48,11 +48,6 @@ USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
 # Experimental, off by default: on an H100 it makes generate 2-5% slower than the per-projection kernels
 # (docs/perf-notes.md). LLAMA3_PERSISTENT_DECODE=1 or benchmark_model.py --persistent_decode.
 USE_PERSISTENT_DECODE = os.environ.get("LLAMA3_PERSISTENT_DECODE", "0") == "1"
-# Batch-1 decode steps on the GEMV path compute each layer's attention and output projection in one kernel
-# (ops.flash_decode_out_proj, csrc/flash_decode.h: sm_90+, models whose o_proj share fits a block's shared
-# memory, e.g. Llama-3.2-1B) when this is True; else the attention kernel and an o_proj GEMV. Experimental, off:
-# 8% slower on an H100 (docs/perf-notes.md). LLAMA3_FUSED_OUT_PROJ=1 turns it on.
-USE_FUSED_OUT_PROJ = os.environ.get("LLAMA3_FUSED_OUT_PROJ", "0") == "1"
 GEMV_MAX_NORM_BATCH = 4  # csrc/gemv.h kMaxNormRows
 GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 # Shared memory for x that every sm_80+ GPU grants a block (A100: 163 KB, consumer Ada/Ampere: 99 KB);
@@ -513,8 +508,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("batch_index", torch.arange(max_batch_size, device=device), persistent=False)
-        # the fused output projection's fixed-point sums (ops.flash_decode_out_proj), zero between its calls
-        self.register_buffer("out_proj_accum", torch.zeros(c.dim, dtype=torch.long, device=device), persistent=False)
 
     def _check_batch(self, batch_size: int, seq_len: int):
         if self.max_batch_size == 0:
@@ -626,11 +619,9 @@ class Transformer(nn.Module):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue (the first one also looks the tokens'
         embeddings up), RoPE + the cache write in qkv's epilogue and SiLU * up in gate_up's, so a layer is 5
-        kernels (qkv, attention, o, gate_up, down), 4 at batch 1 where the attention kernel does o_proj too
-        (USE_FUSED_OUT_PROJ), and the step has no others but lm_head's."""
+        kernels (qkv, attention, o, gate_up, down) and the step has no others but lm_head's."""
         B = tokens.shape[0]
         tokens = tokens.long().contiguous()  # (as nn.Embedding, int32 ids are fine too)
-        fuse_out_proj = B == 1 and self._fused_out_proj_serves(ops)
         h, delta = None, None  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
@@ -639,24 +630,13 @@ class Transformer(nn.Module):
                                           layer.attention_norm.weight, layer.attention_norm.eps, self.rope_cos,
                                           self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v, att.n_heads,
                                           token_ids=tokens if first else None)
-            if fuse_out_proj:
-                delta, _ = ops.flash_decode_out_proj(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens,
-                                                     att.scale, att.wo.weight, self.out_proj_accum)
-            else:
-                attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
-                delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
+            attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
+            delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
             act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
                               silu_mul=True)
             delta, _ = ops.gemv(act, ffn.w_down.weight)
         logits, _ = ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)
         return logits
-
-    def _fused_out_proj_serves(self, ops) -> bool:
-        """Whether ops.flash_decode_out_proj serves this model's batch-1 decode steps on the current GPU."""
-        if not (USE_FUSED_OUT_PROJ and USE_CUSTOM_DECODE_KERNEL):
-            return False
-        c = self.config
-        return ops.out_proj_unsupported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim) is None
 
     def _forward_decode_fused(self, ops, tokens, positions, cache_seqlens):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
@@ -748,7 +728,7 @@ class Transformer(nn.Module):
         device = self.device
         # The dispatch switches are baked into a captured graph, so they are part of its key.
         key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
-               USE_CUSTOM_GEMV, USE_PERSISTENT_DECODE, USE_FUSED_OUT_PROJ, batch_size >= FUSED_SAMPLING_MIN_BATCH)
+               USE_CUSTOM_GEMV, USE_PERSISTENT_DECODE, batch_size >= FUSED_SAMPLING_MIN_BATCH)
         if use_cuda_graph and key in self._decode_graphs:
             self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]

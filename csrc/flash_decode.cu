@@ -145,52 +145,6 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     return std::max(1, std::min({kMaxSplits, tiles, splits}));
 }
 
-int out_proj_shared_bytes(int rows, int q_heads, int kv_heads, int head_dim) {
-    const int rows_per_split = (rows + kOutProjSplits - 1) / kOutProjSplits;
-    return rows_per_split * std::min(q_heads / kv_heads, kHeadsPerBlock) * head_dim * 2;  // both dtypes: 2 bytes
-}
-
-const char* out_proj_unsupported(int rows, int q_heads, int kv_heads, int head_dim) {
-    if (head_dim != 64 && head_dim != 128) return "the head size is not 64 or 128";
-    if (kv_heads <= 0 || q_heads % kv_heads != 0) return "the query heads are not a multiple of the KV heads";
-    if (kv_heads * head_groups_for(q_heads / kv_heads) > kOutProjMaxUnits)
-        return "more than 8 (KV head, head group) units would add into each output";
-    if (rows <= 0) return "the projection has no rows";
-    if (out_proj_shared_bytes(rows, q_heads, kv_heads, head_dim) > kOutProjMaxSharedBytes)
-        return "a block's share of the weight rows exceeds 96 KB of shared memory";
-    if (!cluster_merge_enabled() || !programmatic_launch::current_device_supports())
-        return "it needs thread-block clusters (sm_90 or newer) with the cluster merge enabled";
-    return nullptr;
-}
-
-template <typename Element, int kHeadDim>
-static cudaError_t launch_out_proj_typed(const Params& params, cudaStream_t stream) {
-    auto kernel = flash_decode_kernel<Element, kHeadDim, true, true, true>;
-    const int shared = out_proj_shared_bytes(params.out_proj_rows, params.q_heads, params.kv_heads, kHeadDim);
-    static const cudaError_t opt_in = [&] {  // non-portable cluster size, and more than 48 KB of dynamic shared memory
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-        if (err != cudaSuccess) return err;
-        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kOutProjMaxSharedBytes);
-    }();
-    if (opt_in != cudaSuccess) return opt_in;
-    const dim3 grid(params.num_splits, params.kv_heads * params.head_groups);
-    return programmatic_launch::launch_clustered(kernel, grid, dim3(KernelTraits<Element, kHeadDim>::kThreads), shared,
-                                                 stream, (unsigned)params.num_splits, params);
-}
-
-cudaError_t launch_out_proj(const Params& params, DType dtype, cudaStream_t stream) {
-    if (params.batch != 1 || params.num_splits != kOutProjSplits || !params.early_cache_reads ||
-        params.lse != nullptr || params.out_proj_weight == nullptr || params.out_proj_accum == nullptr ||
-        params.out_proj_out == nullptr ||
-        out_proj_unsupported(params.out_proj_rows, params.q_heads, params.kv_heads, params.head_dim) != nullptr)
-        return cudaErrorInvalidValue;
-    if (params.head_dim == 64)
-        return dtype == DType::kBFloat16 ? launch_out_proj_typed<__nv_bfloat16, 64>(params, stream)
-                                         : launch_out_proj_typed<__half, 64>(params, stream);
-    return dtype == DType::kBFloat16 ? launch_out_proj_typed<__nv_bfloat16, 128>(params, stream)
-                                     : launch_out_proj_typed<__half, 128>(params, stream);
-}
-
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (params.num_splits < 1 || params.num_splits > kMaxSplits) return cudaErrorInvalidValue;
     Variant variant;

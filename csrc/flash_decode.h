@@ -52,13 +52,6 @@ struct Params {
     // programmatic_launch.cuh) writes a length or a cache row except each sequence's newest (seqlens - 1),
     // as in a decode step: the kernel may then read the lengths and the older rows before they finish.
     bool early_cache_reads;
-
-    // The fused output projection (launch_out_proj only; zero otherwise): out_proj_out = W_o . attention output.
-    const void* out_proj_weight;           // [out_proj_rows, q_heads * head_dim], the model's o_proj weight
-    int64_t out_proj_weight_stride;        // elements between its rows
-    unsigned long long* out_proj_accum;    // [out_proj_rows], all zero between launches (each launch resets it)
-    void* out_proj_out;                    // [out_proj_rows] in the model dtype
-    int out_proj_rows;
 };
 
 // The number of splits the launcher uses when the caller passes 0 (about two blocks per SM, no split
@@ -84,24 +77,5 @@ constexpr int kMaxClusterSplits = 8;
 constexpr int kMaxDecodeClusterSplits = 16;
 bool& cluster_merge_enabled();
 bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
-
-// Attention and the output projection in one launch, for a batch-1 decode step (sm_90+). Why: at batch 1 the
-// o_proj GEMV is a kernel boundary of its own between the attention and the next RMSNorm, and removing it
-// took 67-74 us off a Llama-3.2-1B decode step of 985-1044 us on an H100 (2026-11-27), of which its bytes
-// (8.4 MB) are only ~43 us. How: every (KV head, head group) unit is one cluster of kOutProjSplits blocks;
-// each block requests its 1/kOutProjSplits of the weight rows (the unit's columns only) into shared memory
-// with bulk copies before the programmatic-launch wait, then, once the cluster has merged the attention
-// output, multiplies it by those rows and adds the partial sums into out_proj_accum (fixed point, one 64-bit
-// atomic per row and unit: the sum does not depend on the order the units arrive in); the unit that adds last
-// writes the rounded row of out_proj_out and zeroes its accumulator. Params::out (the attention output) is
-// written too; Params::lse must be null.
-constexpr int kOutProjSplits = kMaxDecodeClusterSplits;
-constexpr int kOutProjMaxUnits = 8;  // units adding into one output (the fixed-point format's counter)
-constexpr int kOutProjMaxSharedBytes = 96 * 1024;
-// Bytes of weight rows each block holds in shared memory.
-int out_proj_shared_bytes(int rows, int q_heads, int kv_heads, int head_dim);
-// nullptr when launch_out_proj serves these sizes on the current device, else why not.
-const char* out_proj_unsupported(int rows, int q_heads, int kv_heads, int head_dim);
-cudaError_t launch_out_proj(const Params& params, DType dtype, cudaStream_t stream);
 
 }  // namespace flash_decode

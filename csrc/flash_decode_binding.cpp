@@ -101,22 +101,10 @@ int64_t default_num_splits(int64_t batch_size, int64_t num_q_heads, int64_t num_
     return splits;
 }
 
-flash_decode::DType model_dtype(const at::Tensor& t, const char* op) {
-    FD_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": dtype ", t.scalar_type(),
-             " is not supported; use bfloat16 or float16");
-    return t.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
-}
-
-void check_fused_input(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-    FD_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be a CUDA tensor on ", like.device());
-    FD_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
-             like.scalar_type());
-    FD_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-// The checks every attention launch makes on its inputs.
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& cache_seqlens) {
+at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& cache_seqlens, double softmax_scale, int64_t num_splits,
+                                c10::optional<at::Tensor> out_, c10::optional<at::Tensor> lse_,
+                                bool early_cache_reads) {
     FD_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && cache_seqlens.is_cuda(),
                 "flash_decode: q, k_cache, v_cache and cache_seqlens must all be CUDA tensors; on the CPU use "
                 "llama3.decode_attention_reference");
@@ -151,53 +139,6 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k_cache, cons
     check_rows_aligned(q, "q");
     check_rows_aligned(k_cache, "k_cache");
     check_rows_aligned(v_cache, "v_cache");
-}
-
-// Params of an attention launch over checked inputs (no split workspace, no output projection).
-flash_decode::Params attention_params(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                      const at::Tensor& cache_seqlens, const at::Tensor& out, double softmax_scale,
-                                      int64_t num_splits, bool early_cache_reads) {
-    const int64_t q_heads = q.size(1), kv_heads = k_cache.size(2);
-    flash_decode::Params p{};
-    p.q = q.data_ptr();
-    p.k = k_cache.data_ptr();
-    p.v = v_cache.data_ptr();
-    p.out = out.data_ptr();
-    p.seqlens = cache_seqlens.data_ptr<int>();
-    p.q_batch_stride = q.stride(0);
-    p.q_head_stride = q.stride(1);
-    p.k_batch_stride = k_cache.stride(0);
-    p.k_seq_stride = k_cache.stride(1);
-    p.k_head_stride = k_cache.stride(2);
-    p.v_batch_stride = v_cache.stride(0);
-    p.v_seq_stride = v_cache.stride(1);
-    p.v_head_stride = v_cache.stride(2);
-    p.out_batch_stride = out.stride(0);
-    p.out_head_stride = out.stride(1);
-    p.batch = (int)q.size(0);
-    p.q_heads = (int)q_heads;
-    p.kv_heads = (int)kv_heads;
-    p.head_dim = (int)q.size(2);
-    p.seq_capacity = (int)k_cache.size(1);
-    p.group_size = (int)(q_heads / kv_heads);
-    p.head_groups = flash_decode::head_groups_for(p.group_size);
-    p.num_splits = (int)num_splits;
-    p.scale_log2 = (float)(softmax_scale * 1.4426950408889634);
-    p.early_cache_reads = early_cache_reads;
-    return p;
-}
-
-flash_decode::DType attention_dtype(const at::Tensor& q) {
-    return q.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
-}
-
-at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const at::Tensor& cache_seqlens, double softmax_scale, int64_t num_splits,
-                                c10::optional<at::Tensor> out_, c10::optional<at::Tensor> lse_,
-                                bool early_cache_reads) {
-    check_attention_inputs(q, k_cache, v_cache, cache_seqlens);
-    const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
-    const int64_t seq_capacity = k_cache.size(1), kv_heads = k_cache.size(2);
 
     at::Tensor out;
     if (out_.has_value()) {
@@ -229,9 +170,33 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     FD_CHECK(num_splits <= flash_decode::kMaxSplits, "flash_decode: num_splits ", num_splits,
                 " is larger than the supported maximum ", flash_decode::kMaxSplits);
 
-    flash_decode::Params p =
-        attention_params(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, num_splits, early_cache_reads);
+    flash_decode::Params p{};
+    p.q = q.data_ptr();
+    p.k = k_cache.data_ptr();
+    p.v = v_cache.data_ptr();
+    p.out = out.data_ptr();
     p.lse = lse_ptr;
+    p.seqlens = cache_seqlens.data_ptr<int>();
+    p.q_batch_stride = q.stride(0);
+    p.q_head_stride = q.stride(1);
+    p.k_batch_stride = k_cache.stride(0);
+    p.k_seq_stride = k_cache.stride(1);
+    p.k_head_stride = k_cache.stride(2);
+    p.v_batch_stride = v_cache.stride(0);
+    p.v_seq_stride = v_cache.stride(1);
+    p.v_head_stride = v_cache.stride(2);
+    p.out_batch_stride = out.stride(0);
+    p.out_head_stride = out.stride(1);
+    p.batch = (int)batch;
+    p.q_heads = (int)q_heads;
+    p.kv_heads = (int)kv_heads;
+    p.head_dim = (int)head_dim;
+    p.seq_capacity = (int)seq_capacity;
+    p.group_size = group_size;
+    p.head_groups = head_groups;
+    p.num_splits = (int)num_splits;
+    p.scale_log2 = (float)(softmax_scale * 1.4426950408889634);
+    p.early_cache_reads = early_cache_reads;
 
     at::Tensor partial_out, partial_lse, counters;
     if (num_splits > 1 && !flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads)) {
@@ -243,67 +208,23 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
         p.partial_lse = partial_lse.data_ptr<float>();
         p.split_counters = counters.data_ptr<int>();
     }
-    check_cuda(flash_decode::launch(p, attention_dtype(q), c10::cuda::getCurrentCUDAStream().stream()), "kernel launch");
+    const flash_decode::DType dtype =
+        q.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
+    check_cuda(flash_decode::launch(p, dtype, c10::cuda::getCurrentCUDAStream().stream()), "kernel launch");
     return out;
 }
 
-// Why flash_decode_out_proj cannot serve these sizes on the current device, or None when it can.
-c10::optional<std::string> out_proj_unsupported(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
-    const char* reason = flash_decode::out_proj_unsupported((int)rows, (int)q_heads, (int)kv_heads, (int)head_dim);
-    if (reason == nullptr) return c10::nullopt;
-    return std::string(reason);
+flash_decode::DType model_dtype(const at::Tensor& t, const char* op) {
+    FD_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": dtype ", t.scalar_type(),
+             " is not supported; use bfloat16 or float16");
+    return t.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
 }
 
-// Attention of one decode step at batch 1 with the output projection fused in (flash_decode.h,
-// launch_out_proj): returns (out_proj_weight . attention output [1, rows], the attention output [1, Hq, D]).
-// out_proj_accum: an int64 [rows] tensor of zeros, kept by the caller for every later call (each call leaves it
-// zero again); one call at a time may use it.
-std::tuple<at::Tensor, at::Tensor> flash_decode_out_proj(const at::Tensor& q, const at::Tensor& k_cache,
-                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                         double softmax_scale, const at::Tensor& out_proj_weight,
-                                                         const at::Tensor& out_proj_accum,
-                                                         c10::optional<at::Tensor> out_) {
-    check_attention_inputs(q, k_cache, v_cache, cache_seqlens);
-    const char* op = "flash_decode_out_proj";
-    FD_CHECK(q.size(0) == 1, op, ": batch ", q.size(0), " is not supported; the fused projection serves batch 1 "
-             "(use flash_decode and a GEMV for larger batches)");
-    check_fused_input(out_proj_weight, q, op, "out_proj_weight");
-    const int64_t q_heads = q.size(1), head_dim = q.size(2), kv_heads = k_cache.size(2);
-    FD_CHECK(out_proj_weight.dim() == 2 && out_proj_weight.size(1) == q_heads * head_dim, op,
-             ": out_proj_weight must be [rows, q_heads * head_dim] = [rows, ", q_heads * head_dim, "], got ",
-             out_proj_weight.sizes());
-    FD_CHECK(reinterpret_cast<uintptr_t>(out_proj_weight.data_ptr()) % 16 == 0, op,
-             ": out_proj_weight must start on a 16-byte boundary (it is read with bulk copies); pass a fresh tensor");
-    const int64_t rows = out_proj_weight.size(0);
-    FD_CHECK(out_proj_accum.is_cuda() && out_proj_accum.device() == q.device() &&
-                 out_proj_accum.scalar_type() == at::kLong && out_proj_accum.is_contiguous() &&
-                 out_proj_accum.dim() == 1 && out_proj_accum.size(0) == rows,
-             op, ": out_proj_accum must be a contiguous int64 [", rows, "] tensor of zeros on ", q.device());
-    const c10::cuda::CUDAGuard guard(q.device());
-    const char* reason = flash_decode::out_proj_unsupported((int)rows, (int)q_heads, (int)kv_heads, (int)head_dim);
-    FD_CHECK(reason == nullptr, op, ": not supported for ", rows, " rows, ", q_heads, " query heads, ", kv_heads,
-             " KV heads, head_dim ", head_dim, ": ", reason, "; use flash_decode and a GEMV");
-
-    at::Tensor attention = at::empty_like(q, at::MemoryFormat::Contiguous);
-    at::Tensor projected;
-    if (out_.has_value()) {
-        projected = out_.value();
-        FD_CHECK(projected.sizes() == at::IntArrayRef({1, rows}) && projected.scalar_type() == q.scalar_type() &&
-                     projected.device() == q.device() && projected.is_contiguous(),
-                 op, ": out must be a contiguous [1, ", rows, "] tensor of q's dtype on ", q.device());
-    } else {
-        projected = at::empty({1, rows}, q.options());
-    }
-    flash_decode::Params p = attention_params(q, k_cache, v_cache, cache_seqlens, attention, softmax_scale,
-                                              flash_decode::kOutProjSplits, /*early_cache_reads=*/true);
-    p.out_proj_weight = out_proj_weight.data_ptr();
-    p.out_proj_weight_stride = out_proj_weight.stride(0);
-    p.out_proj_accum = reinterpret_cast<unsigned long long*>(out_proj_accum.data_ptr<int64_t>());
-    p.out_proj_out = projected.data_ptr();
-    p.out_proj_rows = (int)rows;
-    check_cuda(flash_decode::launch_out_proj(p, attention_dtype(q), c10::cuda::getCurrentCUDAStream().stream()),
-               "kernel launch");
-    return {projected, attention};
+void check_fused_input(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+    FD_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be a CUDA tensor on ", like.device());
+    FD_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", expected ",
+             like.scalar_type());
+    FD_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // Returns (weight * norm(h), h) with h = x + residual, or h = x when residual is None.
@@ -772,14 +693,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
           py::arg("num_splits") = 0, py::arg("out") = py::none(), py::arg("lse") = py::none(),
           py::arg("early_cache_reads") = false);
-    m.def("flash_decode_out_proj", &flash_decode_out_proj,
-          "Batch-1 decode attention with the output projection fused in: (out_proj_weight @ attention output [1, rows], "
-          "attention output [1, Hq, D]); out_proj_accum: int64 [rows] zeros, kept for later calls (left zero)",
-          py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
-          py::arg("out_proj_weight"), py::arg("out_proj_accum"), py::arg("out") = py::none());
-    m.def("out_proj_unsupported", &out_proj_unsupported,
-          "Why flash_decode_out_proj cannot serve these sizes on the current GPU, or None",
-          py::arg("rows"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"));
     m.def("default_num_splits", &default_num_splits,
           "The number of splits flash_decode picks when num_splits=0 for these sizes on the current device.",
           py::arg("batch_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),

@@ -44,7 +44,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "bulk_copy.cuh"
 #include "element_convert.cuh"
 #include "flash_decode.h"
 #include "programmatic_launch.cuh"
@@ -75,8 +74,6 @@ struct KernelTraits {
 
 using element::load_stream_16B;
 using element::from_float;
-using element::round_to;
-using element::unpack8;
 
 // Elements past the valid rows must never produce NaN: exp2(-inf - -inf) would. When nothing was seen
 // yet (m == -inf) the reference point is 0, which makes every weight exp2(-inf) = 0.
@@ -88,49 +85,6 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
-// The fused output projection's sums (launch_out_proj). Each output row is the sum of one partial dot product
-// per unit (KV head, head group), added with a 64-bit integer atomic so that the result does not depend on the
-// order in which the units arrive (float atomics would make decode steps irreproducible). An addend packs
-//   bits 58..63  1, counting the units that have added (the one that finds units - 1 before it is the last)
-//   bits 54..57  1 if the partial was NaN, infinite or out of range (the row is then NaN, as in the reference)
-//   bits  0..53  round(partial * 2^30) + 2^50, biased to be non-negative so that no field borrows from the next
-// With at most kOutProjMaxUnits = 8 units no field overflows. Range |partial| < 2^20, resolution 2^-30: far
-// below the model dtype's rounding of any row that is not itself below ~1e-6.
-namespace out_proj_sum {
-constexpr int kFractionBits = 30;
-constexpr unsigned long long kCountOne = 1ull << 58, kPoisonOne = 1ull << 54, kBias = 1ull << 50;
-constexpr unsigned long long kValueMask = kPoisonOne - 1;
-
-__device__ __forceinline__ unsigned long long encode(float partial) {
-    const float scaled = partial * (float)(1ull << kFractionBits);  // exact: a power of two
-    if (!(fabsf(scaled) < (float)kBias)) return kCountOne + kPoisonOne;
-    return kCountOne + (unsigned long long)(__float2ll_rn(scaled) + (long long)kBias);
-}
-
-__device__ __forceinline__ unsigned units_added(unsigned long long sum) { return (unsigned)(sum >> 58); }
-
-__device__ __forceinline__ float decode(unsigned long long sum, int units) {
-    const unsigned poisoned = (unsigned)((sum >> 54) & 15u);
-    if (poisoned != 0u) return __int_as_float(0x7fc00000);  // NaN
-    const long long value = (long long)(sum & kValueMask) - (long long)units * (long long)kBias;
-    return (float)((double)value * (1.0 / (double)(1ull << kFractionBits)));
-}
-}  // namespace out_proj_sum
-
-// One level of a warp's butterfly reduce-scatter of 32 values: a lane keeps the kWidth values v[j] (j < kWidth)
-// or v[j + kWidth] whose index has bit kWidth equal to its lane's, plus its partner's (lane ^ kWidth) same ones.
-// After the levels 16, 8, 4, 2, 1, v[0] of lane i is the sum over the warp of every lane's v[i].
-template <int kWidth>
-__device__ __forceinline__ void butterfly_level(float (&v)[32], int lane) {
-    const bool upper = (lane & kWidth) != 0;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-        const float send = upper ? v[j] : v[j + kWidth];
-        const float keep = upper ? v[j + kWidth] : v[j];
-        v[j] = keep + __shfl_xor_sync(0xffffffffu, send, kWidth);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------------
@@ -140,11 +94,8 @@ __device__ __forceinline__ void butterfly_level(float (&v)[32], int lane) {
 // kClusterMerge (sm_90+): the num_splits blocks of a (sequence, KV head, head group) form one thread-block
 // cluster and merge their partial results through distributed shared memory instead of the float32
 // workspace (see step 4 above).
-// kOutProj (launch_out_proj, batch 1): every block of the cluster merges the whole output of its unit and
-// multiplies it by its share of the output projection's weight rows (flash_decode.h, out_proj_sum above).
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kOutProj = false>
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
 __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
-    static_assert(!kOutProj || (kEarlyReads && kClusterMerge), "the fused projection is a decode-step cluster variant");
     using Traits = KernelTraits<Element, kHeadDim>;
     constexpr int kWarps = Traits::kWarps;
     constexpr int kThreads = Traits::kThreads;
@@ -164,10 +115,6 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     // with kClusterMerge: this block's partial result, read by the other blocks of its cluster
     __shared__ __align__(16) float smem_part_o[kClusterMerge ? kHeads : 1][kHeadDim];
     __shared__ float smem_part_lse2[kHeads];
-    // with kOutProj: the unit's merged output (rounded to Element), and this block's rows of the weight
-    __shared__ __align__(16) float smem_merged[kOutProj ? kHeads * kHeadDim : 1];
-    __shared__ uint64_t out_proj_arrived;  // the mbarrier the weight rows' bulk copies complete
-    extern __shared__ uint4 smem_out_proj_w[];  // [rows][g_count * kHeadDim] Element, 16-byte pieces
 
     programmatic_launch::allow_next_kernel();
     // Plain launches read nothing before the wait; see below for early_cache_reads.
@@ -188,32 +135,6 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     const int g_begin = head_group * kHeads;
     const int g_count = min(kHeads, p.group_size - g_begin);
     const int q_head0 = kv_head * p.group_size + g_begin;
-
-    // kOutProj: this block's weight rows (the unit's columns of them), requested now: weights depend on no
-    // earlier kernel, and their arrival is awaited only after the attention. (Recomputed there rather than
-    // kept: registers are the attention's limit.)
-    auto out_proj_rows_of_block = [&](int& row0, int& rows, int& pieces) {
-        const int rows_per_split = ceil_div(p.out_proj_rows, p.num_splits);
-        row0 = split * rows_per_split;
-        rows = max(0, min(rows_per_split, p.out_proj_rows - row0));
-        pieces = g_count * kHeadDim / 8;  // 16-byte pieces of one row's slice
-    };
-    if constexpr (kOutProj) {
-        int out_row0, out_rows, out_pieces;
-        out_proj_rows_of_block(out_row0, out_rows, out_pieces);
-        const unsigned row_bytes = out_pieces * 16u;
-        if (threadIdx.x == 0) {
-            bulk_copy::mbarrier_init(&out_proj_arrived, 1);
-            bulk_copy::mbarrier_init_fence();
-            bulk_copy::mbarrier_arrive_expect_bytes(&out_proj_arrived, out_rows * row_bytes);
-        }
-        __syncthreads();
-        const Element* w = static_cast<const Element*>(p.out_proj_weight) + (int64_t)out_row0 * p.out_proj_weight_stride +
-                           (int64_t)q_head0 * kHeadDim;
-        for (int r = threadIdx.x; r < out_rows; r += kThreads)
-            bulk_copy::bulk_copy_to_shared(smem_out_proj_w + r * out_pieces, w + (int64_t)r * p.out_proj_weight_stride,
-                                           row_bytes, &out_proj_arrived);
-    }
 
     // The block's tiles: split s takes tiles s, s + active_splits, ... of the sequence (interleaved rather
     // than a contiguous range each: then all blocks stream one window of the cache that sweeps through
@@ -337,9 +258,8 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         out[d] = from_float<Element>(value);
     };
 
-    // (kOutProj: every block of the cluster takes part in the merge and the projection, whatever the length)
-    if (!kOutProj && active_splits <= 1 && split > 0) return;  // nothing to do and nobody to report to
-    if (!kOutProj && active_splits == 0) {
+    if (active_splits <= 1 && split > 0) return;  // nothing to do and nobody to report to
+    if (active_splits == 0) {
         // Empty sequence: the attention of nothing is defined as 0 (lse = -inf), like the reference.
         for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) write_final(i / kHeadDim, i % kHeadDim, 0.f);
         if (p.lse != nullptr && threadIdx.x < g_count) p.lse[b * p.q_heads + q_head0 + threadIdx.x] = -INFINITY;
@@ -508,7 +428,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             }
             o /= sum;
             const float lse2 = m_max + log2f(sum);
-            if (!kOutProj && active_splits == 1) {
+            if (active_splits == 1) {
                 write_final(h, d, o);
                 if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
             } else if constexpr (kClusterMerge) {
@@ -521,7 +441,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             }
         }
     }
-    if (!kOutProj && active_splits == 1) return;  // (the same for every block of the unit: one length)
+    if (active_splits == 1) return;  // (the same for every block of the unit: one length)
 
     // ---- merge the splits: every block of the cluster, or the last split to finish ----
     // Partial results of split s, head h: its log2-sum-exp and its normalized output element d.
@@ -542,16 +462,14 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 #endif
         return __ldcg(src + s * (kHeadDim / 4));
     };
-    // This block's share of the output's float4 pieces: all of them (global merge; kOutProj, where every block
-    // needs the whole output), or every num_splits-th (cluster: the blocks split the merge's reads between them).
+    // This block's share of the output's float4 pieces: all of them (global merge), or every
+    // num_splits-th (cluster: the blocks split the merge's reads between them).
     int piece_begin = threadIdx.x, piece_stride = kThreads;
     if constexpr (kClusterMerge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         cluster.sync();  // every block's partial result is in its shared memory (empty splits wrote none, and are not read)
-        if constexpr (!kOutProj) {
-            piece_begin = split + p.num_splits * threadIdx.x;
-            piece_stride = p.num_splits * kThreads;
-        }
+        piece_begin = split + p.num_splits * threadIdx.x;
+        piece_stride = p.num_splits * kThreads;
 #else
         __trap();  // launched only on sm_90+ (flash_decode.cu)
 #endif
@@ -611,13 +529,6 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             o.z = fmaf(w, part.z, o.z);
             o.w = fmaf(w, part.w, o.w);
         }
-        if constexpr (kOutProj) {  // the projection's input: the output as the model dtype has it
-            smem_merged[h * kHeadDim + c] = round_to<Element>(o.x);
-            smem_merged[h * kHeadDim + c + 1] = round_to<Element>(o.y);
-            smem_merged[h * kHeadDim + c + 2] = round_to<Element>(o.z);
-            smem_merged[h * kHeadDim + c + 3] = round_to<Element>(o.w);
-            if (split != 0) continue;  // one block writes the attention output
-        }
         write_final(h, c, o.x);
         write_final(h, c + 1, o.y);
         write_final(h, c + 2, o.z);
@@ -625,59 +536,6 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     }
     if (p.lse != nullptr && (!kClusterMerge || split == 0) && threadIdx.x < g_count) {
         p.lse[b * p.q_heads + q_head0 + threadIdx.x] = smem_lse2[threadIdx.x] * 0.69314718055994531f;
-    }
-
-    if constexpr (kOutProj) {
-        // Rows of warp w: 32 at a time, w * 32 + 128 i + j (j < 32); lane l takes the 16-byte pieces l, l + 32, ... of
-        // every row, with the matching 8 inputs in registers, and keeps one partial sum per row: 32 independent
-        // accumulators, not a shuffle reduction per row (one warp per scheduler here: a per-row chain of dependent
-        // shuffles cost ~8 us a layer on an H100). A butterfly then leaves row j's total in lane j (31 shuffles).
-        constexpr int kMaxPiecesPerLane = kHeads * kHeadDim / 8 / 32;
-        int out_row0, out_rows, out_pieces;
-        out_proj_rows_of_block(out_row0, out_rows, out_pieces);
-        __syncthreads();  // smem_merged is complete
-        float x[kMaxPiecesPerLane][8];
-#pragma unroll
-        for (int i = 0; i < kMaxPiecesPerLane; ++i) {
-            const int piece = lane + 32 * i;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) x[i][e] = piece < out_pieces ? smem_merged[piece * 8 + e] : 0.f;
-        }
-        bulk_copy::mbarrier_wait(&out_proj_arrived, 0);  // the weight rows are in shared memory
-        const int units = p.kv_heads * p.head_groups;
-        Element* out = static_cast<Element*>(p.out_proj_out);
-        for (int r0 = warp * 32; r0 < out_rows; r0 += kWarps * 32) {
-            const int count = min(32, out_rows - r0);
-            float sums[32];  // (rows past count repeat the last one; their sums are not used)
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                sums[j] = 0.f;
-                const uint4* row = smem_out_proj_w + (r0 + min(j, count - 1)) * out_pieces;
-#pragma unroll
-                for (int i = 0; i < kMaxPiecesPerLane; ++i) {
-                    const int piece = lane + 32 * i;
-                    float wf[8];
-                    unpack8<Element>(piece < out_pieces ? row[piece] : make_uint4(0u, 0u, 0u, 0u), wf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) sums[j] = fmaf(wf[e], x[i][e], sums[j]);
-                }
-            }
-            // lane j: row j's sum
-            butterfly_level<16>(sums, lane);
-            butterfly_level<8>(sums, lane);
-            butterfly_level<4>(sums, lane);
-            butterfly_level<2>(sums, lane);
-            butterfly_level<1>(sums, lane);
-            if (lane < count) {
-                const int row = out_row0 + r0 + lane;
-                const unsigned long long addend = out_proj_sum::encode(sums[0]);
-                const unsigned long long before = atomicAdd(p.out_proj_accum + row, addend);
-                if ((int)out_proj_sum::units_added(before) == units - 1) {  // the last unit: the row is complete
-                    out[row] = from_float<Element>(out_proj_sum::decode(before + addend, units));
-                    p.out_proj_accum[row] = 0ull;  // ready for the next launch (no other unit adds to it in this one)
-                }
-            }
-        }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if constexpr (kClusterMerge) cluster.sync();  // no block leaves while another may still read its shared memory

@@ -315,9 +315,9 @@ def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths
 
 @pytest.fixture
 def decode_switches():
-    saved = llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE, llama3.USE_FUSED_OUT_PROJ
+    saved = llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE
     yield
-    llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE, llama3.USE_FUSED_OUT_PROJ = saved
+    llama3.USE_FUSED_DECODE_OPS, llama3.USE_PERSISTENT_DECODE = saved
 
 
 def random_model(dim, hidden, n_heads, n_kv_heads, head_dim, n_layers, dtype, max_seq_len, seed, vocab=1000):
@@ -373,9 +373,8 @@ def test_persistent_decode_layers_match_the_pytorch_modules(ops, decode_switches
 
 
 def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, decode_switches):
-    """The same step through the persistent kernel and through gemv.cu + flash_decode (with the o_proj GEMV): the
-    same roundings and, except down_proj's split k and the attention, the same summation orders, so nearly every
-    logit is equal."""
+    """The same step through the persistent kernel and through gemv.cu + flash_decode: the same roundings and,
+    except down_proj's split k and the attention, the same summation orders, so nearly every logit is equal."""
     if ops.decode_layers_unsupported(2048, 8192, 32, 8, 64) is not None:
         pytest.skip("the persistent decode kernel does not run here")
     model = random_model(2048, 8192, 32, 8, 64, 2, torch.bfloat16, 700, seed=5)
@@ -383,7 +382,7 @@ def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, dec
     fed = model.prefill(prompt, torch.tensor([600], device="cuda")).argmax(-1)
     positions = torch.tensor([600], device="cuda")
     llama3.USE_FUSED_DECODE_OPS = True
-    llama3.USE_PERSISTENT_DECODE = llama3.USE_FUSED_OUT_PROJ = False
+    llama3.USE_PERSISTENT_DECODE = False
     per_projection = model.forward_decode(fed, positions)
     llama3.USE_PERSISTENT_DECODE = True
     persistent = model.forward_decode(fed, positions)
@@ -441,64 +440,6 @@ def test_persistent_decode_layers_reject_bad_input(ops):
         layers(model.tok_embeddings.weight, one, one, lengths.long(), model.rope_cos, model.rope_sin)
     delta, h = layers(model.tok_embeddings.weight, one, one, lengths + 1, model.rope_cos, model.rope_sin)
     assert delta.shape == h.shape == (1, 128) and torch.isfinite(delta.float()).all()
-
-
-# (dim, hidden, n_heads, n_kv_heads, head_dim, n_layers): Llama-3.2-1B's widths, SmolLM2's GQA 3, head 128
-FUSED_OUT_PROJ_SHAPES = [(2048, 8192, 32, 8, 64, 1), (576, 1536, 9, 3, 64, 2), (512, 1376, 8, 4, 128, 2)]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", FUSED_OUT_PROJ_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
-@pytest.mark.parametrize("prompt_len", [1, 300, 2100])
-def test_fused_out_proj_decode_steps_match_the_pytorch_modules(ops, decode_switches, dtype, shape, prompt_len):
-    """Batch-1 decode steps whose attention kernel also does o_proj (ops.flash_decode_out_proj) against the
-    PyTorch modules, step after step on the same cache, with large values past the sequence; bound as for the
-    persistent kernel: 1%, or twice the error of the same step with the o_proj GEMV."""
-    dim, hidden, n_heads, n_kv_heads, head_dim, n_layers = shape
-    reason = ops.out_proj_unsupported(dim, n_heads, n_kv_heads, head_dim)
-    if reason is not None:
-        pytest.skip(f"flash_decode_out_proj does not run here: {reason}")
-    model = random_model(dim, hidden, n_heads, n_kv_heads, head_dim, n_layers, dtype, prompt_len + 8, seed=prompt_len)
-    g = torch.Generator(device="cuda").manual_seed(prompt_len + dim)
-    prompt = torch.randint(3, 1000, (1, prompt_len), generator=g, device="cuda")
-    fed = model.prefill(prompt, torch.tensor([prompt_len], device="cuda")).argmax(-1)
-    for layer in model.layers:
-        layer.attention.kv_cache.k[:, prompt_len:] = 100.0
-        layer.attention.kv_cache.v[:, prompt_len:] = -100.0
-    positions = torch.tensor([prompt_len], device="cuda")
-    llama3.USE_PERSISTENT_DECODE = False
-    for step in range(5):
-        llama3.USE_FUSED_DECODE_OPS, llama3.USE_FUSED_OUT_PROJ = True, False
-        unfused = model.forward_decode(fed, positions)
-        llama3.USE_FUSED_DECODE_OPS = False
-        expected = model.forward_decode(fed, positions)
-        llama3.USE_FUSED_DECODE_OPS = llama3.USE_FUSED_OUT_PROJ = True
-        logits = model.forward_decode(fed, positions)
-        assert not logits.isnan().any()
-        bound = max(1e-2, 2 * relative_error(unfused, expected))
-        assert relative_error(logits, expected) < bound, f"decode step {step}"
-        assert torch.count_nonzero(model.out_proj_accum) == 0
-        fed, positions = expected.argmax(-1), positions + 1
-
-
-def test_fused_out_proj_generation_in_a_graph_equals_eager_and_transformers(ops, gqa_checkpoint, decode_switches):
-    """generate at batch 1 with the fused projection, as CUDA-graph replays and eager steps: the same greedy tokens,
-    and transformers' (or a first divergence that bf16 rounding explains)."""
-    directory, _ = gqa_checkpoint
-    model = load_cuda(directory, max_batch_size=1)
-    c = model.config
-    if ops.out_proj_unsupported(c.dim, c.n_heads, c.n_kv_heads, c.head_dim) is not None:
-        pytest.skip("flash_decode_out_proj does not run here")
-    llama3.USE_FUSED_OUT_PROJ = True
-    prompts = random_prompts([11], seed=23)
-    graphed = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=True)
-    eager = model.generate(prompts, 32, temperature=0, ignore_eos=True, use_cuda_graph=False)
-    assert graphed == eager
-    assert torch.count_nonzero(model.out_proj_accum) == 0
-    hf_model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
-    reference, reference_logits = hf_greedy_reference(hf_model, prompts[0], 32)
-    ok, message = compare_greedy(graphed[0], reference, reference_logits, torch.bfloat16)
-    assert ok, message
 
 
 def test_gemv_rejects_bad_input(ops):
