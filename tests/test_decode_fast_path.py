@@ -221,6 +221,117 @@ def test_gemv_looks_the_tokens_embeddings_up_in_its_prologue(ops, dtype, rows, k
                                n_heads, token_ids=torch.zeros(5, dtype=torch.long, device="cuda"))
 
 
+FIXED_POINT_UNIT = 2.0 ** -32  # csrc/gemv.h kFixedPointUnit: the fused MLP's accumulator format
+
+
+def fixed_point_to(values: torch.Tensor, dtype) -> torch.Tensor:
+    """A fused MLP's int64 accumulator as the next kernel's prologue reads it: to float32, then to dtype."""
+    return (values.float() * FIXED_POINT_UNIT).to(dtype)
+
+
+# (1, 2048, 8192): Llama-3.2-1B; odd sizes: k not a multiple of the 128-piece rounds or of the 512 down rows a
+# round, n not a multiple of the 32 columns a block owns (blocks with 8, 16 or 24 valid columns)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k,n", [(1, 2048, 8192), (2, 8, 8), (3, 1000, 1544), (4, 264, 104), (1, 3072, 8200),
+                                      (2, 4104, 56)])
+def test_fused_mlp_matches_the_pytorch_reference(ops, dtype, rows, k, n):
+    """gemv_mlp adds down(silu(gate) * up) of rmsnorm(x + residual) into the accumulator: the products are the
+    silu_mul GEMV's (bit for bit, so the comparison is against float64 of those), the down projection is a float32
+    sum per block of 32 columns, the blocks' sums are added exactly in fixed point (the same bits on every run), and
+    rounded like the reference it is within cuBLAS's error of it. Whatever the accumulator held before is kept
+    (poisoned with random values)."""
+    g = torch.Generator(device="cuda").manual_seed(rows * k + n)
+    x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    residual = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
+    gate_up = (torch.randn(2 * n, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+    down = (torch.randn(k, n, generator=g, device="cuda") / n ** 0.5).to(dtype)
+    start = torch.randint(-2 ** 40, 2 ** 40, (rows, k), generator=g, device="cuda")
+    accumulator = start.clone()
+    h = ops.gemv_mlp(x, gate_up, down, residual, norm_weight, 1e-5, accumulator)
+    ours = (accumulator - start).double() * FIXED_POINT_UNIT
+    act, h_ref = ops.gemv(x, gate_up, residual, norm_weight, 1e-5, silu_mul=True)
+    assert torch.equal(h, h_ref) and torch.equal(h, x + residual)
+    exact = act.double() @ down.double().T
+    scale = exact.abs().max().item()
+    assert (ours - exact).abs().max().item() <= 1e-5 * scale  # float32 sums of 32 products + 2^-32 steps
+    expected, _ = llama3.mlp_reference(x, gate_up, down, residual, norm_weight, 1e-5)
+    rounded = fixed_point_to(accumulator - start, dtype)
+    err_ours = (rounded.double() - exact).abs().max().item() / scale
+    err_ref = (expected.double() - exact).abs().max().item() / scale
+    assert err_ours <= err_ref + ULP[dtype], (err_ours, err_ref)
+    assert relative_error(rounded, expected) < 1e-2
+    again = start.clone()
+    ops.gemv_mlp(x, gate_up, down, residual, norm_weight, 1e-5, again)
+    assert torch.equal(again, accumulator)  # order-independent sums: the same bits every time
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k", [(1, 2048), (3, 1000), (4, 264)])
+def test_gemv_reads_a_fused_mlp_accumulator_as_its_x(ops, dtype, rows, k):
+    """An int64 x (the fused MLP's accumulator) is rounded to the model's dtype in the RMSNorm prologue: the same
+    output, residual stream and cache rows as with that rounding done by PyTorch first (lm_head and qkv)."""
+    n_heads, n_kv_heads, head_dim, max_seq = 4, 2, 64, 32
+    config = llama3.ModelArgs(vocab_size=8, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
+                              rope_scaling=None, tie_word_embeddings=False)
+    cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(rows * k + 5)
+    values = (torch.randn(rows, k, generator=g, device="cuda", dtype=torch.float64) * 2 ** 32).long()
+    values[0, :3] = torch.tensor([0, 1, -(2 ** 45) - 12345])  # zero, the smallest step, a large negative value
+    residual = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
+    weight = (torch.randn(300, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
+    x = fixed_point_to(values, dtype)
+    out, h = ops.gemv(values, weight, residual, norm_weight, 1e-5)
+    out_ref, h_ref = ops.gemv(x, weight, residual, norm_weight, 1e-5)
+    assert torch.equal(h, h_ref) and torch.equal(out, out_ref)
+    qkv_weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5)
+    qkv_weight = qkv_weight.to(dtype)
+    positions = torch.tensor([3, 31, 0, 9][:rows], device="cuda")
+    caches = [torch.full((4, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
+              for _ in range(4)]
+    q, h = ops.gemv_rope_kv_write(values, qkv_weight, residual, norm_weight, 1e-5, cos, sin, positions, caches[0],
+                                  caches[1], n_heads)
+    q_ref, h_ref = ops.gemv_rope_kv_write(x, qkv_weight, residual, norm_weight, 1e-5, cos, sin, positions,
+                                          caches[2], caches[3], n_heads)
+    assert torch.equal(h, h_ref) and torch.equal(q, q_ref)
+    for ours, ref in zip(caches[:2], caches[2:]):
+        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 2048, 2048), (4, 1000, 24)])
+def test_gemv_clears_the_next_mlp_accumulator(ops, rows, k, n):
+    """clear: the o_proj GEMV zeroes the accumulator the fused MLP after it adds into; its own output is unchanged."""
+    g = torch.Generator(device="cuda").manual_seed(k + n)
+    x = torch.randn(rows, k, generator=g, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(n, k, generator=g, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    accumulator = torch.randint(-2 ** 60, 2 ** 60, (rows, 2051), generator=g, device="cuda")  # poisoned
+    out, _ = ops.gemv(x, weight, clear=accumulator)
+    assert torch.equal(out, ops.gemv(x, weight)[0])
+    assert not accumulator.any()
+
+
+def test_fused_mlp_rejects_bad_input(ops):
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, residual, norm = torch.randn(1, 64, **bf16), torch.randn(1, 64, **bf16), torch.ones(64, **bf16)
+    gate_up, down = torch.randn(2 * 96, 64, **bf16), torch.randn(64, 96, **bf16)
+    accumulator = torch.zeros(1, 64, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match=r"down_weight must be \[64, 96\]"):
+        ops.gemv_mlp(x, gate_up, down.T.contiguous(), residual, norm, 1e-5, accumulator)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        ops.gemv_mlp(x, gate_up[:2 * 90].contiguous(), down[:, :90].contiguous(), residual, norm, 1e-5, accumulator)
+    with pytest.raises(ValueError, match="accumulator must be a contiguous int64"):
+        ops.gemv_mlp(x, gate_up, down, residual, norm, 1e-5, accumulator.int())
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        five = torch.randn(5, 64, **bf16)
+        ops.gemv_mlp(five, gate_up, down, five, norm, 1e-5, torch.zeros(5, 64, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match="pass residual and norm_weight"):
+        ops.gemv(accumulator, gate_up, None, norm)
+    with pytest.raises(ValueError, match="clear is done by the plain GEMV"):
+        ops.gemv(x, gate_up, residual, norm, clear=accumulator)
+
+
 # (3, 1600): splits of up to 3 tiles (head 128, workspace merge) or 2 (head 64, a cluster of 7); (1, 3000): a
 # non-portable cluster of 12 splits of 2 tiles at head 64
 @pytest.mark.parametrize("batch,max_seq", [(3, 1600), (1, 3000)])
@@ -499,6 +610,31 @@ def test_fused_decode_step_matches_pytorch_modules(gqa_checkpoint, fused_ops_swi
         llama3.USE_FUSED_DECODE_OPS = True
         logits = model.forward_decode(fed.int() if step % 2 else fed, positions)  # int32 ids work too
         assert relative_error(logits, expected) < 1e-2, f"decode step {step}"
+        fed, positions = expected.argmax(-1), positions + 1
+
+
+@pytest.fixture
+def fused_mlp_switch():
+    saved = llama3.USE_FUSED_MLP
+    yield
+    llama3.USE_FUSED_MLP = saved
+
+
+@pytest.mark.parametrize("lengths", [[23], [5, 23, 12, 3]])
+def test_fused_mlp_decode_step_agrees_with_the_two_kernel_mlp(gqa_checkpoint, fused_mlp_switch, lengths):
+    """The decode step with one MLP kernel (fixed-point accumulator) and with gate_up + down: the same logits up to
+    the rounding of the down projection's sums, and the same greedy tokens over 16 steps."""
+    model = load_cuda(gqa_checkpoint[0], max_batch_size=4)
+    tokens, lengths = llama3.pad_prompts(random_prompts(lengths, seed=23), "cuda")
+    fed = model.prefill(tokens, lengths).argmax(-1)
+    positions = lengths.clone()
+    for step in range(16):
+        llama3.USE_FUSED_MLP = False
+        expected = model.forward_decode(fed, positions)  # writes the same cache rows as the fused step
+        llama3.USE_FUSED_MLP = True
+        logits = model.forward_decode(fed, positions)
+        assert relative_error(logits, expected) < 1e-2, f"decode step {step}"
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), f"decode step {step}"
         fed, positions = expected.argmax(-1), positions + 1
 
 
