@@ -614,7 +614,7 @@ def run_meta(args, ceilings):
                 torch=torch.__version__, transformers=transformers.__version__,
                 custom_decode_kernel=custom_kernel_state(args), cuda_graph=not args.no_cuda_graph,
                 custom_gemv=llama3.USE_CUSTOM_GEMV, programmatic_launch=not args.no_programmatic_launch,
-                fused_mlp=llama3.USE_FUSED_MLP, persistent_decode=llama3.USE_PERSISTENT_DECODE,
+                persistent_decode=llama3.USE_PERSISTENT_DECODE,
                 copy_gbps=ceilings[0] if ceilings else None, matmul_tflops=ceilings[1] if ceilings else None,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 command=[os.path.basename(sys.argv[0])] + sys.argv[1:])
@@ -818,8 +818,6 @@ def parse_args(argv=None):
                    help="cuBLAS (and separate norm/SiLU kernels) for the batch-1..4 projections instead of csrc/gemv.cu")
     p.add_argument("--no_programmatic_launch", action="store_true",
                    help="plain kernel launches instead of programmatic dependent launch (for comparison)")
-    p.add_argument("--no_fused_mlp", action="store_true",
-                   help="batch 1-4: gate_up and down as two GEMV kernels instead of one fused MLP kernel (for comparison)")
     p.add_argument("--persistent_decode", action="store_true",
                    help="batch-1 decode layers as one persistent kernel (csrc/decode_layers.cu, sm_90+; experimental, "
                         "off by default: see docs/perf-notes.md); with --profile, its phase breakdown")
@@ -875,8 +873,6 @@ def main(argv=None):
         llama3.USE_CUSTOM_GEMV = False
     if args.no_programmatic_launch:
         llama3.set_programmatic_launch(False)
-    if args.no_fused_mlp:
-        llama3.USE_FUSED_MLP = False
     if args.persistent_decode:
         llama3.USE_PERSISTENT_DECODE = True
     device = torch.device(args.device)

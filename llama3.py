@@ -42,12 +42,6 @@ FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH",
 # RoPE + cache write and SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
 # use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
-# Decode steps on the csrc/gemv.cu path (batch 1 to GEMV_MAX_NORM_BATCH) run each MLP (RMSNorm, gate_up, SiLU * up,
-# down) as one kernel when this is True (ops.gemv_mlp: split-K over the intermediate size, the partial sums added into
-# a fixed-point accumulator so they do not depend on the order of arrival), so the weight stream does not drain
-# between gate_up and down: 4 kernels a layer instead of 5. LLAMA3_NO_FUSED_MLP=1 or benchmark_model.py
-# --no_fused_mlp for the two-kernel MLP.
-USE_FUSED_MLP = os.environ.get("LLAMA3_NO_FUSED_MLP", "0") != "1"
 # Batch-1 decode steps run every layer as one persistent kernel (csrc/decode_layers.cu: weights streamed into
 # shared memory by a producer warp, grid barriers between the phases; sm_90+) when this is True, the GEMV path
 # is on and the model's sizes allow it (ops.decode_layers_unsupported); else one kernel per projection.
@@ -376,14 +370,6 @@ def rms_norm(x, weight, eps: float):
     return weight * xf.to(x.dtype)
 
 
-def mlp_reference(x, gate_up_weight, down_weight, residual, norm_weight, eps: float = 1e-5):
-    """What ops.gemv_mlp (csrc/gemv.cu) computes, with the PyTorch ops of the decode step it replaces: (out, h) with
-    h = x + residual and out = FeedForward's down(silu(gate) * up) of rms_norm(h), in the model's dtype (the kernel
-    adds it unrounded into a fixed-point accumulator; its reader rounds it to the dtype)."""
-    act, h = gemv_reference(x, gate_up_weight, residual, norm_weight, eps, silu_mul=True)
-    return F.linear(act, down_weight), h
-
-
 def gemv_reference(x, weight, residual=None, norm_weight=None, eps: float = 1e-5, silu_mul=False):
     """What ops.gemv (csrc/gemv.cu) computes, with the PyTorch ops of the decode step it replaces:
     (out, h) with h = x + residual (or x), out = linear(rms_norm(h) if norm_weight else h, weight), and
@@ -522,9 +508,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("batch_index", torch.arange(max_batch_size, device=device), persistent=False)
-        # the fused MLP's output (ops.gemv_mlp, USE_FUSED_MLP): int64 in units of 2^-32, [rows, dim]
-        self.register_buffer("mlp_sums", torch.zeros(min(max_batch_size, GEMV_MAX_NORM_BATCH), c.dim,
-                                                     dtype=torch.int64, device=device), persistent=False)
 
     def _check_batch(self, batch_size: int, seq_len: int):
         if self.max_batch_size == 0:
@@ -636,12 +619,9 @@ class Transformer(nn.Module):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue (the first one also looks the tokens'
         embeddings up), RoPE + the cache write in qkv's epilogue and SiLU * up in gate_up's, so a layer is 5
-        kernels (qkv, attention, o, gate_up, down) and the step has no others but lm_head's. With USE_FUSED_MLP the
-        MLP is one kernel (ops.gemv_mlp, 4 kernels a layer): it adds its output into self.mlp_sums, which o_proj's
-        kernel clears before it and the next qkv (or the lm_head) reads as its x."""
+        kernels (qkv, attention, o, gate_up, down) and the step has no others but lm_head's."""
         B = tokens.shape[0]
         tokens = tokens.long().contiguous()  # (as nn.Embedding, int32 ids are fine too)
-        mlp_sums = self.mlp_sums[:B] if USE_FUSED_MLP and self.config.intermediate_size % 8 == 0 else None
         h, delta = None, None  # the residual stream is h + delta, summed in the next prologue
         for layer in self.layers:
             att, ffn = layer.attention, layer.feed_forward
@@ -651,15 +631,10 @@ class Transformer(nn.Module):
                                           self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v, att.n_heads,
                                           token_ids=tokens if first else None)
             attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
-            attn_out, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight, clear=mlp_sums)
-            if mlp_sums is not None:
-                h = ops.gemv_mlp(attn_out, ffn.w_gate_up.weight, ffn.w_down.weight, h, layer.ffn_norm.weight,
-                                 layer.ffn_norm.eps, mlp_sums)
-                delta = mlp_sums
-            else:
-                act, h = ops.gemv(attn_out, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
-                                  silu_mul=True)
-                delta, _ = ops.gemv(act, ffn.w_down.weight)
+            delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
+            act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
+                              silu_mul=True)
+            delta, _ = ops.gemv(act, ffn.w_down.weight)
         logits, _ = ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)
         return logits
 
@@ -753,7 +728,7 @@ class Transformer(nn.Module):
         device = self.device
         # The dispatch switches are baked into a captured graph, so they are part of its key.
         key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
-               USE_CUSTOM_GEMV, USE_FUSED_MLP, USE_PERSISTENT_DECODE, batch_size >= FUSED_SAMPLING_MIN_BATCH)
+               USE_CUSTOM_GEMV, USE_PERSISTENT_DECODE, batch_size >= FUSED_SAMPLING_MIN_BATCH)
         if use_cuda_graph and key in self._decode_graphs:
             self._decode_graphs[key] = self._decode_graphs.pop(key)  # most recently used last
             return self._decode_graphs[key]

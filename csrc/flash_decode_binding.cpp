@@ -325,26 +325,15 @@ void check_aligned(const at::Tensor& t, const char* op, const char* name) {
              " must start on a 16-byte boundary (16-byte loads); make a fresh contiguous copy");
 }
 
-// Checks the GEMV's inputs and fills the parameters that gemv, gemv_rope_kv_write and gemv_mlp share; returns h
-// (the residual stream: x + residual, or x). With token_ids (int64 [rows]) x is an embedding table [V, k] and the
-// input rows are x[token_ids] (needs the RMSNorm prologue and no residual; h is then a copy of those rows). An
-// int64 x is a fused MLP's fixed-point accumulator (gemv_mlp; needs the RMSNorm prologue and a residual).
+// Checks the GEMV's inputs and fills the parameters that gemv and gemv_rope_kv_write share; returns h (the
+// residual stream: x + residual, or x). With token_ids (int64 [rows]) x is an embedding table [V, k] and the
+// input rows are x[token_ids] (needs the RMSNorm prologue and no residual; h is then a copy of those rows).
 at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& weight,
                         c10::optional<at::Tensor> residual, c10::optional<at::Tensor> norm_weight, double eps,
                         bool silu_mul, const c10::optional<at::Tensor>& token_ids = c10::nullopt) {
-    const flash_decode::DType dtype = model_dtype(weight, "gemv");
-    const bool fixed_point = x.scalar_type() == at::kLong;
-    if (fixed_point) {
-        FD_CHECK(x.is_cuda() && x.device() == weight.device() && x.is_contiguous(), "gemv: x (a fused MLP's int64 "
-                 "accumulator) must be a contiguous CUDA tensor on ", weight.device());
-        FD_CHECK(norm_weight.has_value() && residual.has_value() && !token_ids.has_value(), "gemv: an int64 x (a fused "
-                 "MLP's accumulator) is read by the RMSNorm prologue after a residual add: pass residual and "
-                 "norm_weight");
-        p.x_fixed_point = true;
-    } else {
-        check_fused_input(x, weight, "gemv", "x");
-    }
-    check_fused_input(weight, weight, "gemv", "weight");
+    const flash_decode::DType dtype = model_dtype(x, "gemv");
+    check_fused_input(x, x, "gemv", "x");
+    check_fused_input(weight, x, "gemv", "weight");
     int64_t rows = x.size(0);
     if (token_ids.has_value()) {
         FD_CHECK(token_ids->is_cuda() && token_ids->device() == x.device() && token_ids->scalar_type() == at::kLong &&
@@ -383,23 +372,23 @@ at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& 
     p.eps = (float)eps;
     at::Tensor h = x;
     if (token_ids.has_value()) {
-        h = at::empty({rows, k}, weight.options());
+        h = at::empty({rows, k}, x.options());
         p.x_rows = token_ids->data_ptr<int64_t>();
         p.x_table_rows = x.size(0);
         p.residual_out = h.data_ptr();
     }
     if (residual.has_value()) {
         FD_CHECK(norm_weight.has_value(), "gemv: residual is only added by the RMSNorm prologue; pass norm_weight");
-        check_fused_input(*residual, weight, "gemv", "residual");
+        check_fused_input(*residual, x, "gemv", "residual");
         FD_CHECK(residual->sizes() == x.sizes(), "gemv: residual shape ", residual->sizes(), " differs from x shape ",
                  x.sizes());
         check_aligned(*residual, "gemv", "residual");
-        h = at::empty_like(*residual);
+        h = at::empty_like(x);
         p.residual = residual->data_ptr();
         p.residual_out = h.data_ptr();
     }
     if (norm_weight.has_value()) {
-        check_fused_input(*norm_weight, weight, "gemv", "norm_weight");
+        check_fused_input(*norm_weight, x, "gemv", "norm_weight");
         FD_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == k, "gemv: norm_weight must be [", k, "]");
         check_aligned(*norm_weight, "gemv", "norm_weight");
         p.norm_weight = norm_weight->data_ptr();
@@ -416,68 +405,25 @@ at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& 
 // (out, h): out (allocated unless given) = x' @ weight^T for x [rows <= 16, k] (the norm prologue: rows <= 4),
 // where x' = rmsnorm(h) * norm_weight with h = x + residual (h = x without residual) when norm_weight is given,
 // else x' = h = x. silu_mul: weight = [gate; up] [2 n, k] and out = silu(x' gate^T) * (x' up^T) [rows, n].
-// clear (int64, 1 to 4 rows, no prologue or epilogue): zeroed by the kernel once the previous kernel is done, for a
-// gemv_mlp launched next to add into (the o_proj before the MLP).
 std::tuple<at::Tensor, at::Tensor> gemv_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 c10::optional<at::Tensor> residual,
                                                 c10::optional<at::Tensor> norm_weight, double eps, bool silu_mul,
-                                                c10::optional<at::Tensor> out_arg, c10::optional<at::Tensor> clear) {
+                                                c10::optional<at::Tensor> out_arg) {
     gemv::Params p{};
     const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, silu_mul);
     at::Tensor out;
     if (out_arg.has_value()) {
         out = *out_arg;
-        check_fused_input(out, weight, "gemv", "out");
+        check_fused_input(out, x, "gemv", "out");
         FD_CHECK(out.dim() == 2 && out.size(0) == p.rows && out.size(1) == p.n_out, "gemv: out must be [", p.rows,
                  ", ", p.n_out, "], got ", out.sizes());
     } else {
-        out = at::empty({p.rows, p.n_out}, weight.options());
+        out = at::empty({p.rows, p.n_out}, x.options());
     }
     p.out = out.data_ptr();
-    if (clear.has_value()) {
-        FD_CHECK(clear->is_cuda() && clear->device() == weight.device() && clear->scalar_type() == at::kLong &&
-                     clear->is_contiguous(),
-                 "gemv: clear must be a contiguous int64 CUDA tensor on ", weight.device());
-        FD_CHECK(p.rows <= gemv::kMaxNormRows && !norm_weight.has_value() && !silu_mul, "gemv: clear is done by the "
-                 "plain GEMV of 1 to ", gemv::kMaxNormRows, " rows (no norm_weight, no silu_mul)");
-        p.clear = clear->data_ptr<int64_t>();
-        p.clear_count = clear->numel();
-    }
     const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(gemv::launch(p, model_dtype(weight, "gemv"), c10::cuda::getCurrentCUDAStream().stream()),
-               "gemv launch");
+    check_cuda(gemv::launch(p, model_dtype(x, "gemv"), c10::cuda::getCurrentCUDAStream().stream()), "gemv launch");
     return {out, h};
-}
-
-// h: the fused MLP of a decode step for 1 to 4 rows. accumulator (int64 [rows, k], zeroed beforehand: gemv's clear)
-// += (silu(x' gate^T) * (x' up^T)) @ down_weight^T in units of 2^-32, with x' = rmsnorm(h) * norm_weight and h = x +
-// residual; gate_up_weight = [gate; up] [2 n, k], down_weight [k, n] (nn.Linear's layout). The next gemv or
-// gemv_rope_kv_write takes the accumulator as its x.
-at::Tensor gemv_mlp(const at::Tensor& x, const at::Tensor& gate_up_weight, const at::Tensor& down_weight,
-                    const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
-                    const at::Tensor& accumulator) {
-    FD_CHECK(x.scalar_type() != at::kLong, "gemv_mlp: x must be the model's activations, not an accumulator");
-    gemv::Params p{};
-    const at::Tensor h = prepare_gemv(p, x, gate_up_weight, residual, norm_weight, eps, true);
-    FD_CHECK(p.rows <= gemv::kMaxNormRows, "gemv_mlp: 1 to ", gemv::kMaxNormRows, " rows, got ", p.rows);
-    check_fused_input(down_weight, gate_up_weight, "gemv_mlp", "down_weight");
-    FD_CHECK(down_weight.dim() == 2 && down_weight.size(0) == p.k && down_weight.size(1) == p.n_out,
-             "gemv_mlp: down_weight must be [", p.k, ", ", p.n_out, "] (gate_up_weight is [2 x ", p.n_out, ", ", p.k,
-             "]), got ", down_weight.sizes());
-    FD_CHECK(p.n_out % 8 == 0, "gemv_mlp: the intermediate size ", p.n_out, " is not a multiple of 8 (16-byte loads "
-             "of down_weight's rows)");
-    check_aligned(down_weight, "gemv_mlp", "down_weight");
-    FD_CHECK(accumulator.is_cuda() && accumulator.device() == x.device() && accumulator.scalar_type() == at::kLong &&
-                 accumulator.is_contiguous() && accumulator.dim() == 2 && accumulator.size(0) == p.rows &&
-                 accumulator.size(1) == p.k,
-             "gemv_mlp: accumulator must be a contiguous int64 CUDA tensor [", p.rows, ", ", p.k, "], got ",
-             accumulator.scalar_type(), " ", accumulator.sizes());
-    p.down_weight = down_weight.data_ptr();
-    p.out = accumulator.data_ptr();
-    const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(gemv::launch(p, model_dtype(x, "gemv_mlp"), c10::cuda::getCurrentCUDAStream().stream()),
-               "gemv_mlp launch");
-    return h;
 }
 
 // (q, h): the qkv projection of gemv with its RMSNorm prologue (1 to 4 rows), and rope_kv_write in its
@@ -493,9 +439,9 @@ std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const
              "gemv_rope_kv_write: x must be [rows, k] with 1 to ", gemv::kMaxNormRows, " rows, got ", x.sizes());
     gemv::Params p{};
     const at::Tensor h = prepare_gemv(p, x, weight, residual, norm_weight, eps, false, token_ids);
-    const auto [max_seq, kv_heads, head_dim] = check_rope_args("gemv_rope_kv_write", p.rows, weight.size(0), weight,
+    const auto [max_seq, kv_heads, head_dim] = check_rope_args("gemv_rope_kv_write", p.rows, weight.size(0), x,
                                                                cos, sin, positions, k_cache, v_cache, q_heads);
-    at::Tensor q = at::empty({p.rows, q_heads, head_dim}, weight.options());
+    at::Tensor q = at::empty({p.rows, q_heads, head_dim}, x.options());
     p.out = q.data_ptr();
     p.rope_kv = true;
     p.cos = cos.data_ptr();
@@ -508,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> gemv_rope_kv_write(const at::Tensor& x, const
     p.head_dim = (int)head_dim;
     p.max_seq = (int)max_seq;
     const c10::cuda::CUDAGuard guard(x.device());
-    check_cuda(gemv::launch(p, model_dtype(weight, "gemv"), c10::cuda::getCurrentCUDAStream().stream()),
+    check_cuda(gemv::launch(p, model_dtype(x, "gemv"), c10::cuda::getCurrentCUDAStream().stream()),
                "gemv_rope_kv_write launch");
     return {q, h};
 }
@@ -768,14 +714,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "h = x + residual (or x), else x' = h = x; silu_mul: weight = [gate; up], out = silu(x' gate^T) * "
           "(x' up^T).",
           py::arg("x"), py::arg("weight"), py::arg("residual") = py::none(), py::arg("norm_weight") = py::none(),
-          py::arg("eps") = 1e-5, py::arg("silu_mul") = false, py::arg("out") = py::none(),
-          py::arg("clear") = py::none());
-    m.def("gemv_mlp", &gemv_mlp,
-          "h: the decode step's MLP for 1 to 4 rows in one kernel; accumulator (int64 [rows, k], zeroed first by "
-          "gemv's clear) += silu(x' gate^T) * (x' up^T) @ down_weight^T in units of 2^-32, x' = rmsnorm(h) * "
-          "norm_weight, h = x + residual. The next gemv / gemv_rope_kv_write reads the accumulator as its x.",
-          py::arg("x"), py::arg("gate_up_weight"), py::arg("down_weight"), py::arg("residual"),
-          py::arg("norm_weight"), py::arg("eps"), py::arg("accumulator"));
+          py::arg("eps") = 1e-5, py::arg("silu_mul") = false, py::arg("out") = py::none());
     m.def("gemv_rope_kv_write", &gemv_rope_kv_write,
           "(q, h): gemv's qkv projection with the RMSNorm prologue (1 to 4 rows) and rope_kv_write's RoPE and "
           "cache write in its epilogue; q [rows, q_heads, head_dim]. With token_ids (int64 [rows], no residual) x is "

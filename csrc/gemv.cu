@@ -46,36 +46,72 @@ constexpr int kPiecesInFlight = 8;  // 16-byte weight pieces per lane in flight,
 enum class Epilogue { kStore, kSiluMul, kRopeKv };
 
 // Blocks per SM the registers must allow: room for the next kernel's blocks to start streaming their
-// weights while this one runs (programmatic_launch.cuh). On sm_90 the one-row bf16 RoPE variant fits 64
+// weights while this one runs (programmatic_launch.cuh). On sm_90 the one-row RoPE variant fits 64
 // registers too, so all 192 blocks of Llama-3.2-1B's qkv projection are resident beside down_proj's and have
 // their weights in flight before down_proj ends (+0.5% tokens/s at batch 1 on an H100, 2026-11-26); more x
-// rows, RoPE with two, fp16 (its conversions need a few more registers beside the prologue's fixed-point
-// path), or RoPE on sm_80 (no early start there anyway) need more (64 would spill).
+// rows, RoPE with two, or RoPE on sm_80 (no early start there anyway) need more (64 would spill).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-template <typename T>
 constexpr bool kRopeFits64Registers = false;
 #else
-template <typename T>
-constexpr bool kRopeFits64Registers = std::is_same_v<T, __nv_bfloat16>;
+constexpr bool kRopeFits64Registers = true;
 #endif
-template <typename T, int kRows, Epilogue kEpilogue>
+template <int kRows, Epilogue kEpilogue>
 constexpr int kMinBlocksPerSm =
-    kEpilogue == Epilogue::kRopeKv ? (kRows == 1 && kRopeFits64Registers<T> ? 4 : 2) : (kRows <= 2 ? 4 : 2);
+    kEpilogue == Epilogue::kRopeKv ? (kRows == 1 && kRopeFits64Registers ? 4 : 2) : (kRows <= 2 ? 4 : 2);
 
-// Variants that may split k between warps (Params::split_k), and that may clear an accumulator (Params::clear:
-// the o_proj GEMV; the others are at the 64-register bound).
+// Variants that may split k between warps (Params::split_k).
 template <bool kNorm, Epilogue kEpilogue>
 constexpr bool kSplitK = !kNorm && kEpilogue == Epilogue::kStore;
-template <bool kNorm, Epilogue kEpilogue>
-constexpr bool kClears = !kNorm && kEpilogue == Epilogue::kStore;
 
-// The prologue (after the wait): x, or rmsnorm(x + residual) * norm_weight, of every row into shared memory as
-// 16-byte pieces; block 0 also writes the residual stream x + residual to residual_out.
-template <typename T, int kRows, bool kNorm>
-__device__ __forceinline__ void stage_x(const Params& p, uint4* smem) {
+template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
+    gemv_kernel(const __grid_constant__ Params p) {
+    extern __shared__ uint4 smem[];  // x: [kRows, k] as 16-byte pieces
     __shared__ float warp_sums[kWarps][kRows];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int k = p.k, pieces = k / 8;
+    const T* weight = static_cast<const T*>(p.weight);
+
+    // This warp's weight rows: one; or the gate and up rows of one output; or, for RoPE, rows d and
+    // d + head_dim / 2 of one head (the pair that rotates together).
+    constexpr bool kSiluMul = kEpilogue == Epilogue::kSiluMul;
+    constexpr bool kRope = kEpilogue == Epilogue::kRopeKv;
+    constexpr int kWarpRows = kEpilogue == Epilogue::kStore ? 1 : 2;
+    constexpr int kUnroll = kPiecesInFlight / kWarpRows;
+    // The output (pair) this warp computes, and which of its split_k consecutive parts of k (split_k warps
+    // of the block share an output; only the plain variant: the others are at the 64-register bound).
+    const int split_k = kSplitK<kNorm, kEpilogue> ? p.split_k : 1;
+    const int task = (blockIdx.x * kWarps + warp) / split_k;
+    const int part_pieces = pieces / split_k;  // (the host makes it a whole number)
+    const int piece0 = (warp % split_k) * part_pieces;
+    const int half = kRope ? p.head_dim / 2 : 1;
+    const int rope_head = task / half, rope_d = task % half;
+    const bool valid = task < (kRope ? p.n_out / 2 : p.n_out);
+    const T* wrow[kWarpRows];
+    if constexpr (kRope) {
+        wrow[0] = weight + ((int64_t)rope_head * p.head_dim + rope_d) * k;
+        wrow[1] = wrow[0] + (int64_t)half * k;
+    } else {
+        wrow[0] = weight + (int64_t)task * k;
+        if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
+    }
+
+    programmatic_launch::allow_next_kernel();
+    uint4 wv[kWarpRows][kUnroll];
+    auto load_batch = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int piece = base + u * 32 + lane;
+#pragma unroll
+            for (int j = 0; j < kWarpRows; ++j)
+                wv[j][u] = valid && piece < part_pieces ? load_stream_16B(wrow[j] + (piece0 + piece) * 8)
+                                                        : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_batch(0);
+    programmatic_launch::wait_for_previous_kernel();  // x and residual come from the previous kernel
+
+    // Prologue: x, or rmsnorm(x + residual) * norm_weight, into shared memory (16-byte pieces).
     const T* x = static_cast<const T*>(p.x);
     if constexpr (!kNorm) {
 #pragma unroll 2  // the weight pieces in flight already hold 32 registers
@@ -88,21 +124,6 @@ __device__ __forceinline__ void stage_x(const Params& p, uint4* smem) {
         float sum_sq[kRows] = {};
         if (p.x_rows != nullptr && threadIdx.x < kRows && (uint64_t)p.x_rows[threadIdx.x] >= (uint64_t)p.x_table_rows)
             __trap();  // a token id outside the embedding table
-        if (p.x_fixed_point) {  // a fused MLP's accumulator (gemv.h), rounded to T as a down projection's output
-            // is, into shared memory first: 16 bytes a thread at a time (a whole 64-byte piece would not fit in
-            // the registers left beside the weight pieces in flight)
-            const longlong2* values = static_cast<const longlong2*>(p.x) + threadIdx.x;
-            uint32_t* pairs = reinterpret_cast<uint32_t*>(smem) + threadIdx.x;
-#pragma unroll 1
-            for (int i = threadIdx.x; i < kRows * k / 2; i += kThreads, values += kThreads, pairs += kThreads) {
-                const longlong2 v = *values;
-                T pair[2] = {from_float<T>(__ll2float_rn(v.x) * (float)kFixedPointUnit),
-                             from_float<T>(__ll2float_rn(v.y) * (float)kFixedPointUnit)};
-                *pairs = *reinterpret_cast<const uint32_t*>(pair);
-            }
-            __syncthreads();
-            x = reinterpret_cast<const T*>(smem);  // (each thread then reads and rewrites its own pieces)
-        }
         for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
             const int r = i / pieces;
             int64_t source = i;  // in 16-byte pieces
@@ -159,60 +180,6 @@ __device__ __forceinline__ void stage_x(const Params& p, uint4* smem) {
             smem[i] = ov;  // each thread rewrites only the pieces it read
         }
         __syncthreads();
-    }
-}
-
-template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<T, kRows, kEpilogue>)
-    gemv_kernel(const __grid_constant__ Params p) {
-    extern __shared__ uint4 smem[];  // x: [kRows, k] as 16-byte pieces
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int k = p.k, pieces = k / 8;
-    const T* weight = static_cast<const T*>(p.weight);
-
-    // This warp's weight rows: one; or the gate and up rows of one output; or, for RoPE, rows d and
-    // d + head_dim / 2 of one head (the pair that rotates together).
-    constexpr bool kSiluMul = kEpilogue == Epilogue::kSiluMul;
-    constexpr bool kRope = kEpilogue == Epilogue::kRopeKv;
-    constexpr int kWarpRows = kEpilogue == Epilogue::kStore ? 1 : 2;
-    constexpr int kUnroll = kPiecesInFlight / kWarpRows;
-    // The output (pair) this warp computes, and which of its split_k consecutive parts of k (split_k warps
-    // of the block share an output; only the plain variant: the others are at the 64-register bound).
-    const int split_k = kSplitK<kNorm, kEpilogue> ? p.split_k : 1;
-    const int task = (blockIdx.x * kWarps + warp) / split_k;
-    const int part_pieces = pieces / split_k;  // (the host makes it a whole number)
-    const int piece0 = (warp % split_k) * part_pieces;
-    const int half = kRope ? p.head_dim / 2 : 1;
-    const int rope_head = task / half, rope_d = task % half;
-    const bool valid = task < (kRope ? p.n_out / 2 : p.n_out);
-    const T* wrow[kWarpRows];
-    if constexpr (kRope) {
-        wrow[0] = weight + ((int64_t)rope_head * p.head_dim + rope_d) * k;
-        wrow[1] = wrow[0] + (int64_t)half * k;
-    } else {
-        wrow[0] = weight + (int64_t)task * k;
-        if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
-    }
-
-    programmatic_launch::allow_next_kernel();
-    uint4 wv[kWarpRows][kUnroll];
-    auto load_batch = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int piece = base + u * 32 + lane;
-#pragma unroll
-            for (int j = 0; j < kWarpRows; ++j)
-                wv[j][u] = valid && piece < part_pieces ? load_stream_16B(wrow[j] + (piece0 + piece) * 8)
-                                                        : make_uint4(0, 0, 0, 0);
-        }
-    };
-    load_batch(0);
-    programmatic_launch::wait_for_previous_kernel();  // x and residual come from the previous kernel
-
-    stage_x<T, kRows, kNorm>(p, smem);
-    if (kClears<kNorm, kEpilogue> && p.clear != nullptr) {  // the next kernel's accumulator (gemv.h)
-        for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < p.clear_count; i += (int64_t)gridDim.x * kThreads)
-            p.clear[i] = 0;
     }
 
     // Main loop: dot products of the warp's weight rows with every x row.
@@ -295,182 +262,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<T, kRows, kEpilogue>
             out[(int64_t)r * p.n_out + task] = from_float<T>(acc[0][r]);
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// The fused MLP, 1 to 4 rows: out += (silu(x' gate^T) * (x' up^T)) down^T, x' = rmsnorm(x + residual) * norm_weight.
-// One kernel instead of gate_up and down, so the weight stream does not drain at the boundary between them (on an
-// H100 the separate down_proj took 13.2 us a layer for 10.7 us of bytes). Split-K over the intermediate dimension:
-// block b owns the intermediate columns [32 b, 32 b + 32). Its warps compute those 32 products exactly as the
-// silu_mul GEMV does (warp w takes columns 4w..4w+3 with the same lanes, pieces and summation order, so the same
-// rounded values) into shared memory; then the block multiplies them with its 32 columns of down_weight, 64
-// contiguous bytes of every row (each lane quad takes a row, lane t % 4 eight of its columns, and the quad sums
-// its four parts with two shuffles), and adds each output's partial sum into the fixed-point accumulator with one
-// integer atomic, so the total does not depend on the order in which blocks arrive (gemv.h).
-// All of a block's loads are one sequence of rounds of 8 pieces a lane (4 gate + 4 up pieces, or 8 down pieces),
-// double-buffered in registers so that two rounds are always in flight: the first two are issued before the
-// programmatic-launch wait, and the first down round before the block's products are complete. Blocks start
-// their down rounds at different rows, so their atomics spread over the accumulator instead of queueing on the
-// same addresses at the same time.
-// Reference: llama3.mlp_reference.
-constexpr int kMlpColumnsPerWarp = kMlpColumnsPerBlock / kWarps;
-constexpr int kMlpDownRowsPerRound = kThreads / 4 * kPiecesInFlight;  // a lane quad per row, 8 rounds of rows
-constexpr bool kMlpDoubleBuffer = true;
-constexpr int kMlpMinBlocksPerSm = 2;
-constexpr int kMlpStaggerGroup = 1;  // blocks that start their down rounds at the same row
-
-template <typename T, int kRows>
-__global__ void __launch_bounds__(kThreads, kMlpMinBlocksPerSm) mlp_kernel(const __grid_constant__ Params p) {
-    static_assert(kMlpColumnsPerBlock == 4 * 8, "a lane quad covers a block's columns of a down_weight row");
-    static_assert(kRows <= 4, "lane t % 4 of a quad adds row t % 4");
-    extern __shared__ uint4 smem[];  // x': [kRows, k] as 16-byte pieces
-    __shared__ float products[kRows][kMlpColumnsPerBlock];  // silu(gate) * up, rounded to T
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, quad_lane = threadIdx.x % 4;
-    const int k = p.k, pieces = k / 8, n = p.n_out;
-    const int column0 = blockIdx.x * kMlpColumnsPerBlock;
-    const T* gate_up = static_cast<const T*>(p.weight);
-    const T* down = static_cast<const T*>(p.down_weight);
-    constexpr int kUnroll = kPiecesInFlight / 2;  // pieces of the gate row (and as many of the up row) a round
-    const int rounds_per_column = (pieces + 32 * kUnroll - 1) / (32 * kUnroll);
-    const int gate_up_rounds = kMlpColumnsPerWarp * rounds_per_column;
-    const int down_rounds = (k + kMlpDownRowsPerRound - 1) / kMlpDownRowsPerRound;
-    const int rounds = gate_up_rounds + down_rounds;
-    const int down_column = column0 + 8 * quad_lane;  // this lane's 8 columns of down_weight
-    const bool down_valid = down_column < n;           // (n % 8 == 0: 8 columns are all in or all out)
-    const int down_start = (blockIdx.x / kMlpStaggerGroup) % down_rounds;
-
-    auto down_round_row0 = [&](int q) {
-        return ((q - gate_up_rounds + down_start) % down_rounds) * kMlpDownRowsPerRound + (int)threadIdx.x / 4;
-    };
-    auto load_round = [&](uint4(&buf)[kPiecesInFlight], int q) {
-        if (q < gate_up_rounds) {
-            const int column = column0 + warp * kMlpColumnsPerWarp + q / rounds_per_column;
-            const int base = (q % rounds_per_column) * 32 * kUnroll;
-            const T* gate_row = gate_up + (int64_t)column * k;
-            const T* up_row = gate_up + (int64_t)(column + n) * k;
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int piece = base + u * 32 + lane;
-                const bool valid = column < n && piece < pieces;
-                buf[u] = valid ? load_stream_16B(gate_row + piece * 8) : make_uint4(0, 0, 0, 0);
-                buf[kUnroll + u] = valid ? load_stream_16B(up_row + piece * 8) : make_uint4(0, 0, 0, 0);
-            }
-        } else {
-            const int row0 = down_round_row0(q);
-#pragma unroll
-            for (int u = 0; u < kPiecesInFlight; ++u) {
-                const int row = row0 + u * (kThreads / 4);
-                buf[u] = down_valid && row < k ? load_stream_16B(down + (int64_t)row * n + down_column)
-                                               : make_uint4(0, 0, 0, 0);
-            }
-        }
-    };
-
-    float acc[2][kRows] = {};  // the gate and up dot products of the warp's current column
-    int64_t* out = static_cast<int64_t*>(p.out);
-    auto compute_round = [&](const uint4(&buf)[kPiecesInFlight], int q) {
-        if (q < gate_up_rounds) {
-            const int base = (q % rounds_per_column) * 32 * kUnroll;
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int piece = base + u * 32 + lane;
-                if (piece >= pieces) break;
-                float gate[8], up[8];
-                unpack8<T>(buf[u], gate);
-                unpack8<T>(buf[kUnroll + u], up);
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    float xf[8];
-                    unpack8<T>(smem[r * pieces + piece], xf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[0][r] = fmaf(gate[e], xf[e], acc[0][r]);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[1][r] = fmaf(up[e], xf[e], acc[1][r]);
-                }
-            }
-            if (q % rounds_per_column == rounds_per_column - 1) {  // the column is done
-                const int c = warp * kMlpColumnsPerWarp + q / rounds_per_column;
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-                    for (int offset = 16; offset > 0; offset /= 2) {
-                        acc[0][r] += __shfl_xor_sync(0xffffffffu, acc[0][r], offset);
-                        acc[1][r] += __shfl_xor_sync(0xffffffffu, acc[1][r], offset);
-                    }
-                    if (lane == 0)
-                        products[r][c] = column0 + c < n ? to_float(rounded::silu_mul<T>(round_to<T>(acc[0][r]),
-                                                                                         round_to<T>(acc[1][r])))
-                                                         : 0.f;
-                    acc[0][r] = acc[1][r] = 0.f;
-                }
-            }
-        } else {
-            if (q == gate_up_rounds) __syncthreads();  // every warp's products are in shared memory
-            const int row0 = down_round_row0(q);
-#pragma unroll
-            for (int u = 0; u < kPiecesInFlight; ++u) {
-                const int row = row0 + u * (kThreads / 4);
-                float w[8], part[kRows];
-                unpack8<T>(buf[u], w);
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    const float4 h0 = *reinterpret_cast<const float4*>(&products[r][8 * quad_lane]);
-                    const float4 h1 = *reinterpret_cast<const float4*>(&products[r][8 * quad_lane + 4]);
-                    const float h[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
-                    part[r] = 0.f;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) part[r] = fmaf(w[e], h[e], part[r]);
-                    part[r] += __shfl_xor_sync(0xffffffffu, part[r], 1);
-                    part[r] += __shfl_xor_sync(0xffffffffu, part[r], 2);
-                }
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    if (quad_lane == r && row < k) {
-                        const long long fixed = __float2ll_rn(part[r] * (float)(1.0 / kFixedPointUnit));
-                        atomicAdd(reinterpret_cast<unsigned long long*>(out + (int64_t)r * k + row),
-                                  (unsigned long long)fixed);
-                    }
-                }
-            }
-        }
-    };
-
-    programmatic_launch::allow_next_kernel();
-    uint4 a[kPiecesInFlight];
-    load_round(a, 0);  // weights depend on no earlier kernel
-    if constexpr (kMlpDoubleBuffer) {
-        uint4 b[kPiecesInFlight];
-        load_round(b, 1);  // (rounds >= kMlpColumnsPerWarp + 1)
-        programmatic_launch::wait_for_previous_kernel();  // x, residual, and the cleared accumulator
-        stage_x<T, kRows, true>(p, smem);
-        for (int q = 0; q < rounds; q += 2) {
-            compute_round(a, q);
-            if (q + 2 < rounds) load_round(a, q + 2);
-            if (q + 1 < rounds) {
-                compute_round(b, q + 1);
-                if (q + 3 < rounds) load_round(b, q + 3);
-            }
-        }
-    } else {
-        programmatic_launch::wait_for_previous_kernel();
-        stage_x<T, kRows, true>(p, smem);
-        for (int q = 0; q < rounds; ++q) {
-            if (q > 0) load_round(a, q);
-            compute_round(a, q);
-        }
-    }
-}
-
-template <typename T, int kRows>
-cudaError_t launch_mlp(const Params& p, cudaStream_t stream) {
-    const size_t smem = shared_bytes(kRows, p.k, DType::kBFloat16);
-    auto kernel = mlp_kernel<T, kRows>;
-    if (smem > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (err != cudaSuccess) return err;
-    }
-    const int blocks = (p.n_out + kMlpColumnsPerBlock - 1) / kMlpColumnsPerBlock;
-    return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -603,12 +394,6 @@ cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
 template <typename T, int kRows>
 cudaError_t launch_rows(const Params& p, cudaStream_t stream) {
     const bool norm = p.norm_weight != nullptr;
-    if (p.down_weight != nullptr) {  // the fused MLP: after the RMSNorm, with gate_up's SiLU
-        if (!norm || !p.silu_mul || p.rope_kv || p.n_out % 8 != 0 || p.x_rows != nullptr || p.clear != nullptr)
-            return cudaErrorInvalidValue;
-        return launch_mlp<T, kRows>(p, stream);
-    }
-    if (p.clear != nullptr && (norm || p.silu_mul || p.rope_kv)) return cudaErrorInvalidValue;  // (kClears)
     if (p.rope_kv) {  // the qkv projection: always after an RMSNorm
         if (!norm || p.silu_mul) return cudaErrorInvalidValue;
         return launch_variant<T, kRows, true, Epilogue::kRopeKv>(p, stream);
@@ -621,11 +406,8 @@ cudaError_t launch_rows(const Params& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
-    if (p.x_fixed_point && (p.norm_weight == nullptr || p.residual == nullptr || p.x_rows != nullptr))
-        return cudaErrorInvalidValue;
     if (p.rows > kMaxNormRows) {
-        if (p.norm_weight != nullptr || p.rope_kv || p.down_weight != nullptr || p.clear != nullptr || p.k % 32 != 0)
-            return cudaErrorInvalidValue;
+        if (p.norm_weight != nullptr || p.rope_kv || p.k % 32 != 0) return cudaErrorInvalidValue;
         return launch_mma<T>(p, stream);
     }
     switch (p.rows) {

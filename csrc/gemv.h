@@ -4,9 +4,7 @@
 //   prologue: x <- rmsnorm(x + residual) * norm_weight (the residual add and RMSNorm before qkv, gate_up
 //             and lm_head), the new residual stream written once to residual_out;
 //   epilogue: W = [gate; up] (2 * n_out rows), y = silu(x @ gate^T) * (x @ up^T); or, for the qkv projection,
-//             RoPE on q and k and the write of k and v into the KV cache (what fused_ops::rope_kv_write does);
-//   the whole MLP (down_weight): y = silu(x @ gate^T) * (x @ up^T) @ down^T, added into a fixed-point
-//             accumulator that the next GEMV's prologue reads as its x (x_fixed_point).
+//             RoPE on q and k and the write of k and v into the KV cache (what fused_ops::rope_kv_write does).
 // Torch-free like flash_decode.h; the binding is in flash_decode_binding.cpp.
 #pragma once
 
@@ -26,17 +24,8 @@ using flash_decode::DType;
 constexpr int kMaxNormRows = 4;
 constexpr int kMaxRows = 16;
 
-// The fused MLP's output format: int64 in units of 2^-32 (|value| < 2^31), summed with integer atomics so the
-// result does not depend on the order in which blocks add their parts (floats would: run-to-run differences).
-constexpr double kFixedPointUnit = 1.0 / 4294967296.0;
-// Intermediate columns per block of the fused MLP: each block adds one partial sum per output and row, so
-// fewer, wider blocks mean fewer atomics; 32 columns are 64 contiguous bytes of each down_weight row.
-constexpr int kMlpColumnsPerBlock = 32;
-
 struct Params {
-    const void* x;             // [rows, k]; or with x_rows a table [x_table_rows, k] (the token embeddings); or with
-                               // x_fixed_point int64 [rows, k] in units of kFixedPointUnit (a fused MLP's output)
-    bool x_fixed_point;        // (RMSNorm prologue with a residual only) x rounded to the model dtype first
+    const void* x;             // [rows, k]; or with x_rows a table [x_table_rows, k] (the token embeddings)
     const int64_t* x_rows;     // [rows] or null: row r of the input is row x_rows[r] of x (RMSNorm prologue only;
                                // residual_out then receives the gathered rows when there is no residual). Such a
                                // launch starts a decode step, so it is a plain launch: no kernel of the step may
@@ -52,14 +41,6 @@ struct Params {
     int rows, k, n_out;
     bool silu_mul;
     int split_k;               // warps per output, each taking a contiguous part of k (set by launch)
-    // The fused MLP (with silu_mul and the RMSNorm prologue, 1 to 4 rows, n_out % 8 == 0): down_weight [k, n_out]
-    // (row-major, as nn.Linear stores down_proj), and out is an int64 accumulator [rows, k] in units of
-    // kFixedPointUnit to which silu(gate) * up @ down^T is added; the caller zeroes it beforehand (clear).
-    const void* down_weight;
-    // CUDA-core kernel (1 to 4 rows): clear_count int64 values at clear are set to 0 after the wait, for the next
-    // kernel to add into (the o_proj GEMV clears the fused MLP's accumulator that follows it).
-    int64_t* clear;
-    int64_t clear_count;
     // RoPE + KV-cache write epilogue (rope_kv; 1 to 4 rows, with the RMSNorm prologue), weight = wqkv with
     // n_out = (q_heads + 2 kv_heads) * head_dim: rotates q and k like fused_ops::rope_kv_write, writes q to
     // out [rows, q_heads, head_dim] and k, v to row positions[r] of k_cache, v_cache
