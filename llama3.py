@@ -653,9 +653,11 @@ class Transformer(nn.Module):
                                          cache_seqlens, self.rope_cos, self.rope_sin)
                 return ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)[0]
         dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
-        # the CUDA-core GEMV stages x [B, k] in shared memory: at most GEMV_MAX_SHARED_BYTES
+        # the CUDA-core GEMV stages x [B, k] (and the RMSNorm weight [dim]) in shared memory: at most
+        # GEMV_MAX_SHARED_BYTES
+        staged = max(B * max(dims), (B + 1) * c.dim) * self.tok_embeddings.weight.element_size()
         if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
-                and B * max(dims) * self.tok_embeddings.weight.element_size() <= GEMV_MAX_SHARED_BYTES):
+                and staged <= GEMV_MAX_SHARED_BYTES):
             return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens)
         x = self.tok_embeddings(tokens)
         # the tensor-core GEMV (5 to 16 rows) takes k in chunks of 32 and needs no shared memory for x

@@ -5,7 +5,7 @@
 // of a head), its lanes walk the row in 16-byte pieces (lane l takes pieces l, l + 32, ...), and dot each
 // with the matching piece of every x row; a warp shuffle sums the lanes at the end. Long rows without a
 // fused prologue or epilogue (down_proj) are cut into 2 or 4 parts, one warp each, summed through shared
-// memory (Params::split_k). x is staged in shared
+// memory (Params::split_k). x (and the RMSNorm weight) is staged in shared
 // memory once per block, so the only device-memory stream is the weights, read once. Before the prologue
 // touches x, each warp already issues its first 8 pieces (a whole 2048-wide row, or half of two): weight loads
 // depend on no earlier kernel, so they are issued even before the previous kernel has finished
@@ -109,15 +109,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
         }
     };
     load_batch(0);
-    // The RMSNorm weight of this thread's first piece depends on no earlier kernel either: read before the wait,
-    // it is not a dependent round trip between the prologue's two barriers (-10 us a batch-1 step on an H100).
-    // Through L1, like x: every block reads these same bytes at the same moment, and L2-only loads of one hot line
-    // from ~500 blocks queue at its L2 slice (with L1::no_allocate this change cost +30 us a step). Not in the
-    // qkv RoPE variant or fp16 at 2 rows: they are at their register bound and would spill.
-    constexpr bool kEarlyNormWeight = kNorm && !kRope && !(std::is_same_v<T, __half> && kRows == 2);
-    uint4 norm_first = make_uint4(0, 0, 0, 0);
-    if constexpr (kEarlyNormWeight)
-        norm_first = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.norm_weight) + (threadIdx.x % pieces) * 8);
+    // The RMSNorm weight depends on no earlier kernel either: copied into shared memory now (cp.async, no
+    // registers), it is not a dependent round trip between the prologue's two barriers. Through L1 (.ca): every
+    // block reads these same bytes at the same moment, and L2-only loads of one hot line from ~500 blocks queue
+    // at its L2 slice (read into registers through L1::no_allocate, the gate_up weight cost +30 us a step).
+    const uint4* norm_staged = smem + kRows * pieces;  // [pieces] after x (shared_bytes)
+    if constexpr (kNorm) {
+        const T* norm_weight = static_cast<const T*>(p.norm_weight);
+        for (int i = threadIdx.x; i < pieces; i += kThreads) {
+            const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem + kRows * pieces + i));
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(norm_weight + i * 8) : "memory");
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
     programmatic_launch::wait_for_previous_kernel();  // x and residual come from the previous kernel
 
     // Prologue: x, or rmsnorm(x + residual) * norm_weight, into shared memory (16-byte pieces).
@@ -164,6 +168,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
             if (lane == 0) warp_sums[warp][r] = v;
         }
+        asm volatile("cp.async.wait_all;" ::: "memory");  // this thread's norm weight copies; the barrier: all
         __syncthreads();
         float inv_rms[kRows];
 #pragma unroll
@@ -173,7 +178,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             for (int w = 0; w < kWarps; ++w) total += warp_sums[w][r];
             inv_rms[r] = rounded::inverse_rms(total, k, p.eps);
         }
-        const T* norm_weight = static_cast<const T*>(p.norm_weight);
         for (int i = threadIdx.x; i < kRows * pieces; i += kThreads) {
             const int r = i / pieces;
             float rms = inv_rms[0];
@@ -181,10 +185,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
             for (int r2 = 1; r2 < kRows; ++r2) rms = r2 == r ? inv_rms[r2] : rms;
             float h[8], g[8];
             unpack8<T>(smem[i], h);
-            const uint4 gv = kEarlyNormWeight && i == threadIdx.x
-                                 ? norm_first
-                                 : *reinterpret_cast<const uint4*>(norm_weight + (i % pieces) * 8);
-            unpack8<T>(gv, g);
+            unpack8<T>(norm_staged[i % pieces], g);
             uint4 ov;
             T* oe = reinterpret_cast<T*>(&ov);
 #pragma unroll
@@ -381,7 +382,7 @@ cudaError_t launch_mma(const Params& p, cudaStream_t stream) {
 
 template <typename T, int kRows, bool kNorm, Epilogue kEpilogue>
 cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
-    const size_t smem = shared_bytes(kRows, p.k, DType::kBFloat16);
+    const size_t smem = shared_bytes(kRows, p.k, kNorm);
     auto kernel = gemv_kernel<T, kRows, kNorm, kEpilogue>;
     if (smem > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -433,7 +434,7 @@ cudaError_t launch_typed(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-size_t shared_bytes(int rows, int k, DType) { return (size_t)rows * k * 2; }  // both dtypes are 2 bytes
+size_t shared_bytes(int rows, int k, bool norm) { return (size_t)(rows + (norm ? 1 : 0)) * k * 2; }  // 2-byte dtypes
 
 cudaError_t launch(const Params& p, DType dtype, cudaStream_t stream) {
     if (p.rows == 0 || p.n_out == 0) return cudaSuccess;

@@ -54,9 +54,9 @@ struct Params {
     int q_heads, kv_heads, head_dim, max_seq;
 };
 
-// Shared memory the launch needs (x staged once per block by the CUDA-core kernel), for checking against the
-// device's limit.
-size_t shared_bytes(int rows, int k, DType dtype);
+// Shared memory the launch needs (x staged once per block by the CUDA-core kernel, and with the RMSNorm prologue
+// its weight), for checking against the device's limit.
+size_t shared_bytes(int rows, int k, bool norm);
 
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
 
