@@ -331,7 +331,7 @@ void check_aligned(const at::Tensor& t, const char* op, const char* name) {
 at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& weight,
                         c10::optional<at::Tensor> residual, c10::optional<at::Tensor> norm_weight, double eps,
                         bool silu_mul, const c10::optional<at::Tensor>& token_ids = c10::nullopt) {
-    model_dtype(x, "gemv");  // (checks it)
+    model_dtype(x, "gemv");  // only checks the dtype
     check_fused_input(x, x, "gemv", "x");
     check_fused_input(weight, x, "gemv", "weight");
     int64_t rows = x.size(0);
@@ -396,7 +396,8 @@ at::Tensor prepare_gemv(gemv::Params& p, const at::Tensor& x, const at::Tensor& 
     int smem_limit = 0;
     check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()),
                "gemv: shared memory query");
-    FD_CHECK(rows > gemv::kMaxNormRows || gemv::shared_bytes((int)rows, (int)k, norm_weight.has_value()) <= (size_t)smem_limit,
+    FD_CHECK(rows > gemv::kMaxNormRows ||
+                 gemv::shared_bytes((int)rows, (int)k, norm_weight.has_value()) <= (size_t)smem_limit,
              "gemv: ", rows, " rows of k = ", k, " do not fit in shared memory (", smem_limit,
              " bytes); use fewer rows or a GEMM");
     return h;
