@@ -54,6 +54,11 @@ GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 # beyond it (e.g. Llama 3.1 8B's k = 14336 at 4 rows) batch 1-4 falls back to cuBLAS.
 GEMV_MAX_SHARED_BYTES = 96 * 1024
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
+# generate replays DECODE_STEPS_PER_GRAPH decode steps per CUDA graph launch while that many are left (then
+# single steps): inside one graph the next step's first GEMV starts streaming its weights while the previous
+# step's sampler runs (programmatic launch), and the GPU's gap between two graph launches is paid once per
+# replay. Measured on an H100 (2026-11-27, Llama-3.2-1B, batch 1): see README, "End to end".
+DECODE_STEPS_PER_GRAPH = 8
 # generate's prefill is a CUDA graph replay too when batch x padded prompt length is at most
 # PREFILL_GRAPH_MAX_TOKENS: short prompts are bound by the CPU's kernel launches (Llama-3.2-1B, 128 tokens on
 # an H100: 12 ms eager, 2 ms of GPU work), long ones by the GPU. Prompt lengths are padded up to a multiple of
@@ -428,14 +433,20 @@ class Attention(nn.Module):
                                              is_causal=True, scale=self.scale, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.q_size))
 
-    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens):
+    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens, attention_rows=None):
         """x [B, dim], cos/sin [B, 1, D]; writes this token's k/v at [b, positions[b]] then attends."""
         B = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
         self.kv_cache.k.index_put_((batch_index, positions), k)
         self.kv_cache.v.index_put_((batch_index, positions), v)
-        out = decode_attention(q, self.kv_cache.k[:B], self.kv_cache.v[:B], cache_seqlens, self.scale)
-        return self.wo(out.reshape(B, self.q_size))
+        return self.wo(self.decode_attention(q, cache_seqlens, attention_rows).reshape(B, self.q_size))
+
+    def decode_attention(self, q, cache_seqlens, attention_rows=None):
+        """decode_attention over the first attention_rows rows of the cache (all when None; every length must fit):
+        the CUDA kernel picks its split count from the rows it is given."""
+        B = q.shape[0]
+        k, v = self.kv_cache.k[:B, :attention_rows], self.kv_cache.v[:B, :attention_rows]
+        return decode_attention(q, k, v, cache_seqlens, self.scale)
 
 
 class FeedForward(nn.Module):
@@ -461,8 +472,9 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.prefill(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens):
-        h = x + self.attention.decode(self.attention_norm(x), cos, sin, batch_index, positions, cache_seqlens)
+    def decode(self, x, cos, sin, batch_index, positions, cache_seqlens, attention_rows=None):
+        h = x + self.attention.decode(self.attention_norm(x), cos, sin, batch_index, positions, cache_seqlens,
+                                      attention_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -594,28 +606,30 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, float_logits=True,
-                       cache_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                       cache_seqlens: torch.Tensor | None = None, attention_rows: int | None = None) -> torch.Tensor:
         """One decode step: tokens [B] long at cache positions [B] (device tensor). Writes their k/v at
         positions[b] and returns logits [B, V], as float32 or (float_logits=False) in the model's dtype.
         cache_seqlens (int32 [B], = positions + 1) may be passed by a caller that keeps it up to date (the
-        decode loop, whose sampler advances it). Static shapes, no host syncs: CUDA-graph capturable."""
+        decode loop, whose sampler advances it). attention_rows: a bound on every position + 1, for the
+        attention kernel's split count (generate captures a step per bound). Static shapes, no host syncs:
+        CUDA-graph capturable."""
         B = tokens.shape[0]
         positions = positions.long()
         if cache_seqlens is None:
             cache_seqlens = (positions + 1).to(torch.int32)
         ops = _fused_decode_ops(self.tok_embeddings.weight)
         if ops is not None:
-            logits = self._forward_decode_fused(ops, tokens, positions, cache_seqlens)
+            logits = self._forward_decode_fused(ops, tokens, positions, cache_seqlens, attention_rows)
             return logits.float() if float_logits else logits
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         batch_index = self.batch_index[:B]
         for layer in self.layers:
-            x = layer.decode(x, cos, sin, batch_index, positions, cache_seqlens)
+            x = layer.decode(x, cos, sin, batch_index, positions, cache_seqlens, attention_rows)
         logits = self.output(self.norm(x))
         return logits.float() if float_logits else logits
 
-    def _forward_decode_gemv(self, ops, tokens, positions, cache_seqlens):
+    def _forward_decode_gemv(self, ops, tokens, positions, cache_seqlens, attention_rows=None):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue (the first one also looks the tokens'
         embeddings up), RoPE + the cache write in qkv's epilogue and SiLU * up in gate_up's, so a layer is 5
@@ -630,7 +644,7 @@ class Transformer(nn.Module):
                                           layer.attention_norm.weight, layer.attention_norm.eps, self.rope_cos,
                                           self.rope_sin, positions, att.kv_cache.k, att.kv_cache.v, att.n_heads,
                                           token_ids=tokens if first else None)
-            attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
+            attn = att.decode_attention(q, cache_seqlens, attention_rows)
             delta, _ = ops.gemv(attn.reshape(B, att.q_size), att.wo.weight)
             act, h = ops.gemv(delta, ffn.w_gate_up.weight, h, layer.ffn_norm.weight, layer.ffn_norm.eps,
                               silu_mul=True)
@@ -638,7 +652,7 @@ class Transformer(nn.Module):
         logits, _ = ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)
         return logits
 
-    def _forward_decode_fused(self, ops, tokens, positions, cache_seqlens):
+    def _forward_decode_fused(self, ops, tokens, positions, cache_seqlens, attention_rows=None):
         """forward_decode through the fused CUDA ops. Each residual add is fused into the RMSNorm that
         follows it, so the residual stream is carried as (h, delta) and summed inside add_rmsnorm. At batch 1 all
         layers are one persistent kernel (USE_PERSISTENT_DECODE, csrc/decode_layers.cu) where it serves the model.
@@ -658,7 +672,7 @@ class Transformer(nn.Module):
         staged = max(B * max(dims), (B + 1) * c.dim) * self.tok_embeddings.weight.element_size()
         if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
                 and staged <= GEMV_MAX_SHARED_BYTES):
-            return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens)
+            return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens, attention_rows)
         x = self.tok_embeddings(tokens)
         # the tensor-core GEMV (5 to 16 rows) takes k in chunks of 32 and needs no shared memory for x
         use_gemv = (USE_CUSTOM_GEMV and GEMV_MAX_NORM_BATCH < B <= GEMV_MAX_BATCH
@@ -678,7 +692,7 @@ class Transformer(nn.Module):
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
             q = ops.rope_kv_write(linear(normed, att.wqkv), self.rope_cos, self.rope_sin, positions,
                                   att.kv_cache.k, att.kv_cache.v, att.n_heads)
-            attn = decode_attention(q, att.kv_cache.k[:B], att.kv_cache.v[:B], cache_seqlens, att.scale)
+            attn = att.decode_attention(q, cache_seqlens, attention_rows)
             normed, h = ops.add_rmsnorm(linear(attn.reshape(B, att.q_size), att.wo), h, layer.ffn_norm.weight,
                                         layer.ffn_norm.eps)
             delta = linear(silu_mul_gate_up(normed, ffn), ffn.w_down)
@@ -706,7 +720,7 @@ class Transformer(nn.Module):
                     c.n_heads, c.norm_eps, first.attention.scale)
         return self._decode_layers
 
-    def _decode_and_sample(self, state: "_DecodeStepper"):
+    def _decode_and_sample(self, state: "_DecodeStepper", attention_rows: int | None = None):
         """The per-token work of generate, in place on the decode loop's device tensors: the logits of
         state.tokens at state.positions, the next tokens sampled into state.tokens and state.history, and
         state.positions / state.cache_seqlens advanced by one (by the fused sampler's epilogue when it serves:
@@ -714,19 +728,39 @@ class Transformer(nn.Module):
         # The model's bf16/fp16 logits go to the sampler as they are: at batch 256 a float copy of them is
         # 131 MB written and read again every step.
         logits = self.forward_decode(state.tokens, state.positions, float_logits=False,
-                                     cache_seqlens=state.cache_seqlens)
+                                     cache_seqlens=state.cache_seqlens, attention_rows=attention_rows)
         state.sampler.advance(logits, state.tokens, state.positions, state.cache_seqlens, state.history)
 
+    def _attention_row_bounds(self, batch_size: int) -> list[int]:
+        """The attention_rows bounds generate captures decode graphs for, ascending, the last = max_seq_len. The
+        attention kernel takes its split count from the cache rows it is given, and a grid sized for the whole
+        cache costs short sequences: on an H100 (2026-11-27, Llama-3.2-1B, batch 1, a 4096-row cache) a step after
+        128 positions took 971 us with the 16 splits of 4096 rows and 948 with the one split of 256, after 512
+        positions 1,026 and 991 (2 splits). So: a bound per power of two from 256 rows, where the split count
+        changes (bounds with equal counts launch the same kernel grid: the larger one serves both)."""
+        kernels = None
+        if (USE_CUSTOM_DECODE_KERNEL and not USE_PERSISTENT_DECODE and self.device.type == "cuda"
+                and self.dtype in (torch.bfloat16, torch.float16)):
+            kernels = _custom_decode_kernels()
+        if kernels is None:
+            return [self.max_seq_len]
+        bounds = [256 << i for i in range(max(0, (self.max_seq_len - 1).bit_length() - 8))] + [self.max_seq_len]
+        bounds = [r for r in bounds if r <= self.max_seq_len]
+        c = self.config
+        splits = [kernels.default_num_splits(batch_size, c.n_heads, c.n_kv_heads, c.head_dim, r, True) for r in bounds]
+        return [r for i, r in enumerate(bounds) if i + 1 == len(bounds) or splits[i] != splits[i + 1]]
+
     def _decode_stepper(self, batch_size: int, temperature: float, top_p, top_k, use_cuda_graph: bool):
-        """The decode loop's state and step: tokens [B] (the last sampled tokens), positions [B] (where they
+        """The decode loop's state and steps: tokens [B] (the last sampled tokens), positions [B] (where they
         go in the cache), cache_seqlens [B] (= positions + 1) and history [B, max_seq_len] (every sampled token
-        at its cache position) are device tensors that step() advances in place by one token.
+        at its cache position) are device tensors that run() advances in place.
 
         With CUDA graphs the whole step (embedding, every layer, lm_head, sampling and the state update) is
-        one graph replay, captured on first use for this batch size, sampling setting and kernel choice, and
-        kept (the MAX_DECODE_GRAPHS most recent) until the cache is reallocated. Capturing runs two warm-up
-        steps that write cache positions 0 and 1 of rows < B, so it must happen before the prefill that
-        fills those rows."""
+        one graph replay, and DECODE_STEPS_PER_GRAPH steps another, for each attention-length bound
+        (_attention_row_bounds), all in one memory pool, captured on first use for this batch size, sampling
+        setting and kernel choice, and kept (the MAX_DECODE_GRAPHS most recent) until the cache is reallocated.
+        Capturing runs a few warm-up steps (two, plus one per further bound) that write cache positions from 0
+        on in rows < B, so it must happen before the prefill that fills those rows."""
         device = self.device
         # The dispatch switches are baked into a captured graph, so they are part of its key.
         key = (batch_size, temperature, top_p, top_k, USE_CUSTOM_DECODE_KERNEL, USE_FUSED_DECODE_OPS,
@@ -739,13 +773,9 @@ class Transformer(nn.Module):
             positions=torch.zeros(batch_size, dtype=torch.long, device=device),
             cache_seqlens=torch.ones(batch_size, dtype=torch.int32, device=device),
             history=torch.zeros(batch_size, self.max_seq_len, dtype=torch.long, device=device),
-            sampler=TokenSampler(device, temperature, top_p, top_k), step=None)
-
-        def advance():
-            self._decode_and_sample(state)
-
+            sampler=TokenSampler(device, temperature, top_p, top_k),
+            eager_step=lambda: self._decode_and_sample(state))
         if not use_cuda_graph:
-            state.step = advance
             return state
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}; "
@@ -756,8 +786,19 @@ class Transformer(nn.Module):
                  and _custom_decode_kernels() is not None)
         # (the fused sampler draws from sampler.rng_state instead)
         generator = state.sampler.generator if temperature > 0 and not fused else None
-        graph, _ = _capture_cuda_graph(device, advance, generator)
-        state.step = graph.replay
+        pool = None  # one pool for all: no tensor outlives a replay
+        for i, rows in enumerate(self._attention_row_bounds(batch_size)):
+            def one(rows=rows):
+                self._decode_and_sample(state, rows)
+
+            def several(rows=rows):
+                for _ in range(DECODE_STEPS_PER_GRAPH):
+                    self._decode_and_sample(state, rows)
+            single, _ = _capture_cuda_graph(device, one, generator, warmup_runs=2 if i == 0 else 1, pool=pool)
+            pool = single.pool()
+            # (no warm-up: the single step's did it)
+            multi, _ = _capture_cuda_graph(device, several, generator, warmup_runs=0, pool=pool)
+            state.graphs.append((rows, single, multi))
         self._decode_graphs[key] = state
         return state
 
@@ -808,18 +849,19 @@ class Transformer(nn.Module):
         def generated(count: int) -> torch.Tensor:
             return stepper.history.gather(1, prompt_lens[:, None] + torch.arange(count, device=device))
 
-        n_generated = 1
+        n_generated, next_check = 1, DONE_CHECK_INTERVAL
         bar = _progress_bar(max_gen_len, progress)
         bar.update(1)
-        for step in range(1, max_gen_len):
+        while n_generated < max_gen_len:
             # Checking for stops syncs with the device, so only look every few steps; tokens generated after a
             # stop are trimmed below.
-            if (stop_ids and step % DONE_CHECK_INTERVAL == 0
-                    and bool(torch.isin(generated(step), stop_ids_tensor).any(dim=1).all())):
-                break
-            stepper.step()
-            n_generated += 1
-            bar.update(1)
+            if stop_ids and n_generated >= next_check:
+                next_check = n_generated + DONE_CHECK_INTERVAL
+                if bool(torch.isin(generated(n_generated), stop_ids_tensor).any(dim=1).all()):
+                    break
+            steps = stepper.run(max_gen_len - n_generated, longest=max(lens) + n_generated)
+            n_generated += steps
+            bar.update(steps)
         bar.close()
 
         results = []
@@ -939,24 +981,39 @@ class _DecodeStepper:
     cache_seqlens: torch.Tensor  # [B] int32, positions + 1: the next step's attention lengths
     history: torch.Tensor  # [B, max_seq_len] long, each sampled token at its cache position
     sampler: "TokenSampler"  # sampling settings and randomness; reseeded by every generate call
-    step: object  # advances all of the above by one decode step, in place
+    eager_step: object  # advances all of the above by one decode step, in place, without a graph
+    # With CUDA graphs, per attention-length bound (ascending, the last = max_seq_len): (rows, the captured step,
+    # DECODE_STEPS_PER_GRAPH captured steps)
+    graphs: list = field(default_factory=list)
+
+    def run(self, steps_left: int, longest: int) -> int:
+        """Advances the state by DECODE_STEPS_PER_GRAPH steps in one graph replay when that many are left (and
+        graphs are captured), else by one; returns how many. longest: the longest attention length (position + 1)
+        of the first of these steps, which picks the graphs of the smallest bound that covers them all."""
+        if not self.graphs:
+            self.eager_step()
+            return 1
+        steps = DECODE_STEPS_PER_GRAPH if steps_left >= DECODE_STEPS_PER_GRAPH else 1
+        _, single, multi = next(g for g in self.graphs if g[0] >= longest + steps - 1 or g is self.graphs[-1])
+        (multi if steps > 1 else single).replay()
+        return steps
 
 
-def _capture_cuda_graph(device, fn, generator=None):
-    """(graph, fn's output in it): fn run twice on a side stream first (cuBLAS/cuDNN handles, the kernel's
-    split workspace), as capture requires, then captured. A generator fn draws from is registered, so that
-    replays draw fresh random numbers from it."""
+def _capture_cuda_graph(device, fn, generator=None, warmup_runs=2, pool=None):
+    """(graph, fn's output in it): fn run warmup_runs times on a side stream first (cuBLAS/cuDNN handles, the
+    kernel's split workspace), as capture requires, then captured (into another graph's memory pool, if given).
+    A generator fn draws from is registered, so that replays draw fresh random numbers from it."""
     with torch.cuda.device(device):  # capture streams are made on the current device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(warmup_runs):
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             output = fn()
     return graph, output
 

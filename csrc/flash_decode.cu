@@ -115,15 +115,16 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     const int tiles = (max_seqlen + rows_per_tile - 1) / rows_per_tile;
     if (tiles <= 2) return 1;
     // Inside a decode step each block reads its first two tiles before the programmatic-launch wait: with
-    // splits of at most two tiles merged in a cluster (no workspace round trips), everything a sequence of up
-    // to 16 tiles needs is in flight before the previous kernel ends, while that is at most two blocks per SM.
-    // Measured end to end on an H100 (2026-11-27, batch 1, head 64): a 17-tile cache in 8 splits gave 953 ->
-    // 960 tokens/s with 128-token prompts but 897 -> 889 with 2048-token ones (one split's third tile read after
-    // the wait at every step); in 9 splits (a non-portable cluster, up to 16: kMaxDecodeClusterSplits) 951 ->
-    // 960 and 892 -> 899, and a 32-tile cache in 16 splits 922 -> 927 (against the workspace merge of 17-33
-    // splits of one tile).
+    // splits of at most two tiles, everything the sequence needs is in flight before the previous kernel ends,
+    // while that is at most two blocks per SM (merged in a cluster up to kMaxDecodeClusterSplits, else through
+    // the workspace). Measured on an H100 (2026-11-27, batch 1, head 64): a 17-tile cache in 8 splits gave 953
+    // -> 960 tokens/s end to end with 128-token prompts but 897 -> 889 with 2048-token ones (one split's third
+    // tile read after the wait at every step); 9 splits of two tiles (a cluster) 951 -> 960 and 892 -> 899
+    // against 17 splits of one tile; a batch-1 decode step of a 32-tile cache took 1,022 / 1,038 / 1,052 us at
+    // 2,048 / 3,072 / 4,096 positions in 16 such splits (workspace merge), against 1,019 / 1,040 / 1,065 in 32
+    // splits of one tile and 1,024 / 1,049 / 1,074 in 8 (more tiles after the wait).
     const int pairs = (tiles + 1) / 2;
-    if (early_cache_reads && uses_cluster_merge(pairs, true) && base_blocks * pairs <= 2 * info.num_sms) return pairs;
+    if (early_cache_reads && base_blocks * pairs <= 2 * info.num_sms) return pairs;
     // Measured on an H100 (2026-11-26, split counts 1..128 at batch 1, 16 and 64): once the batch alone
     // gives a block to every other SM (batch 16 x 8 KV heads), one split is fastest for a plain launch
     // (5-12% ahead of 2-4). Inside a decode step, where each block reads its first tile before the

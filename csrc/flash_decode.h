@@ -72,9 +72,11 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
 // L2 flushed): 4 and 8 splits 0.2-0.8 us faster in a cluster (h64 S=512 10.3 -> 9.5 us); 16 splits (a
 // non-portable cluster size) 0.5-0.6 us slower than the global merge, so clusters stop at the portable 8.
 constexpr int kMaxClusterSplits = 8;
-// Decode steps (early_cache_reads) also use non-portable clusters of up to 16 blocks: there the splits have
-// at most two tiles, both read before the wait (default_num_splits).
-constexpr int kMaxDecodeClusterSplits = 16;
+// Decode steps (early_cache_reads) also use non-portable clusters of up to 12 blocks: there the splits have
+// at most two tiles, both read before the wait (default_num_splits). Measured on an H100 (2026-11-27, batch-1
+// decode steps of Llama-3.2-1B, the step's time with the cluster against the workspace merge, at 2,048 / 3,072 /
+// 4,096 positions): 9 splits -3 / 0 / +3 us, 12 splits -8 / -14 / -2 us, 16 splits +9 / +17 / +11 us.
+constexpr int kMaxDecodeClusterSplits = 12;
 bool& cluster_merge_enabled();
 bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 

@@ -21,7 +21,7 @@
 //      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
 //      weights through shared memory at the end.
 //   4. With one split, the block writes the normalized output. Otherwise the splits are merged with
-//      log-sum-exp weights, with no second kernel launch: with at most 8 splits (16 in a decode step,
+//      log-sum-exp weights, with no second kernel launch: with at most 8 splits (12 in a decode step,
 //      flash_decode.h) on sm_90+ the blocks of a
 //      (sequence, KV head) form a thread-block cluster, keep their partial results in shared memory, and
 //      after a cluster barrier each merges a share of the output reading the others' shared memory; else
@@ -190,9 +190,9 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 
     // q, and at least the newest cache row, come from the kernels just before (programmatic_launch.cuh).
     // With early_cache_reads the caller promises that those kernels write no other cache row and no
-    // length, so the block reads its length and issues its first two tiles' loads before waiting: with
-    // the decode split rule those are all the block reads up to 16 tiles (flash_decode.cu), and their memory
-    // latency hides under the previous kernel. After the wait the length is read again (a different value
+    // length, so the block reads its length and issues its first two tiles' loads before waiting: with the
+    // decode split rule (splits of two tiles while they fit, flash_decode.cu) those are all it reads, and their
+    // memory latency hides under the previous kernel. After the wait the length is read again (a different value
     // means start over) and the newest row is loaded again through L2, where the previous kernel's write is
     // now visible.
     bool first_tile_loaded = false, second_tile_loaded = false;

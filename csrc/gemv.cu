@@ -96,7 +96,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
         if constexpr (kSiluMul) wrow[kWarpRows - 1] = weight + (int64_t)(task + p.n_out) * k;
     }
 
-    programmatic_launch::allow_next_kernel();
+    // The first kernel of a decode step (x_rows: it gathers the step's tokens) lets the next kernel start only
+    // once it has passed its own wait, i.e. once the previous step has completed: the kernels of a step read their
+    // lengths and older cache rows before their waits (programmatic_launch.cuh), and would otherwise run ahead into
+    // what the previous step's sampler has not yet written. It still streams its own weights early.
+    const bool starts_step = kNorm && p.x_rows != nullptr;
+    if (!starts_step) programmatic_launch::allow_next_kernel();
     uint4 wv[kWarpRows][kUnroll];
     auto load_batch = [&](int base) {
 #pragma unroll
@@ -124,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<kRows, kEpilogue>)
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
     programmatic_launch::wait_for_previous_kernel();  // x and residual come from the previous kernel
+    if (starts_step) programmatic_launch::allow_next_kernel();
 
     // Prologue: x, or rmsnorm(x + residual) * norm_weight, into shared memory (16-byte pieces).
     const T* x = static_cast<const T*>(p.x);
@@ -400,8 +406,6 @@ cudaError_t launch_variant(const Params& p, cudaStream_t stream) {
         q.split_k *= 2;
     const int tasks_per_block = kWarps / q.split_k;
     const int blocks = (tasks + tasks_per_block - 1) / tasks_per_block;
-    if (p.x_rows != nullptr)  // the first kernel of a decode step (gemv.h)
-        return programmatic_launch::launch_after_all_previous(kernel, dim3(blocks), dim3(kThreads), smem, stream, q);
     return programmatic_launch::launch(kernel, dim3(blocks), dim3(kThreads), smem, stream, q);
 }
 

@@ -28,9 +28,10 @@ struct Params {
     const void* x;             // [rows, k]; or with x_rows a table [x_table_rows, k] (the token embeddings)
     const int64_t* x_rows;     // [rows] or null: row r of the input is row x_rows[r] of x (RMSNorm prologue only;
                                // residual_out then receives the gathered rows when there is no residual). Such a
-                               // launch starts a decode step, so it is a plain launch: no kernel of the step may
-                               // start before the previous step's sampler has written the tokens and lengths
-                               // (the attention reads its length before its wait: programmatic_launch.cuh)
+                               // launch starts a decode step: it streams its weights early, but lets the next
+                               // kernel start only after its own wait, so no later kernel of the step starts
+                               // before the previous step's sampler has written the tokens and lengths (the
+                               // attention reads its length before its wait: programmatic_launch.cuh)
     int64_t x_table_rows;
     const void* residual;      // [rows, k] or null: the stream is x + residual (prologue only)
     void* residual_out;        // [rows, k] or null: receives x + residual, or x (prologue only; must not alias inputs)

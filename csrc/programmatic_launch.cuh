@@ -5,8 +5,9 @@
 // wait_for_previous_kernel() before it reads anything the previous kernel wrote, or writes anything at all.
 // Each kernel calls allow_next_kernel() first thing: once every block of this kernel is resident, the
 // next kernel's blocks may be scheduled into the room left on the SMs and issue their independent loads
-// while this one runs. Correctness rests on wait_for_previous_kernel() alone: it returns once the previous
-// kernel has completed and its writes are visible, and that kernel's blocks had waited for their own
+// while this one runs. A kernel that later kernels must not run ahead of calls it after its wait instead (the
+// first GEMV of a decode step: gemv.cu). Correctness rests on wait_for_previous_kernel(): it returns once the
+// previous kernel has completed and its writes are visible, and that kernel's blocks had waited for their own
 // predecessor, so every earlier kernel is complete too. On older GPUs, or with enabled() = false, it is a
 // plain launch and the device calls compile to nothing.
 #pragma once
@@ -77,16 +78,6 @@ template <typename... KernelArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                    Args&&... args) {
     return launch_clustered(kernel, grid, block, shared_bytes, stream, 1u, std::forward<Args>(args)...);
-}
-
-// A plain launch of a kernel written for launch(): it starts only once everything before it in the stream has
-// completed (its wait_for_previous_kernel() returns at once). For the first kernel of a chain whose later kernels
-// read, before their own wait, data that the end of the previous chain wrote: wait_for_previous_kernel() orders a
-// kernel after the one before it, but the kernels launched early behind that one could already be running.
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch_after_all_previous(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes,
-                                      cudaStream_t stream, Args&&... args) {
-    return launch_with(false, kernel, grid, block, shared_bytes, stream, 1u, std::forward<Args>(args)...);
 }
 
 }  // namespace programmatic_launch

@@ -221,8 +221,8 @@ def test_gemv_looks_the_tokens_embeddings_up_in_its_prologue(ops, dtype, rows, k
                                n_heads, token_ids=torch.zeros(5, dtype=torch.long, device="cuda"))
 
 
-# (3, 1600): splits of up to 3 tiles (head 128, workspace merge) or 2 (head 64, a cluster of 7); (1, 3000): a
-# non-portable cluster of 12 splits of 2 tiles at head 64
+# (3, 1600): splits of up to 3 tiles (head 128, workspace merge) or 2 (head 64, a cluster of 7); (1, 3000): 12
+# splits of 2 tiles (head 64: a non-portable cluster of 12; head 128: 24 splits, workspace merge)
 @pytest.mark.parametrize("batch,max_seq", [(3, 1600), (1, 3000)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim, batch, max_seq):
@@ -266,8 +266,8 @@ def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim, b
 
 def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths(ops):
     """The chain across decode steps without a graph between them: the sampler advances tokens, positions and
-    lengths in place, the next step's first GEMV gathers the new token's embedding and is a plain launch, so
-    the attention behind it, which reads its length before its wait, finds the new one, and every step attends
+    lengths in place, the next step's first GEMV gathers the new token's embedding and lets the next kernel
+    start only after its own wait (its weights stream while the sampler runs), so the attention behind it, which reads its length before its wait, finds the new one, and every step attends
     over exactly its rows with the q of the token sampled before it."""
     n_heads, n_kv_heads, head_dim, k, vocab, max_seq, steps = 32, 8, 64, 2048, 128256, 640, 12
     config = llama3.ModelArgs(vocab_size=vocab, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
