@@ -54,11 +54,12 @@ GEMV_MAX_BATCH = 16  # csrc/gemv.h kMaxRows
 # beyond it (e.g. Llama 3.1 8B's k = 14336 at 4 rows) batch 1-4 falls back to cuBLAS.
 GEMV_MAX_SHARED_BYTES = 96 * 1024
 MAX_DECODE_GRAPHS = 8  # captured decode steps kept per model (batch sizes x sampling settings)
-# generate replays DECODE_STEPS_PER_GRAPH decode steps per CUDA graph launch while that many are left (then
-# single steps): inside one graph the next step's first GEMV starts streaming its weights while the previous
-# step's sampler runs (programmatic launch), and the GPU's gap between two graph launches is paid once per
-# replay. Measured on an H100 (2026-11-27, Llama-3.2-1B, batch 1): see README, "End to end".
-DECODE_STEPS_PER_GRAPH = 8
+# At batch 1 to GEMV_MAX_NORM_BATCH generate replays DECODE_STEPS_PER_GRAPH decode steps per CUDA graph launch
+# while that many are left (then single steps): inside one graph the next step's first GEMV streams its weights
+# while the previous step's sampler runs (programmatic launch), and the gap between two graph launches is paid
+# once per replay. Measured on an H100 (2026-11-27, Llama-3.2-1B): 2-3 us a step faster at batch 1, but 3%
+# slower at batch 64 and 256 (cause not established), so larger batches replay one step at a time.
+DECODE_STEPS_PER_GRAPH = int(os.environ.get("LLAMA3_DECODE_STEPS_PER_GRAPH", "8"))
 # generate's prefill is a CUDA graph replay too when batch x padded prompt length is at most
 # PREFILL_GRAPH_MAX_TOKENS: short prompts are bound by the CPU's kernel launches (Llama-3.2-1B, 128 tokens on
 # an H100: 12 ms eager, 2 ms of GPU work), long ones by the GPU. Prompt lengths are padded up to a multiple of
@@ -756,7 +757,7 @@ class Transformer(nn.Module):
         at its cache position) are device tensors that run() advances in place.
 
         With CUDA graphs the whole step (embedding, every layer, lm_head, sampling and the state update) is
-        one graph replay, and DECODE_STEPS_PER_GRAPH steps another, for each attention-length bound
+        one graph replay, and DECODE_STEPS_PER_GRAPH steps another (small batches), for each attention-length bound
         (_attention_row_bounds), all in one memory pool, captured on first use for this batch size, sampling
         setting and kernel choice, and kept (the MAX_DECODE_GRAPHS most recent) until the cache is reallocated.
         Capturing runs a few warm-up steps (two, plus one per further bound) that write cache positions from 0
@@ -796,8 +797,9 @@ class Transformer(nn.Module):
                     self._decode_and_sample(state, rows)
             single, _ = _capture_cuda_graph(device, one, generator, warmup_runs=2 if i == 0 else 1, pool=pool)
             pool = single.pool()
-            # (no warm-up: the single step's did it)
-            multi, _ = _capture_cuda_graph(device, several, generator, warmup_runs=0, pool=pool)
+            multi = None
+            if DECODE_STEPS_PER_GRAPH > 1 and batch_size <= GEMV_MAX_NORM_BATCH:  # (no warm-up: the single step's did)
+                multi, _ = _capture_cuda_graph(device, several, generator, warmup_runs=0, pool=pool)
             state.graphs.append((rows, single, multi))
         self._decode_graphs[key] = state
         return state
@@ -983,19 +985,20 @@ class _DecodeStepper:
     sampler: "TokenSampler"  # sampling settings and randomness; reseeded by every generate call
     eager_step: object  # advances all of the above by one decode step, in place, without a graph
     # With CUDA graphs, per attention-length bound (ascending, the last = max_seq_len): (rows, the captured step,
-    # DECODE_STEPS_PER_GRAPH captured steps)
+    # DECODE_STEPS_PER_GRAPH captured steps or None)
     graphs: list = field(default_factory=list)
 
     def run(self, steps_left: int, longest: int) -> int:
         """Advances the state by DECODE_STEPS_PER_GRAPH steps in one graph replay when that many are left (and
-        graphs are captured), else by one; returns how many. longest: the longest attention length (position + 1)
+        such graphs are captured), else by one; returns how many. longest: the longest attention length (position + 1)
         of the first of these steps, which picks the graphs of the smallest bound that covers them all."""
         if not self.graphs:
             self.eager_step()
             return 1
-        steps = DECODE_STEPS_PER_GRAPH if steps_left >= DECODE_STEPS_PER_GRAPH else 1
+        several = self.graphs[0][2] is not None and steps_left >= DECODE_STEPS_PER_GRAPH
+        steps = DECODE_STEPS_PER_GRAPH if several else 1
         _, single, multi = next(g for g in self.graphs if g[0] >= longest + steps - 1 or g is self.graphs[-1])
-        (multi if steps > 1 else single).replay()
+        (multi if several else single).replay()
         return steps
 
 

@@ -96,6 +96,23 @@ def test_model_decode_with_kernel_matches_reference_path(gqa_checkpoint, decode_
         assert relative_error(logits, expected) < KERNEL_VS_REFERENCE_TOLERANCE, f"decode step {step}"
 
 
+def test_generate_across_attention_length_bounds_matches_transformers(gqa_checkpoint, decode_path):
+    """generate captures its decode graphs per attention-length bound (the kernel's split count comes from the
+    cache rows it is given) and replays several steps at once: a greedy run that crosses a bound, mostly in
+    multi-step replays, follows transformers."""
+    decode_path(True)
+    directory, _ = gqa_checkpoint
+    hf_model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
+    model = load_cuda(directory, max_batch_size=1, max_seq_len=512)
+    bounds = model._attention_row_bounds(1)
+    assert bounds == [256, 512]  # one split (two 128-row tiles), then two
+    prompt = random_prompts([230], seed=13)[0]
+    ours = model.generate([prompt], 41, temperature=0, ignore_eos=True)[0]  # lengths 231..270
+    reference, reference_logits = hf_greedy_reference(hf_model, prompt, 41)
+    ok, message = compare_greedy(ours, reference, reference_logits, torch.bfloat16)
+    assert ok, message
+
+
 @pytest.mark.parametrize("custom_kernel", [True, False])
 def test_ragged_batch_equals_one_by_one_on_cuda(gqa_checkpoint, decode_path, custom_kernel):
     decode_path(custom_kernel)
