@@ -39,8 +39,8 @@ USE_FUSED_DECODE_OPS = os.environ.get("LLAMA3_NO_FUSED_OPS", "0") != "1"
 FUSED_SAMPLING_MIN_BATCH = int(os.environ.get("LLAMA3_FUSED_SAMPLING_MIN_BATCH", "1"))
 # Decode steps of at most GEMV_MAX_BATCH sequences run every projection through the GEMV of csrc/gemv.cu when
 # this is True and the fused ops are on (up to GEMV_MAX_NORM_BATCH with the residual add + RMSNorm and
-# RoPE + cache write and SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up folded in); larger batches
-# use cuBLAS.
+# RoPE + cache write and SiLU * up folded into it: 5 kernels a layer; above, tensor cores with SiLU * up
+# folded in); larger batches use cuBLAS.
 USE_CUSTOM_GEMV = os.environ.get("LLAMA3_NO_CUSTOM_GEMV", "0") != "1"
 # Batch-1 decode steps run every layer as one persistent kernel (csrc/decode_layers.cu: weights streamed into
 # shared memory by a producer warp, grid barriers between the phases; sm_90+) when this is True, the GEMV path
