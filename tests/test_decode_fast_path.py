@@ -267,8 +267,9 @@ def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim, b
 def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths(ops):
     """The chain across decode steps without a graph between them: the sampler advances tokens, positions and
     lengths in place, the next step's first GEMV gathers the new token's embedding and lets the next kernel
-    start only after its own wait (its weights stream while the sampler runs), so the attention behind it, which reads its length before its wait, finds the new one, and every step attends
-    over exactly its rows with the q of the token sampled before it."""
+    start only after its own wait (its weights stream while the sampler runs), so the attention behind it,
+    which reads its length before its wait, finds the new one, and every step attends over exactly its rows
+    with the q of the token sampled before it."""
     n_heads, n_kv_heads, head_dim, k, vocab, max_seq, steps = 32, 8, 64, 2048, 128256, 640, 12
     config = llama3.ModelArgs(vocab_size=vocab, dim=k, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
                               head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
