@@ -314,6 +314,13 @@ def _custom_decode_kernels():
     return _custom_kernels
 
 
+def _decode_kernels_for(t: torch.Tensor):
+    """The compiled kernel module when decode_attention of tensors like t runs the CUDA kernel, else None."""
+    if USE_CUSTOM_DECODE_KERNEL and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16):
+        return _custom_decode_kernels()
+    return None
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
     """Attention of one new query token per sequence over its cached keys/values.
 
@@ -322,11 +329,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale):
     row the kernels just before this call may have written (the CUDA kernel reads the others early).
     Returns [B, Hq, D] in q.dtype. Uses the CUDA flash-decode kernel when possible.
     """
-    if USE_CUSTOM_DECODE_KERNEL and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        kernels = _custom_decode_kernels()
-        if kernels is not None:
-            # in a decode step the kernels before this one wrote only the newest cache row
-            return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale, early_cache_reads=True)
+    kernels = _decode_kernels_for(q)
+    if kernels is not None:
+        # in a decode step the kernels before this one wrote only the newest cache row
+        return kernels.flash_decode(q, k_cache, v_cache, cache_seqlens, scale, early_cache_reads=True)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -739,14 +745,11 @@ class Transformer(nn.Module):
         128 positions took 971 us with the 16 splits of 4096 rows and 948 with the one split of 256, after 512
         positions 1,026 and 991 (2 splits). So: a bound per power of two from 256 rows, where the split count
         changes (bounds with equal counts launch the same kernel grid: the larger one serves both)."""
-        kernels = None
-        if (USE_CUSTOM_DECODE_KERNEL and not USE_PERSISTENT_DECODE and self.device.type == "cuda"
-                and self.dtype in (torch.bfloat16, torch.float16)):
-            kernels = _custom_decode_kernels()
+        kernels = None if USE_PERSISTENT_DECODE else _decode_kernels_for(self.tok_embeddings.weight)
         if kernels is None:
             return [self.max_seq_len]
+        # (powers of two below max_seq_len, then max_seq_len itself)
         bounds = [256 << i for i in range(max(0, (self.max_seq_len - 1).bit_length() - 8))] + [self.max_seq_len]
-        bounds = [r for r in bounds if r <= self.max_seq_len]
         c = self.config
         splits = [kernels.default_num_splits(batch_size, c.n_heads, c.n_kv_heads, c.head_dim, r, True) for r in bounds]
         return [r for i, r in enumerate(bounds) if i + 1 == len(bounds) or splits[i] != splits[i + 1]]
