@@ -48,6 +48,7 @@
 
 #include "decode_layers.h"
 #include "element_convert.cuh"
+#include "mbarrier.cuh"
 #include "programmatic_launch.cuh"
 #include "rounded_ops.cuh"
 
@@ -95,45 +96,8 @@ struct Layout {
 // ---------------------------------------------------------------------------------------------------
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+using mbarrier::shared_address;
 #endif
-
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
-#endif
-}
-
-// Returns once the phase of `bar` with this parity has completed (a fresh barrier counts its phase before
-// the first, parity 1, as completed).
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n"
-        "}\n" ::"r"(shared_address(bar)),
-        "r"(parity)
-        : "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t* bar, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
-                 : "memory");
-#endif
-}
 
 // bytes (a multiple of 16, both addresses 16-byte aligned) from global to this block's shared memory; their
 // arrival completes that many bytes of `bar`'s current phase. Weights are read once a step, so their lines go
@@ -258,15 +222,15 @@ __device__ void produce(const Params& p, unsigned char* ring, uint64_t* full, ui
     for (StageCursor copy(p); !copy.done; ++n, copy.next()) {
         const int slot = n % stages;
         const long long t0 = clock64();
-        mbarrier_wait(&empty[slot], ((n / stages) & 1) ^ 1);
+        mbarrier::wait(&empty[slot], ((n / stages) & 1) ^ 1);
         if (n >= kStagesInFlight) {  // pacing: no more than kStagesInFlight stages requested and not arrived
             const int older = n - kStagesInFlight;
-            mbarrier_wait(&full[older % stages], (older / stages) & 1);
+            mbarrier::wait(&full[older % stages], (older / stages) & 1);
         }
         waited += clock64() - t0;
         const int count = copy.units();
         const unsigned row_bytes = copy.row_bytes();
-        mbarrier_arrive_expect_bytes(&full[slot], count * copy.m.rows_per_unit * row_bytes);
+        mbarrier::arrive_expect_bytes(&full[slot], count * copy.m.rows_per_unit * row_bytes);
         unsigned char* dst = ring + (size_t)slot * kStageBytes;
         for (int j = 0; j < count; ++j)
             for (int r = 0; r < copy.m.rows_per_unit; ++r, dst += row_bytes)
@@ -515,7 +479,7 @@ struct Consumer {
         for (int u = range.begin; u < range.end; u += m.units_per_stage, ++n) {
             const int slot = n % stages;
             const long long t0 = clock64();
-            mbarrier_wait(&full[slot], (n / stages) & 1);
+            mbarrier::wait(&full[slot], (n / stages) & 1);
             if (warp == 0 && lane == 0) wait_totals[0] += clock64() - t0;
             const int count = min(m.units_per_stage, range.end - u);
             const uint4* stage = reinterpret_cast<const uint4*>(ring + (size_t)slot * kStageBytes);
@@ -526,7 +490,7 @@ struct Consumer {
                 if (lane == 0) epilogue(u + j, acc);
             }
             __syncwarp();
-            if (lane == 0) mbarrier_arrive(&empty[slot]);
+            if (lane == 0) mbarrier::arrive(&empty[slot]);
         }
     }
 
@@ -714,11 +678,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_layers_kernel(const __grid
     if (threadIdx.x == 0) {
         wait_totals[0] = wait_totals[1] = 0;
         for (int s = 0; s < stages; ++s) {
-            mbarrier_init(&full[s], 1);                // the producer's arrival, plus the stage's bytes
-            mbarrier_init(&empty[s], kConsumerWarps);  // every consumer warp is done with the stage
+            mbarrier::init(&full[s], 1);                // the producer's arrival, plus the stage's bytes
+            mbarrier::init(&empty[s], kConsumerWarps);  // every consumer warp is done with the stage
         }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbarrier::fence_init_for_cluster();
 #endif
     }
     __syncthreads();

@@ -19,16 +19,23 @@ struct Variant {
 
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
 static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
+    using Traits = KernelTraits<Element, kHeadDim>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>;
     const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;
     if (cluster > 8) {  // beyond the portable cluster size: an opt-in per kernel (H100: up to 16)
-        static const cudaError_t opt_in = cudaFuncSetAttribute(
-            flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>,
-            cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
         if (opt_in != cudaSuccess) return opt_in;
     }
-    return programmatic_launch::launch_clustered(flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>,
-                                                 grid, dim3(KernelTraits<Element, kHeadDim>::kThreads), 0, stream,
-                                                 cluster, params);
+    size_t merge_bytes = 0;
+    if (kClusterMerge) {
+        // up to the largest cluster (head 128: 49.5 KB, past the 48 KB that needs no opt-in)
+        static const cudaError_t opt_in = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Traits::cluster_merge_bytes(kMaxDecodeClusterSplits));
+        if (opt_in != cudaSuccess) return opt_in;
+        merge_bytes = Traits::cluster_merge_bytes(params.num_splits);
+    }
+    return programmatic_launch::launch_clustered(kernel, grid, dim3(Traits::kThreads), merge_bytes, stream, cluster,
+                                                 params);
 }
 
 template <typename Element, int kHeadDim>
@@ -123,6 +130,18 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // against 17 splits of one tile; a batch-1 decode step of a 32-tile cache took 1,022 / 1,038 / 1,052 us at
     // 2,048 / 3,072 / 4,096 positions in 16 such splits (workspace merge), against 1,019 / 1,040 / 1,065 in 32
     // splits of one tile and 1,024 / 1,049 / 1,074 in 8 (more tiles after the wait).
+    //
+    // With the one-way cluster merge (a split pushes its partial result into the first block's shared memory and
+    // leaves, flash_decode_kernel.cuh) a merge became cheap, and more, shorter splits pay: the same step with a
+    // 4,096-row cache (2026-11-27, 11:02 UTC) took 968.6 us after 512 positions in 4 splits of one tile against
+    // 978.1 in 2 of two; 985 after 2,176 positions in 12 splits against 993 in 9; 997 / 1,021 after 3,072 /
+    // 4,096 in 12 (up to three tiles, the third after the wait) against 1,039 / 1,047 in 16 of two tiles merged
+    // through the workspace and 1,013 / 1,028 in a 16-block cluster. So a decode step takes one split per tile, up
+    // to the largest cluster, while a split has at most three tiles and the blocks fit two an SM.
+    const int cluster_splits = std::min(tiles, kMaxDecodeClusterSplits);
+    if (early_cache_reads && uses_cluster_merge(cluster_splits, true) && tiles <= 3 * cluster_splits &&
+        base_blocks * cluster_splits <= 2 * info.num_sms)
+        return cluster_splits;
     const int pairs = (tiles + 1) / 2;
     if (early_cache_reads && base_blocks * pairs <= 2 * info.num_sms) return pairs;
     // Measured on an H100 (2026-11-26, split counts 1..128 at batch 1, 16 and 64): once the batch alone

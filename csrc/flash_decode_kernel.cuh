@@ -22,11 +22,11 @@
 //      weights through shared memory at the end.
 //   4. With one split, the block writes the normalized output. Otherwise the splits are merged with
 //      log-sum-exp weights, with no second kernel launch: with at most 8 splits (12 in a decode step,
-//      flash_decode.h) on sm_90+ the blocks of a
-//      (sequence, KV head) form a thread-block cluster, keep their partial results in shared memory, and
-//      after a cluster barrier each merges a share of the output reading the others' shared memory; else
-//      each block writes its partial output and log-sum-exp to a float32 workspace, and the last block to
-//      finish (an atomic ticket after a memory fence) merges all splits and resets the ticket counter.
+//      flash_decode.h) on sm_90+ the blocks of a (sequence, KV head) form a thread-block cluster, and each
+//      pushes its partial result into the first block's shared memory with asynchronous stores that count
+//      their bytes on that block's mbarrier, then leaves; the first block waits for the bytes and merges.
+//      Else each block writes its partial output and log-sum-exp to a float32 workspace, and the last block
+//      to finish (an atomic ticket after a memory fence) merges all splits and resets the ticket counter.
 //   The active splits are counted on the device from the actual length, so a CUDA graph captured once
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
@@ -38,7 +38,6 @@
 // A 4-stage cp.async pipeline through shared memory had not helped either version.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -46,6 +45,7 @@
 
 #include "element_convert.cuh"
 #include "flash_decode.h"
+#include "mbarrier.cuh"
 #include "programmatic_launch.cuh"
 #include "tensor_core.cuh"
 
@@ -66,6 +66,10 @@ struct KernelTraits {
     static constexpr int kSteps = kHeadDim == 64 ? 2 : 1;
     static constexpr int kRowsPerWarpTile = 16 * kSteps;
     static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // head 64: 128; head 128: 64
+    // Dynamic shared memory of a cluster-merge launch: every split's partial output and log-sum-exp per head.
+    static constexpr size_t cluster_merge_bytes(int num_splits) {
+        return (size_t)num_splits * kHeads * (kHeadDim + 1) * sizeof(float);
+    }
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -112,11 +116,27 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     __shared__ float smem_split_w[kHeads][kMaxSplits];
     __shared__ float smem_lse2[kHeads];
     __shared__ int smem_is_last;
-    // with kClusterMerge: this block's partial result, read by the other blocks of its cluster
-    __shared__ __align__(16) float smem_part_o[kClusterMerge ? kHeads : 1][kHeadDim];
-    __shared__ float smem_part_lse2[kHeads];
+    // kClusterMerge: the cluster's partial results, pushed into its first block's dynamic shared memory
+    // (Traits::cluster_merge_bytes), which waits for their bytes on merge_bar.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __shared__ uint64_t merge_bar;
+#endif
+    extern __shared__ __align__(16) unsigned char merge_buffer[];
+    float* const merge_o = reinterpret_cast<float*>(merge_buffer);         // [num_splits][kHeads][kHeadDim]
+    float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
 
     programmatic_launch::allow_next_kernel();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kClusterMerge) {
+        // The first block's barrier must be ready before any block pushes to it: a cluster barrier whose arrival
+        // is now and whose wait comes just before the first push, long after.
+        if (blockIdx.x == 0 && threadIdx.x == 0) {
+            mbarrier::init(&merge_bar, 1);
+            mbarrier::fence_init_for_cluster();
+        }
+        asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    }
+#endif
     // Plain launches read nothing before the wait; see below for early_cache_reads.
     if constexpr (!kEarlyReads) programmatic_launch::wait_for_previous_kernel();
 
@@ -188,6 +208,28 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     // (early_cache_reads: the second tile, also read before the wait; registers the loop needs anyway)
     uint4 k_second[kEarlyReads ? kSteps : 1][2][kKChunks], v_second[kEarlyReads ? kSteps : 1][4][kVChunks];
 
+    // q as the A fragment of S: head g, its elements in the order of the K loads; zero past the group. Loaded as
+    // soon as the wait allows, beside the length and the cache rows, so that its round trip overlaps theirs
+    // (issued after the length's, behind the branches that depend on it, it was a second round trip).
+    uint32_t q_frag[kKChunks * 4];
+    auto load_q = [&]() {
+        if (g < g_count) {
+            const char* q_ptr = reinterpret_cast<const char*>(p.q) +
+                                (b * p.q_batch_stride + (int64_t)(q_head0 + g) * p.q_head_stride + 8 * t) * sizeof(Element);
+#pragma unroll
+            for (int c = 0; c < kKChunks; ++c) {
+                const uint4 u = __ldcg(reinterpret_cast<const uint4*>(q_ptr + c * kKChunkBytes));
+                q_frag[4 * c] = u.x;
+                q_frag[4 * c + 1] = u.y;
+                q_frag[4 * c + 2] = u.z;
+                q_frag[4 * c + 3] = u.w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < kKChunks * 4; ++i) q_frag[i] = 0u;
+        }
+    };
+
     // q, and at least the newest cache row, come from the kernels just before (programmatic_launch.cuh).
     // With early_cache_reads the caller promises that those kernels write no other cache row and no
     // length, so the block reads its length and issues its first two tiles' loads before waiting: with the
@@ -207,9 +249,10 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             }
         }
         programmatic_launch::wait_for_previous_kernel();
-        const int early_seqlen = seqlen;
-        set_rows(__ldcg(p.seqlens + b));  // through L2, not the early read's L1 copy
-        if (seqlen != early_seqlen) first_tile_loaded = second_tile_loaded = false;
+        // One round trip after the wait: the length again (through L2, not the early read's L1 copy), q and the
+        // newest row go out together; the newest row is the early length's, and a different length starts over.
+        const int checked_length = __ldcg(p.seqlens + b);
+        load_q();
         if (first_tile_loaded) {
             // the pieces of row seqlen - 1, if this lane loaded any, again
             auto reload_newest = [&](uint4* pieces, int chunks, const char* base, int64_t row_bytes, int chunk_bytes,
@@ -233,12 +276,17 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             reload_tile_newest(start, k_next, v_next);
             if (second_tile_loaded) reload_tile_newest(start + tile_stride, k_second, v_second);
         }
+        if (max(0, min(checked_length, p.seq_capacity)) != seqlen) {
+            set_rows(checked_length);
+            first_tile_loaded = second_tile_loaded = false;
+        }
     } else {
         // The first tile's loads go out together with the length's (rows up to the capacity). Once the
         // length is known, K rows past it are masked as usual and V rows past it are zeroed: they may hold
         // anything, and 0 x NaN would poison P V.
         end = p.seq_capacity;
         load_tile(start, k_next, v_next);
+        load_q();
         set_rows(__ldg(p.seqlens + b));
         if (start < end) {
             first_tile_loaded = true;
@@ -267,24 +315,6 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     }
 
     if (start < end) {
-        // ---- q as the A fragment of S: head g, its elements in the order of the K loads; zero past the group
-        uint32_t q_frag[kKChunks * 4];
-        if (g < g_count) {
-            const char* q_ptr = reinterpret_cast<const char*>(p.q) +
-                                (b * p.q_batch_stride + (int64_t)(q_head0 + g) * p.q_head_stride + 8 * t) * sizeof(Element);
-#pragma unroll
-            for (int c = 0; c < kKChunks; ++c) {
-                const uint4 u = *reinterpret_cast<const uint4*>(q_ptr + c * kKChunkBytes);
-                q_frag[4 * c] = u.x;
-                q_frag[4 * c + 1] = u.y;
-                q_frag[4 * c + 2] = u.z;
-                q_frag[4 * c + 3] = u.w;
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < kKChunks * 4; ++i) q_frag[i] = 0u;
-        }
-
         // Head g's running max and (this lane's part of the) sum; O's C fragments, rows 0..7 only:
         // acc[n][j] is head g at element 64(n / 8) + 8(2t + j) + n % 8.
         float m = -INFINITY, l = 0.f;
@@ -292,11 +322,10 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 #pragma unroll
         for (int n = 0; n < kOutTiles; ++n) acc[n][0] = acc[n][1] = 0.f;
 
-        // One tile of rows from registers: S, the online softmax and O += P V.
-        auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks],
-                                const uint4 (&v_cur)[kSteps][4][kVChunks]) {
-            // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain)
-            float sc[kSteps][4];
+        // A tile of rows from registers, in phases: S, the online softmax's rescale, O += P V. Two tiles already in
+        // registers (a decode step's splits, flash_decode.cu) share one rescale, and their products overlap.
+        // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain), -inf past the end.
+        auto scores = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks], float (&sc)[kSteps][4]) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
@@ -311,17 +340,22 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                     sc[s][2 * nt] = c0 * p.scale_log2;
                     sc[s][2 * nt + 1] = c1 * p.scale_log2;
                 }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (v_row(tile, s, i) >= end) sc[s][i] = -INFINITY;
             }
-
-            // online softmax: one rescale of acc per tile; the 4 lanes of a head agree on its max
-            float m_new = m;
+        };
+        auto max_score = [&](const float (&sc)[kSteps][4], float so_far) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    if (v_row(tile, s, i) >= end) sc[s][i] = -INFINITY;
-                    m_new = fmaxf(m_new, sc[s][i]);
-                }
+                for (int i = 0; i < 4; ++i) so_far = fmaxf(so_far, sc[s][i]);
+            return so_far;
+        };
+        // The online softmax: head g's new running max (its 4 lanes agree on it), acc and l rescaled once; returns
+        // the reference point of the new weights.
+        auto rescale = [&](float tiles_max) {
+            float m_new = fmaxf(m, tiles_max);
             m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
             m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
             const float ref = safe_ref(m_new);
@@ -333,8 +367,10 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 acc[n][0] *= correction;
                 acc[n][1] *= correction;
             }
-
-            // O += P V, 16 rows per mma
+            return ref;
+        };
+        // O += P V, 16 rows per mma
+        auto accumulate = [&](const float (&sc)[kSteps][4], const uint4 (&v_cur)[kSteps][4][kVChunks], float ref) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
                 float pw[4];
@@ -366,6 +402,12 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 }
             }
         };
+        auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks],
+                                const uint4 (&v_cur)[kSteps][4][kVChunks]) {
+            float sc[kSteps][4];
+            scores(tile, k_cur, sc);
+            accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY)));
+        };
         auto copy_tile = [&](uint4 (&k_to)[kSteps][2][kKChunks], uint4 (&v_to)[kSteps][4][kVChunks],
                              const uint4 (&k_from)[kSteps][2][kKChunks], const uint4 (&v_from)[kSteps][4][kVChunks]) {
 #pragma unroll
@@ -383,7 +425,15 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
 
         int first = start;
         if constexpr (kEarlyReads) {
-            if (second_tile_loaded) {  // both of the first two tiles were read early: the first, then the loop
+            if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, read early
+                float sc[kSteps][4], sc_second[kSteps][4];
+                scores(start, k_next, sc);
+                scores(start + tile_stride, k_second, sc_second);
+                const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
+                accumulate(sc, v_next, ref);
+                accumulate(sc_second, v_second, ref);
+                first = end;
+            } else if (second_tile_loaded) {  // the first two tiles were read early: the first, then the loop
                 process_tile(start, k_next, v_next);
                 copy_tile(k_next, v_next, k_second, v_second);
                 first = start + tile_stride;
@@ -413,6 +463,15 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         __syncthreads();
 
         // ---- merge the warps; write the output (one split) or this split's partial result ----
+        uint32_t first_block_o = 0, first_block_lse = 0, first_block_bar = 0;  // (kClusterMerge, split > 0)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (kClusterMerge && active_splits > 1) {
+            asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+            first_block_o = mbarrier::cluster_address(merge_o, 0);
+            first_block_lse = mbarrier::cluster_address(merge_lse2, 0);
+            first_block_bar = mbarrier::cluster_address(&merge_bar, 0);
+        }
+#endif
         for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) {
             const int h = i / kHeadDim, d = i % kHeadDim;
             float m_max = -INFINITY;
@@ -432,8 +491,14 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 write_final(h, d, o);
                 if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
             } else if constexpr (kClusterMerge) {
-                smem_part_o[h][d] = o;
-                if (d == 0) smem_part_lse2[h] = lse2;
+                const int o_index = (split * kHeads + h) * kHeadDim + d, lse_index = split * kHeads + h;
+                if (split == 0) {
+                    merge_o[o_index] = o;
+                    if (d == 0) merge_lse2[lse_index] = lse2;
+                } else {
+                    mbarrier::store_async(first_block_o + 4 * o_index, o, first_block_bar);
+                    if (d == 0) mbarrier::store_async(first_block_lse + 4 * lse_index, lse2, first_block_bar);
+                }
             } else {
                 const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;
                 p.partial_out[row * kHeadDim + d] = o;
@@ -443,33 +508,28 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     }
     if (active_splits == 1) return;  // (the same for every block of the unit: one length)
 
-    // ---- merge the splits: every block of the cluster, or the last split to finish ----
+    // ---- merge the splits: the cluster's first block, or the last split to finish ----
     // Partial results of split s, head h: its log2-sum-exp and its normalized output element d.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-#endif
     const int64_t head_row0 = ((int64_t)b * p.q_heads + q_head0) * p.num_splits;  // (global workspace)
     auto partial_lse2 = [&](int h, int s) -> float {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if constexpr (kClusterMerge) return cluster.map_shared_rank(&smem_part_lse2[0], s)[h];
-#endif
+        if constexpr (kClusterMerge) return merge_lse2[s * kHeads + h];
         return __ldcg(p.partial_lse + head_row0 + h * p.num_splits + s);
     };
-    // Split s's elements d..d+3 of head h, from `src` = its split 0 (global workspace) or the block of rank s.
+    // Split s's elements d..d+3 of head h, from `src` = its split 0's (global workspace).
     auto partial_o4 = [&](const float4* src, int h, int s, int d) -> float4 {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if constexpr (kClusterMerge) return *reinterpret_cast<const float4*>(cluster.map_shared_rank(&smem_part_o[h][d], s));
-#endif
+        if constexpr (kClusterMerge) return *reinterpret_cast<const float4*>(merge_o + (s * kHeads + h) * kHeadDim + d);
         return __ldcg(src + s * (kHeadDim / 4));
     };
-    // This block's share of the output's float4 pieces: all of them (global merge), or every
-    // num_splits-th (cluster: the blocks split the merge's reads between them).
-    int piece_begin = threadIdx.x, piece_stride = kThreads;
     if constexpr (kClusterMerge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        cluster.sync();  // every block's partial result is in its shared memory (empty splits wrote none, and are not read)
-        piece_begin = split + p.num_splits * threadIdx.x;
-        piece_stride = p.num_splits * kThreads;
+        // The other splits' stores are on their way to this block, which waits for all their bytes; they do not
+        // wait for anything (a cluster barrier here and another before leaving, so that no block's shared memory
+        // went while another read it, cost ~1.2 us a merge).
+        if (split != 0) return;
+        __syncthreads();  // this block's own partial result
+        if (threadIdx.x == 0)
+            mbarrier::arrive_expect_bytes(&merge_bar, (active_splits - 1) * g_count * (kHeadDim + 1) * (int)sizeof(float));
+        mbarrier::wait(&merge_bar, 0);
 #else
         __trap();  // launched only on sm_90+ (flash_decode.cu)
 #endif
@@ -516,7 +576,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     __syncthreads();
 
     constexpr int kVecPerHead = kHeadDim / 4;
-    for (int i = piece_begin; i < g_count * kVecPerHead; i += piece_stride) {
+    for (int i = threadIdx.x; i < g_count * kVecPerHead; i += kThreads) {
         const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
         const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -534,12 +594,9 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         write_final(h, c + 2, o.z);
         write_final(h, c + 3, o.w);
     }
-    if (p.lse != nullptr && (!kClusterMerge || split == 0) && threadIdx.x < g_count) {
+    if (p.lse != nullptr && threadIdx.x < g_count) {
         p.lse[b * p.q_heads + q_head0 + threadIdx.x] = smem_lse2[threadIdx.x] * 0.69314718055994531f;
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (kClusterMerge) cluster.sync();  // no block leaves while another may still read its shared memory
-#endif
 }
 
 }  // namespace flash_decode

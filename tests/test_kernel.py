@@ -215,13 +215,19 @@ def test_default_num_splits_fills_the_gpu(ext):
     # ... but inside a decode step two splits give twice the tiles read before the programmatic-launch wait
     assert ext.default_num_splits(16, 32, 8, 64, 2048, early_cache_reads=True) == (2 if 128 < sms <= 256 else 1)
     assert ext.default_num_splits(256, 32, 8, 64, 4096) == 1  # the batch alone fills the GPU
-    # decode steps: splits of <= 2 tiles, read before the wait, while that is at most two blocks per SM
     if 8 * 33 <= 2 * sms:
-        assert ext.default_num_splits(1, 32, 8, 64, 2048, early_cache_reads=True) == 8
-        assert ext.default_num_splits(1, 32, 8, 128, 640, early_cache_reads=True) == 5
-        assert ext.default_num_splits(1, 32, 8, 64, 2176, early_cache_reads=True) == 9
-        assert ext.default_num_splits(1, 32, 8, 64, 4096, early_cache_reads=True) == 16
-        assert ext.default_num_splits(1, 32, 8, 64, 8192, early_cache_reads=True) == 32
+        def decode_splits(head_dim, rows):
+            return ext.default_num_splits(1, 32, 8, head_dim, rows, early_cache_reads=True)
+        if ext.uses_cluster_merge(2):
+            # decode steps with cluster merges: a split per tile up to a 12-block cluster, at most three tiles a split
+            assert [decode_splits(64, rows) for rows in (384, 1024, 2048, 2176, 4096)] == [3, 8, 12, 12, 12]
+            assert decode_splits(128, 640) == 10
+        else:
+            # else splits of <= 2 tiles, read before the wait, merged through the workspace
+            assert [decode_splits(64, rows) for rows in (384, 1024, 2048, 2176, 4096)] == [2, 4, 8, 9, 16]
+            assert decode_splits(128, 640) == 5
+        # beyond three tiles a split: splits of two tiles, merged through the workspace, while they fit two an SM
+        assert decode_splits(64, 8192) == 32
     if ext.uses_cluster_merge(2):  # non-portable cluster sizes in decode steps only, up to 12
         assert ext.uses_cluster_merge(12, early_cache_reads=True) and not ext.uses_cluster_merge(12)
         assert not ext.uses_cluster_merge(16, early_cache_reads=True)

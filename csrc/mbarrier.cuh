@@ -1,0 +1,78 @@
+// Hopper (sm_90) shared-memory barriers (mbarrier) and the asynchronous stores that complete them, shared by
+// the kernels that use them. On older GPUs they compile to nothing; their callers never run there.
+#pragma once
+
+#include <cstdint>
+
+namespace mbarrier {
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+#endif
+
+__device__ __forceinline__ void init(uint64_t* bar, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
+#endif
+}
+
+// Makes this thread's init() calls visible to the other blocks of the cluster (then a cluster barrier).
+__device__ __forceinline__ void fence_init_for_cluster() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// Returns once the phase of `bar` with this parity has completed (a fresh barrier counts its phase before
+// the first, parity 1, as completed).
+__device__ __forceinline__ void wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(shared_address(bar)),
+        "r"(parity)
+        : "memory");
+#endif
+}
+
+__device__ __forceinline__ void arrive(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
+#endif
+}
+
+// Arrives and adds `bytes` to what the current phase waits for (asynchronous copies or stores complete them).
+__device__ __forceinline__ void arrive_expect_bytes(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+                 : "memory");
+#endif
+}
+
+// The shared::cluster address of `ptr` (in this block's shared memory) in the block of cluster rank `rank`.
+__device__ __forceinline__ uint32_t cluster_address(const void* ptr, unsigned rank) {
+    uint32_t remote = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(ptr)), "r"(rank));
+#endif
+    return remote;
+}
+
+// Stores `value` at `address` (shared::cluster, cluster_address()) and, once it has landed, completes 4 bytes of
+// the barrier at `bar` (the same block's, cluster_address() too): that block sees the value once its wait()
+// returns, with no fence or arrival by the sender, which may exit at once.
+__device__ __forceinline__ void store_async(uint32_t address, float value, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(address),
+                 "r"(__float_as_uint(value)), "r"(bar)
+                 : "memory");
+#endif
+}
+
+}  // namespace mbarrier
