@@ -68,14 +68,15 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
 
 // Split results are merged inside a thread-block cluster (distributed shared memory, sm_90+) when there are
 // 2 to kMaxClusterSplits splits and this process-wide switch is on (the default), else through the float32
-// workspace and an atomic ticket (Params::partial_out, split_counters). Measured on an H100 (2026-11-26, batch 1,
-// L2 flushed): 4 and 8 splits 0.2-0.8 us faster in a cluster (h64 S=512 10.3 -> 9.5 us); 16 splits (a
-// non-portable cluster size) 0.5-0.6 us slower than the global merge, so clusters stop at the portable 8.
+// workspace and an atomic ticket (Params::partial_out, split_counters). Measured on an H100 (2026-11-26,
+// batch 1, L2 flushed, the first cluster merge, which met at two cluster barriers): 4 and 8 splits 0.2-0.8 us
+// faster in a cluster (h64 S=512 10.3 -> 9.5 us); 16 splits (a non-portable cluster size) 0.5-0.6 us slower
+// than the global merge, so clusters stop at the portable 8.
 constexpr int kMaxClusterSplits = 8;
-// Decode steps (early_cache_reads) also use non-portable clusters of up to 12 blocks: there the splits have
-// at most two tiles, both read before the wait (default_num_splits). Measured on an H100 (2026-11-27, batch-1
-// decode steps of Llama-3.2-1B, the step's time with the cluster against the workspace merge, at 2,048 / 3,072 /
-// 4,096 positions): 9 splits -3 / 0 / +3 us, 12 splits -8 / -14 / -2 us, 16 splits +9 / +17 / +11 us.
+// Decode steps (early_cache_reads) also use non-portable clusters of up to 12 blocks, whose splits read their
+// tiles before the wait (default_num_splits). Measured on an H100 (2026-11-27, 11:02 UTC, batch-1 decode steps of
+// Llama-3.2-1B with the one-way merge, after 2,176 / 3,072 / 4,096 positions): 12 splits in a cluster 985 / 997 /
+// 1,021 us, 16 in a cluster 1,011 / 1,013 / 1,028, 16 through the workspace 1,031 / 1,039 / 1,047.
 constexpr int kMaxDecodeClusterSplits = 12;
 bool& cluster_merge_enabled();
 bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
