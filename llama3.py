@@ -618,7 +618,8 @@ class Transformer(nn.Module):
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
             if last is not None and i == len(self.layers) - 1:
                 # Only the last tokens' outputs go on to the logits: the last layer's attention and MLP run for
-                # them alone (1/16 of a 2048-token prefill's matmuls for Llama-3.2-1B), after its k, v are cached.
+                # them alone, after its k, v are cached (for a 2048-token prompt of Llama-3.2-1B, 223 GFLOP of
+                # matmuls, 5.6% of the prefill's).
                 delta = layer.attention.prefill_fused_last_tokens(ops, normed, self.rope_cos, self.rope_sin, last,
                                                                   last[1] + 1)
                 h = h[last]
