@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             mbarrier::init(&merge_bar, 1);
             mbarrier::fence_init_for_cluster();
         }
+        __syncwarp();  // (.aligned: the whole warp executes the arrival together)
         asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
     }
 #endif
@@ -530,7 +531,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         __syncthreads();  // this block's own partial result
         const int pushed_bytes = (active_splits - 1) * g_count * (kHeadDim + 1) * (int)sizeof(float);
         if (threadIdx.x == 0) mbarrier::arrive_expect_bytes(&merge_bar, pushed_bytes);
-        mbarrier::wait(&merge_bar, 0);
+        mbarrier::wait_for_cluster(&merge_bar, 0);
 #else
         __trap();  // launched only on sm_90+ (flash_decode.cu)
 #endif

@@ -25,21 +25,35 @@ __device__ __forceinline__ void fence_init_for_cluster() {
 #endif
 }
 
+// Spins on try_wait until the phase of `bar` with parity `parity` has completed; QUALIFIERS: its semantics
+// and scope (empty: acquire at the block's scope).
+#define MBARRIER_WAIT_LOOP(QUALIFIERS)                                                          \
+    asm volatile(                                                                               \
+        "{\n"                                                                                   \
+        ".reg .pred done;\n"                                                                    \
+        "WAIT_%=:\n"                                                                            \
+        "mbarrier.try_wait.parity" QUALIFIERS ".shared::cta.b64 done, [%0], %1;\n"              \
+        "@!done bra WAIT_%=;\n"                                                                 \
+        "}\n" ::"r"(shared_address(bar)),                                                       \
+        "r"(parity)                                                                             \
+        : "memory")
+
 // Returns once the phase of `bar` with this parity has completed (a fresh barrier counts its phase before
 // the first, parity 1, as completed).
 __device__ __forceinline__ void wait(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n"
-        "}\n" ::"r"(shared_address(bar)),
-        "r"(parity)
-        : "memory");
+    MBARRIER_WAIT_LOOP("");
 #endif
 }
+
+// wait(), and what other blocks of the cluster released to `bar` (store_async's completions are releases at
+// cluster scope) is visible afterwards: the wait acquires at cluster scope, not only the block's.
+__device__ __forceinline__ void wait_for_cluster(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    MBARRIER_WAIT_LOOP(".acquire.cluster");
+#endif
+}
+#undef MBARRIER_WAIT_LOOP
 
 __device__ __forceinline__ void arrive(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
