@@ -420,27 +420,21 @@ class Attention(nn.Module):
         self.kv_cache.v[:B, :T] = v
         return self._prefill_attention(q, k, v)
 
-    def prefill_fused(self, ops, x, rope_cos, rope_sin):
+    def prefill_fused(self, ops, x, rope_cos, rope_sin, last=None):
         """prefill with RoPE and the cache write in one kernel (csrc/fused_ops.cu); rope_cos/rope_sin are the
-        model's whole tables [max_seq, D]. Attention then reads k and v from the cache."""
+        model's whole tables [max_seq, D]. Attention then reads k and v from the cache. With `last` (batch
+        indices, positions of each sequence's last prompt token; the model's last layer, whose other tokens go
+        nowhere) every position's k and v are still cached, but the attention and the output projection run for
+        those tokens alone, as decode steps of lengths positions + 1: [B, dim] instead of [B, T, dim]."""
         B, T, _ = x.shape
         start = torch.zeros(B, dtype=torch.long, device=x.device)  # every prompt starts at position 0
         q = ops.rope_kv_write(self.wqkv(x).view(B * T, -1), rope_cos, rope_sin, start, self.kv_cache.k,
                               self.kv_cache.v, self.n_heads, T)
-        return self._prefill_attention(q.view(B, T, self.n_heads, self.head_dim), self.kv_cache.k[:B, :T],
-                                       self.kv_cache.v[:B, :T])
-
-    def prefill_fused_last_tokens(self, ops, x, rope_cos, rope_sin, last, prompt_lens):
-        """prefill_fused when only the last prompt token of each sequence goes on (the model's last layer): every
-        position's k and v go to the cache, but the attention and the output projection run for the tokens at
-        `last` (batch indices, positions) alone, as decode steps of lengths prompt_lens. Returns [B, dim]."""
-        B, T, _ = x.shape
-        start = torch.zeros(B, dtype=torch.long, device=x.device)
-        q = ops.rope_kv_write(self.wqkv(x).view(B * T, -1), rope_cos, rope_sin, start, self.kv_cache.k,
-                              self.kv_cache.v, self.n_heads, T)
-        q = q.view(B, T, self.n_heads, self.head_dim)[last]
-        out = decode_attention(q, self.kv_cache.k[:B, :T], self.kv_cache.v[:B, :T], prompt_lens.to(torch.int32),
-                               self.scale, newest_row_only=False)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = self.kv_cache.k[:B, :T], self.kv_cache.v[:B, :T]
+        if last is None:
+            return self._prefill_attention(q, k, v)
+        out = decode_attention(q[last], k, v, (last[1] + 1).to(torch.int32), self.scale, newest_row_only=False)
         return self.wo(out.reshape(B, self.q_size))
 
     def _prefill_attention(self, q, k, v):
@@ -616,15 +610,13 @@ class Transformer(nn.Module):
         h, delta = None, x  # the residual stream is h + delta, summed inside add_rmsnorm
         for i, layer in enumerate(self.layers):
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
-            if last is not None and i == len(self.layers) - 1:
-                # Only the last tokens' outputs go on to the logits: the last layer's attention and MLP run for
-                # them alone, after its k, v are cached (for a 2048-token prompt of Llama-3.2-1B, 223 GFLOP of
-                # matmuls, 5.6% of the prefill's).
-                delta = layer.attention.prefill_fused_last_tokens(ops, normed, self.rope_cos, self.rope_sin, last,
-                                                                  last[1] + 1)
-                h = h[last]
-            else:
-                delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin)
+            # Only the last tokens' outputs go on to the logits: the last layer's attention and MLP run for them
+            # alone, after its k, v are cached (for a 2048-token prompt of Llama-3.2-1B, 223 GFLOP of matmuls,
+            # 5.6% of the prefill's).
+            only = last if i == len(self.layers) - 1 else None
+            delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin, only)
+            if only is not None:
+                h = h[only]
             normed, h = ops.add_rmsnorm(delta, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
             ffn = layer.feed_forward
             delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
