@@ -420,14 +420,14 @@ class Attention(nn.Module):
         self.kv_cache.v[:B, :T] = v
         return self._prefill_attention(q, k, v)
 
-    def prefill_fused(self, ops, x, rope_cos, rope_sin, last=None):
+    def prefill_fused(self, ops, x, rope_cos, rope_sin, start, last=None):
         """prefill with RoPE and the cache write in one kernel (csrc/fused_ops.cu); rope_cos/rope_sin are the
-        model's whole tables [max_seq, D]. Attention then reads k and v from the cache. With `last` (batch
+        model's whole tables [max_seq, D], start [B] long zeros (every prompt starts at cache position 0; one
+        tensor for all layers). Attention then reads k and v from the cache. With `last` (batch
         indices, positions of each sequence's last prompt token; the model's last layer, whose other tokens go
         nowhere) every position's k and v are still cached, but the attention and the output projection run for
         those tokens alone, as decode steps of lengths positions + 1: [B, dim] instead of [B, T, dim]."""
         B, T, _ = x.shape
-        start = torch.zeros(B, dtype=torch.long, device=x.device)  # every prompt starts at position 0
         q = ops.rope_kv_write(self.wqkv(x).view(B * T, -1), rope_cos, rope_sin, start, self.kv_cache.k,
                               self.kv_cache.v, self.n_heads, T)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -569,19 +569,31 @@ class Transformer(nn.Module):
             x = x[last]
         return self.output(self.norm(x)).float()
 
-    def _prefill_for_generate(self, tokens: torch.Tensor, prompt_lens: torch.Tensor, use_cuda_graph: bool):
-        """prefill(tokens, prompt_lens) as generate runs it. For small batch x length (see
+    def _packed_prefill_inputs(self, prompt_tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """(packed_prompts(prompt_tokens, padded), padded) for _prefill_for_generate. For small batch x length (see
         PREFILL_GRAPH_MAX_TOKENS) the prompts are right-padded to a multiple of PREFILL_GRAPH_BUCKET (padding is
-        what ragged batches already have: its cache rows lie past each prompt's length), with or without CUDA
-        graphs, so both run the same kernels on the same shapes; with them it is a graph replay, and the logits
-        returned are the graph's output buffer, overwritten by the next replay."""
-        B, T = tokens.shape
+        what ragged batches already have: its cache rows lie past each prompt's length), so that nearby lengths
+        share a prefill graph; otherwise to the longest prompt."""
+        B, T = len(prompt_tokens), max(map(len, prompt_tokens))
         padded = -(-T // PREFILL_GRAPH_BUCKET) * PREFILL_GRAPH_BUCKET
-        if B * padded > PREFILL_GRAPH_MAX_TOKENS or padded > self.max_seq_len:
-            return self.prefill(tokens, prompt_lens)
-        tokens = F.pad(tokens, (0, padded - T))
-        if not use_cuda_graph or self.device.type != "cuda":
-            return self.prefill(tokens, prompt_lens)
+        if not self._prefill_graph_serves(B, padded):
+            padded = T
+        return packed_prompts(prompt_tokens, padded), padded
+
+    def _prefill_graph_serves(self, batch_size: int, padded: int) -> bool:
+        return batch_size * padded <= PREFILL_GRAPH_MAX_TOKENS and padded <= self.max_seq_len
+
+    def _prefill_for_generate(self, packed: torch.Tensor, B: int, padded: int, use_cuda_graph: bool):
+        """prefill of the packed prompts (_packed_prefill_inputs) as generate runs it: (float logits [B, V], prompt
+        lengths [B] on the device). Small ones (padded to the bucket), with or without CUDA graphs, run the same
+        kernels on the same shapes; with them it is one host-to-device copy of tokens and lengths into the graph's
+        input buffer and a replay, and the logits returned are the graph's output buffer, overwritten by the next
+        replay."""
+        if not (use_cuda_graph and self.device.type == "cuda" and padded % PREFILL_GRAPH_BUCKET == 0
+                and self._prefill_graph_serves(B, padded)):
+            inputs = packed.to(self.device)
+            prompt_lens = inputs[B * padded:]
+            return self.prefill(inputs[:B * padded].view(B, padded), prompt_lens), prompt_lens
         key = (B, padded, USE_FUSED_DECODE_OPS)
         runner = self._prefill_graphs.pop(key, None)
         if runner is None:
@@ -589,32 +601,33 @@ class Transformer(nn.Module):
                 self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
             runner = self._capture_prefill(B, padded)
         self._prefill_graphs[key] = runner  # most recently used last
-        runner.tokens.copy_(tokens)
-        runner.prompt_lens.copy_(prompt_lens)
+        runner.inputs.copy_(packed)
         runner.graph.replay()
-        return runner.logits
+        return runner.logits, runner.inputs[B * padded:].clone()  # (the next replay overwrites its inputs)
 
     def _capture_prefill(self, batch_size: int, length: int) -> "_PrefillGraph":
         """Captures prefill of [batch_size, length] tokens. It writes cache rows < batch_size, positions
         < length, so (like the decode capture) it must come before the prefill whose cache it would clobber."""
         device = self.device
-        tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-        prompt_lens = torch.full((batch_size,), length, dtype=torch.long, device=device)
+        inputs = torch.full((batch_size * (length + 1),), length, dtype=torch.long, device=device)
+        tokens, prompt_lens = inputs[:batch_size * length].view(batch_size, length), inputs[batch_size * length:]
+        tokens.zero_()
         graph, logits = _capture_cuda_graph(device, lambda: self.prefill(tokens, prompt_lens))
-        return _PrefillGraph(tokens, prompt_lens, logits, graph)
+        return _PrefillGraph(inputs, logits, graph)
 
     def _prefill_fused(self, ops, x, last):
         """prefill's layers with the residual adds + RMSNorms, RoPE + cache write and SiLU * up of
         csrc/fused_ops.cu (the same rounding as the modules): at 32K prompt tokens the PyTorch RMSNorm alone
         moves ~1 GB per call."""
         h, delta = None, x  # the residual stream is h + delta, summed inside add_rmsnorm
+        start = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         for i, layer in enumerate(self.layers):
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
             # Only the last tokens' outputs go on to the logits: the last layer's attention and MLP run for them
             # alone, after its k, v are cached (for a 2048-token prompt of Llama-3.2-1B, 223 GFLOP of matmuls,
             # 5.6% of the prefill's).
             only = last if i == len(self.layers) - 1 else None
-            delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin, only)
+            delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin, start, only)
             if only is not None:
                 h = h[only]
             normed, h = ops.add_rmsnorm(delta, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
@@ -841,20 +854,23 @@ class Transformer(nn.Module):
         if max(lens) + max_gen_len > self.max_seq_len:
             raise ValueError(f"the longest prompt ({max(lens)} tokens) plus max_gen_len {max_gen_len} exceeds "
                              f"the cache's max_seq_len {self.max_seq_len}; raise max_seq_len or shorten them")
-        bad = [t for p in prompt_tokens for t in p if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
+        # The GPU idles until the prefill is launched, so the host work before it is kept short: the prompts are
+        # packed into one tensor first (array-speed, not a Python loop) and checked there.
+        packed, padded = self._packed_prefill_inputs(prompt_tokens)
+        lowest, highest = packed[:len(lens) * padded].aminmax()
+        if lowest < 0 or highest >= self.config.vocab_size:
+            bad = next(t for p in prompt_tokens for t in p if not 0 <= t < self.config.vocab_size)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
         device, B = self.device, len(lens)
         stepper = self._decode_stepper(B, temperature, top_p, top_k, use_cuda_graph)  # before prefill
+        # The prefill first; the rest is queued while it runs.
+        logits, prompt_lens = self._prefill_for_generate(packed, B, padded, use_cuda_graph)
         stepper.sampler.reseed(seed)
-        tokens, prompt_lens = pad_prompts(prompt_tokens, device)
         stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         stop_ids_tensor = torch.tensor(stop_ids, device=device) if stop_ids else None
-
-        logits = self._prefill_for_generate(tokens, prompt_lens, use_cuda_graph)
         first = stepper.sampler(logits)
         stepper.tokens.copy_(first)
         stepper.positions.copy_(prompt_lens)
@@ -1038,19 +1054,33 @@ def _capture_cuda_graph(device, fn, generator=None, warmup_runs=2, pool=None):
 
 @dataclass
 class _PrefillGraph:
-    tokens: torch.Tensor  # [B, T] long, the padded prompts of the next replay
-    prompt_lens: torch.Tensor  # [B] long
+    inputs: torch.Tensor  # [B * T + B] long: the padded prompts [B, T] of the next replay, then their lengths [B]
     logits: torch.Tensor  # [B, V] float, written by each replay
     graph: torch.cuda.CUDAGraph
 
 
+def packed_prompts(prompt_tokens: list[list[int]], length: int) -> torch.Tensor:
+    """The prompts right-padded with zeros to `length` [B, length] and flattened, then their lengths [B]: one
+    int64 CPU tensor, so that one copy moves all of them to the device."""
+    B = len(prompt_tokens)
+    packed = torch.zeros(B * (length + 1), dtype=torch.long)
+    for b, p in enumerate(prompt_tokens):
+        if not p:
+            continue
+        try:  # (through an int64 array: 23 us for 2048 tokens where torch.tensor of the list takes 91)
+            ids = array.array("q", p)
+        except (TypeError, OverflowError) as exc:
+            raise ValueError(f"prompt {b} holds a token id that is not a 64-bit integer: {exc}") from None
+        packed[b * length:b * length + len(p)] = torch.frombuffer(ids, dtype=torch.long)
+    packed[B * length:] = torch.tensor([len(p) for p in prompt_tokens])
+    return packed
+
+
 def pad_prompts(prompt_tokens: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded tokens [B, T] (long) and prompt lengths [B], the input of Transformer.prefill."""
-    tokens = torch.zeros(len(prompt_tokens), max(map(len, prompt_tokens)), dtype=torch.long)
-    for b, p in enumerate(prompt_tokens):
-        if p:  # (through an int64 array: 23 us for 2048 tokens where torch.tensor of the list takes 91)
-            tokens[b, :len(p)] = torch.frombuffer(array.array("q", p), dtype=torch.long)
-    return tokens.to(device), torch.tensor([len(p) for p in prompt_tokens], device=device)
+    B, T = len(prompt_tokens), max(map(len, prompt_tokens))
+    inputs = packed_prompts(prompt_tokens, T).to(device)
+    return inputs[:B * T].view(B, T), inputs[B * T:]
 
 
 # --------------------------------------------------------------------------------------------- sampling
