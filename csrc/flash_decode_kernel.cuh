@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             mbarrier::fence_init_for_cluster();
         }
         __syncwarp();  // (.aligned: the whole warp executes the arrival together)
-        asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+        mbarrier::cluster_arrive();
     }
 #endif
     // Plain launches read nothing before the wait; see below for early_cache_reads.
@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         uint32_t first_block_o = 0, first_block_lse = 0, first_block_bar = 0;  // (kClusterMerge, split > 0)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (kClusterMerge && active_splits > 1) {
-            asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+            mbarrier::cluster_wait();
             first_block_o = mbarrier::cluster_address(merge_o, 0);
             first_block_lse = mbarrier::cluster_address(merge_lse2, 0);
             first_block_bar = mbarrier::cluster_address(&merge_bar, 0);

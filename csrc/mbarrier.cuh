@@ -1,5 +1,6 @@
-// Hopper (sm_90) shared-memory barriers (mbarrier) and the asynchronous stores that complete them, shared by
-// the kernels that use them. On older GPUs they compile to nothing; their callers never run there.
+// Hopper (sm_90) shared-memory barriers (mbarrier), the asynchronous stores that complete them, and the
+// thread-block-cluster barrier and addressing, shared by the kernels that use them. On older GPUs they compile to
+// nothing; their callers never run there.
 #pragma once
 
 #include <cstdint>
@@ -87,6 +88,48 @@ __device__ __forceinline__ void store_async(uint32_t address, float value, uint3
                  "r"(__float_as_uint(value)), "r"(bar)
                  : "memory");
 #endif
+}
+
+// The cluster barrier: every thread of every block of the cluster arrives, then waits for all the others'
+// arrivals (.aligned: a warp executes these together, so a warp that branched reconverges first). Stores before
+// cluster_arrive(), to this block's or another's shared memory, are visible to every thread after its
+// cluster_wait(). cluster_arrive_relaxed() orders nothing: it only says "this block has started", after which
+// the other blocks may write to its shared memory (once their matching cluster_wait() has returned).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+    return rank;
+}
+
+// The generic address of `ptr` (in this block's shared memory) in the block of cluster rank `rank`: plain loads
+// and stores through it reach that block's shared memory.
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* ptr, unsigned rank) {
+    uint64_t remote = reinterpret_cast<uint64_t>(ptr);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(remote) : "l"(remote), "r"(rank));
+#endif
+    return reinterpret_cast<T*>(remote);
 }
 
 }  // namespace mbarrier

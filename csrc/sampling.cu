@@ -21,13 +21,22 @@
 // CUDA graph and the caller advances the counter on the device (or, when the kernel advances the decode state
 // itself, of the drawn token's cache position instead of the counter: sampling.h). temperature <= 0 is greedy: a
 // plain argmax (first index on ties, like torch.argmax).
-#include <cooperative_groups.h>
-
 #include <cstdint>
 
 #include "element_convert.cuh"
+#include "mbarrier.cuh"
 #include "programmatic_launch.cuh"
 #include "sampling.h"
+
+// SAMPLING_TRACE (probes only; the built module never defines it): thread 0 of each of the first 64 cluster CTAs
+// records clock64() at the cluster kernel's phase boundaries into sampling_trace[block][slot].
+#ifdef SAMPLING_TRACE
+__device__ long long sampling_trace[64][16];
+#define SAMPLING_TRACE_POINT(slot) \
+    if (threadIdx.x == 0 && blockIdx.x < 64) sampling_trace[blockIdx.x][slot] = clock64()
+#else
+#define SAMPLING_TRACE_POINT(slot)
+#endif
 
 namespace sampling {
 namespace {
@@ -421,61 +430,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Small batches on sm_90+: one row across a cluster of kClusterCtas CTAs. With one block per row, a batch-1
 // decode step samples on a single SM: 25 us per step on an H100 for Llama 3's 128K vocabulary, bound by that
 // SM's exp throughput and its passes through L2. Here each CTA reads 1/kClusterCtas of the row once into
-// registers, every pass runs on those registers, and the CTAs' partial results meet through distributed
-// shared memory (each CTA reads the others' after a cluster barrier). Same algorithm as sample_kernel; the
-// draw walks the row in index order: CTA by CTA, then thread by thread, each thread's tokens in order.
+// registers, and each thread keeps w = exp(x - m) of its own tokens (m: its own maximum), so that after the one
+// pass of exps the draw and the check are plain sums and comparisons:
+//   1. each thread: its max m and mass s = sum w; the CTA's (max, mass, argmax) go to every CTA of the cluster;
+//   2. every thread reduces the CTAs' summaries in the same order: the row's max M, mass Z and argmax;
+//   3. draw: u * Z falls in one CTA's share (CTA masses), in it one warp's (warp masses), one lane's (a scan of
+//      the lanes' masses s * exp(m - M)) and one of that lane's tokens (its w, in order); that thread sends the
+//      token to every CTA;
+//   4. check: each thread sums the w of its tokens more likely than the drawn one; each warp's sum goes to every
+//      CTA, every thread adds them up in the same order: A. Accepted if A < top_p * Z, else the next draw is
+//      among those tokens, whose per-thread and per-warp masses are the check's sums.
+// The CTAs exchange results by storing into each other's shared memory before a cluster barrier (a one-way
+// trip), never by reading another CTA's, so a CTA may leave once the last exchange is done. Exchanges of the
+// rejection loop use buffers of alternate rounds: a CTA writes round r + 2's into a CTA only after that CTA
+// arrived at round r + 1's barrier, which it does after reading round r's. The row order of the draw is CTA by
+// CTA, then thread by thread, each thread's tokens in order.
 constexpr int kClusterCtas = 8;
 constexpr int kClusterThreads = 512;
 constexpr int kMaxTokensPerThread = 32;  // logits a thread holds in registers: 131072 a row, Llama 3 has 128256
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // (device code for sm_80 has no use for these)
 constexpr int kClusterWarps = kClusterThreads / 32;
+static_assert(kClusterCtas <= 32 && kClusterWarps <= 32, "one lane per CTA and per warp");
 
-struct ClusterShared {
-    // read by the other CTAs of the cluster
-    SoftmaxStats cta_stats;
-    ArgMax cta_best;
-    float cta_above;  // this CTA's mass of the tokens more likely than the drawn one
-    int token;        // the draw, when this CTA held the drawn token
-    float token_x;
-    // this CTA's own
-    float warp_sums[kClusterWarps];
-    SoftmaxStats warp_stats[kClusterWarps];
-    ArgMax warp_best[kClusterWarps];
-    float cta_mass[kClusterCtas];  // every CTA's mass of the tokens the current draw is restricted to
-    float max_x, total, above;
-    int argmax, chosen, first_thread, last_thread;
-    float base;
+struct CtaSummary {
+    SoftmaxStats stats;  // of x over the CTA's tokens
+    ArgMax best;
 };
 
-// Sum over the block in a fixed order (the same bits on every thread and in every CTA).
-__device__ __forceinline__ float cluster_block_sum(float v, ClusterShared& sh, int warp, int lane) {
-    v = warp_sum(v);
-    if (lane == 0) sh.warp_sums[warp] = v;
-    __syncthreads();
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kClusterWarps; ++w) total += sh.warp_sums[w];
-    __syncthreads();  // warp_sums is free again
-    return total;
-}
-
-// Sum of v over the threads before this one.
-__device__ __forceinline__ float cluster_block_exclusive_scan(float v, ClusterShared& sh, int warp, int lane) {
-    float inclusive = v;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-        const float other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += other;
-    }
-    if (lane == 31) sh.warp_sums[warp] = inclusive;
-    __syncthreads();
-    float before = 0.f;
-    for (int w = 0; w < warp; ++w) before += sh.warp_sums[w];
-    __syncthreads();
-    return before + (inclusive - v);
-}
-
+struct ClusterShared {
+    // written by every CTA of the cluster (each into its own slot) before a cluster barrier
+    CtaSummary cta[kClusterCtas];
+    int token[2];  // the draw of the round (by parity), from the thread that drew it
+    float token_x[2];
+    float warp_above[2][kClusterCtas][kClusterWarps];  // each warp's mass more likely than the round's draw
+    // this CTA's own
+    SoftmaxStats warp_stats[kClusterWarps];
+    ArgMax warp_best[kClusterWarps];
+};
 #endif
 
 template <typename T>
@@ -483,10 +475,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
     sample_cluster_kernel(const T* __restrict__ logits, int64_t* __restrict__ out, int vocab, float temperature,
                           float top_p, const int64_t* __restrict__ rng_state, const DecodeState state) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    namespace cg = cooperative_groups;
     __shared__ ClusterShared sh;
-    const cg::cluster_group cluster = cg::this_cluster();
-    const int rank = (int)cluster.block_rank();
+    const unsigned rank = mbarrier::cluster_rank();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t row_index = blockIdx.x / kClusterCtas;  // (rows along x: grid y stops at 65535)
     const bool greedy = temperature <= 0.f;
@@ -494,18 +484,21 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
 
     // This thread's pieces: kVec tokens each, `count` consecutive ones from piece p0.
     constexpr int kVec = 16 / sizeof(T);
+    constexpr int kMaxPieces = kMaxTokensPerThread / kVec;
     const T* data = logits + row_index * vocab;
     const bool vectorized = reinterpret_cast<uintptr_t>(data) % 16 == 0 && vocab % kVec == 0;
     const int pieces = (vocab + kVec - 1) / kVec;
     const int per_cta = (pieces + kClusterCtas - 1) / kClusterCtas;
     const int per_thread = (per_cta + kClusterThreads - 1) / kClusterThreads;  // <= kMaxPieces (the host checks)
     const int p0 = rank * per_cta + (int)threadIdx.x * per_thread;
-    const int count = max(0, min(per_thread, min((rank + 1) * per_cta, pieces) - p0));
+    const int count = max(0, min(per_thread, min((int)(rank + 1) * per_cta, pieces) - p0));
 
+    SAMPLING_TRACE_POINT(0);
+    mbarrier::cluster_arrive_relaxed();  // this CTA has started: the others may write to its shared memory
     programmatic_launch::allow_next_kernel();
     programmatic_launch::wait_for_previous_kernel();  // the logits are the lm_head's output
+    SAMPLING_TRACE_POINT(1);
     union Piece { uint4 raw; T v[kVec]; };
-    constexpr int kMaxPieces = kMaxTokensPerThread / kVec;
     Piece held[kMaxPieces];
 #pragma unroll
     for (int i = 0; i < kMaxPieces; ++i) {
@@ -518,138 +511,213 @@ __global__ void __launch_bounds__(kClusterThreads, 1)
             for (int e = 0; e < kVec; ++e) held[i].v[e] = token + e < vocab ? data[token + e] : T{};
         }
     }
-    // f(x[kVec], first token) for every held piece, in token order; tokens past the vocabulary are -inf.
-    auto for_each = [&](auto&& f) {
+    // (the draws' key: its loads go out with the logits')
+    const uint64_t key = greedy ? 0 : row_key(rng_state, state, row_index);
+    // x of piece i (tokens past the vocabulary are -inf), as sample_kernel computes it. Recomputed at each use
+    // (the empty asm hides that it was computed before): keeping all x live beside w would spill.
+    auto piece_x = [&](int i, float (&x)[kVec]) {
+        const int first = (p0 + i) * kVec;
+        uint4 raw = held[i].raw;
+        asm volatile("" : "+r"(raw.x), "+r"(raw.y), "+r"(raw.z), "+r"(raw.w));
+        Piece p;
+        p.raw = raw;
 #pragma unroll
-        for (int i = 0; i < kMaxPieces; ++i) {
-            if (i >= count) break;
-            const int first = (p0 + i) * kVec;
-            float x[kVec];
-#pragma unroll
-            for (int e = 0; e < kVec; ++e)
-                x[e] = first + e < vocab ? __fmul_rn(to_float(held[i].v[e]), inv_t) : -INFINITY;  // as sample_kernel
-            f(x, first);
-        }
+        for (int e = 0; e < kVec; ++e)
+            x[e] = first + e < vocab ? __fmul_rn(to_float(p.v[e]), inv_t) : -INFINITY;
     };
 
-    // Pass 1: argmax and softmax statistics of this CTA, then of the row (every CTA reads all of them).
+    // 1. This thread's argmax (its max m), and w = exp(x - m) of its tokens with their sum s.
     ArgMax best{-INFINITY, 0x7fffffff};
-    SoftmaxStats stats{-INFINITY, 0.f};
-    for_each([&](const float (&x)[kVec], int first) { accumulate_stats(x, first, greedy, best, stats); });
-    warp_stats_to_shared(best, stats, sh.warp_best, sh.warp_stats, warp, lane);
-    if (warp == 0) {
-        best = warp_argmax(lane < kClusterWarps ? sh.warp_best[lane] : ArgMax{-INFINITY, 0x7fffffff});
-        stats = warp_merge(lane < kClusterWarps ? sh.warp_stats[lane] : SoftmaxStats{-INFINITY, 0.f});
-        if (lane == 0) {
-            sh.cta_best = best;
-            sh.cta_stats = stats;
+#pragma unroll
+    for (int i = 0; i < kMaxPieces; ++i) {
+        if (i >= count) break;
+        float x[kVec];
+        piece_x(i, x);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e)
+            if (x[e] > best.value) best = {x[e], (p0 + i) * kVec + e};  // index order: the first of equals
+    }
+    const float m = best.value;
+    float w[kMaxTokensPerThread];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxPieces; ++i) {
+        float x[kVec];
+        if (i < count) piece_x(i, x);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+            w[i * kVec + e] = greedy || i >= count || x[e] == -INFINITY ? 0.f : __expf(x[e] - m);
+            s += w[i * kVec + e];
         }
     }
-    cluster.sync();
-    if (warp == 0) {
-        const ClusterShared* other = lane < kClusterCtas ? cluster.map_shared_rank(&sh, lane) : nullptr;
-        const ArgMax b = other ? other->cta_best : ArgMax{-INFINITY, 0x7fffffff};
-        const SoftmaxStats mine = other ? other->cta_stats : SoftmaxStats{-INFINITY, 0.f};
-        best = warp_argmax(b);
-        const SoftmaxStats all = warp_merge(mine);
-        const float mass = mine.m == -INFINITY ? 0.f : mine.s * __expf(mine.m - all.m);
-        if (lane < kClusterCtas) sh.cta_mass[lane] = mass;
-        const float total = warp_sum(mass);
+    SAMPLING_TRACE_POINT(2);
+    {
+        const ArgMax warp_best = warp_argmax(best);
+        const SoftmaxStats warp_stats = warp_merge(SoftmaxStats{m, s});
         if (lane == 0) {
-            sh.max_x = all.m;  // -inf when greedy or when nothing is finite
-            sh.total = total;
-            // a row with no finite logit has no argmax: token 0, as torch.argmax gives for an all -inf row
-            sh.argmax = best.index < vocab ? best.index : 0;
+            sh.warp_best[warp] = warp_best;
+            sh.warp_stats[warp] = warp_stats;
         }
     }
     __syncthreads();
-    const float max_x = sh.max_x, total = sh.total;
-    int token = sh.argmax;  // greedy; or kept if every round is rejected (the argmax is always in the nucleus)
-    if (!greedy && max_x != -INFINITY) {
-        const uint64_t key = row_key(rng_state, state, row_index);
-        float threshold = -INFINITY, mass = total;
-        for (int round = 0; round < kMaxRounds; ++round) {
-            // Draw among {x > threshold}: the CTA whose cumulative mass crosses u * mass, then in it the thread,
-            // then in that thread the token.
-            const float target = uniform(key, (uint32_t)round) * mass;
-            if (warp == 0) {
-                float base;
-                const int chosen = crossing_lane(lane < kClusterCtas ? sh.cta_mass[lane] : 0.f, target, lane, base);
-                if (lane == chosen) {
-                    sh.chosen = chosen;
-                    sh.base = base;
-                    sh.first_thread = kClusterThreads;
-                    sh.last_thread = -1;
+    SAMPLING_TRACE_POINT(3);
+    mbarrier::cluster_wait();  // (the start: every CTA has started)
+    if (warp == 0) {  // the CTA's summary, into every CTA's slot `rank`
+        const bool mine = lane < kClusterWarps;
+        const ArgMax b = warp_argmax(mine ? sh.warp_best[lane] : ArgMax{-INFINITY, 0x7fffffff});
+        const SoftmaxStats st = warp_merge(mine ? sh.warp_stats[lane] : SoftmaxStats{-INFINITY, 0.f});
+        if (lane < kClusterCtas) *mbarrier::cluster_map(&sh.cta[rank], lane) = CtaSummary{st, b};
+        __syncwarp();  // (.aligned: the whole warp arrives together)
+    }
+    mbarrier::cluster_arrive();
+    mbarrier::cluster_wait();
+    SAMPLING_TRACE_POINT(4);
+
+    // 2. The row's max, mass and argmax, and each CTA's mass relative to the max (every thread, same order).
+    ArgMax row_best{-INFINITY, 0x7fffffff};
+    float max_x = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kClusterCtas; ++c) {
+        row_best = better(row_best, sh.cta[c].best);
+        max_x = fmaxf(max_x, sh.cta[c].stats.m);
+    }
+    // a row with no finite logit has no argmax: token 0, as torch.argmax gives for an all -inf row
+    int token = row_best.index < vocab ? row_best.index : 0;  // greedy; or kept if every round is rejected
+    if (greedy || max_x == -INFINITY) {  // (every CTA leaves here: no more exchanges)
+        if (rank == 0 && threadIdx.x == 0) finish_row(out, state, row_index, token);
+        return;
+    }
+    float cta_mass[kClusterCtas];  // of the tokens the current draw is restricted to
+    float total = 0.f;
+#pragma unroll
+    for (int c = 0; c < kClusterCtas; ++c) {
+        const SoftmaxStats st = sh.cta[c].stats;
+        cta_mass[c] = st.m == -INFINITY ? 0.f : st.s * __expf(st.m - max_x);
+        total += cta_mass[c];
+    }
+    const float scale = m == -INFINITY ? 0.f : __expf(m - max_x);  // this thread's w relative to exp(max_x)
+    float own = s * scale;  // this thread's mass of the tokens the current draw is restricted to
+    float threshold = -INFINITY, mass = total;
+    SAMPLING_TRACE_POINT(5);
+    for (int round = 0; round < kMaxRounds; ++round) {
+        const int parity = round & 1;
+        // 3. Draw among {x > threshold}: the CTA whose cumulative mass crosses u * mass (float rounding past
+        // the end: the last CTA with mass), then its warp, lane and token.
+        const float target = uniform(key, (uint32_t)round) * mass;
+        int chosen = 0;
+        float before = 0.f, cumulative = 0.f;
+        bool crossed = false;
+#pragma unroll
+        for (int c = 0; c < kClusterCtas; ++c) {
+            if (!crossed && cta_mass[c] > 0.f) {
+                chosen = c;
+                before = cumulative;
+                crossed = cumulative + cta_mass[c] > target;
+            }
+            cumulative += cta_mass[c];
+        }
+        if ((int)rank == chosen) {  // block-uniform
+            // every warp finds the same warp from the warp masses (lane v holds warp v's)
+            float warp_mass = 0.f;
+            if (lane < kClusterWarps) {
+                if (round == 0) {
+                    const SoftmaxStats st = sh.warp_stats[lane];
+                    warp_mass = st.m == -INFINITY ? 0.f : st.s * __expf(st.m - max_x);
+                } else {
+                    warp_mass = sh.warp_above[parity ^ 1][rank][lane];
                 }
             }
-            __syncthreads();
-            const int chosen = sh.chosen;
-            if (rank == chosen) {  // block-uniform
-                auto weight = [&](float x) { return x > threshold ? __expf(x - max_x) : 0.f; };
-                float own = 0.f;
-                for_each([&](const float (&x)[kVec], int) {
-#pragma unroll
-                    for (int e = 0; e < kVec; ++e) own += weight(x[e]);
-                });
-                const float before = sh.base + cluster_block_exclusive_scan(own, sh, warp, lane);
-                if (own > 0.f) {
-                    atomicMax(&sh.last_thread, (int)threadIdx.x);
-                    if (before + own > target) atomicMin(&sh.first_thread, (int)threadIdx.x);
-                }
-                __syncthreads();
-                const int walker = sh.first_thread < kClusterThreads ? sh.first_thread : sh.last_thread;
-                if ((int)threadIdx.x == walker) {  // float rounding may leave the crossing short: the last token with mass
-                    float running = before, found_x = 0.f, last_x = 0.f;
+            float warp_before, lane_before;
+            const int chosen_warp = crossing_lane(warp_mass, target - before, lane, warp_before);
+            if (warp == chosen_warp) {
+                const float lane_target = target - before - warp_before;
+                const int chosen_lane = crossing_lane(own, lane_target, lane, lane_before);
+                if (lane == chosen_lane) {
+                    float running = lane_before, found_x = 0.f, last_x = 0.f;
                     int found = -1, last = -1;
-                    for_each([&](const float (&x)[kVec], int first) {
+#pragma unroll
+                    for (int i = 0; i < kMaxPieces; ++i) {
+                        if (i >= count) break;
+                        float x[kVec];
+                        piece_x(i, x);
 #pragma unroll
                         for (int e = 0; e < kVec; ++e) {
-                            const float w = weight(x[e]);
-                            if (w > 0.f && found < 0) {
-                                running += w;
-                                last = first + e;
+                            const float weight = x[e] > threshold ? w[i * kVec + e] * scale : 0.f;
+                            if (weight > 0.f && found < 0) {
+                                running += weight;
+                                last = (p0 + i) * kVec + e;
                                 last_x = x[e];
-                                if (running > target) {
+                                if (running > lane_target) {
                                     found = last;
                                     found_x = last_x;
                                 }
                             }
                         }
-                    });
-                    sh.token = found >= 0 ? found : last;
-                    sh.token_x = found >= 0 ? found_x : last_x;
+                    }
+                    if (found < 0) {  // float rounding left the crossing short: the last token with mass
+                        found = last;
+                        found_x = last_x;
+                    }
+                    if (found < 0) {  // (masses underflowed to 0 here; the argmax is always in the nucleus)
+                        found = token;
+                        found_x = max_x;
+                    }
+#pragma unroll
+                    for (int c = 0; c < kClusterCtas; ++c) {
+                        ClusterShared* other = mbarrier::cluster_map(&sh, c);
+                        other->token[parity] = found;
+                        other->token_x[parity] = found_x;
+                    }
                 }
             }
-            cluster.sync();  // the chosen CTA's draw is visible
-            if (threadIdx.x == 0) {
-                const ClusterShared* holder = cluster.map_shared_rank(&sh, chosen);
-                sh.argmax = holder->token;  // (reused as the broadcast slot: the argmax is still in `token`)
-                sh.above = holder->token_x;
-            }
-            __syncthreads();
-            const int drawn = sh.argmax;
-            const float drawn_x = sh.above;
-            if (top_p >= 1.f) {
-                token = drawn;
-                break;
-            }
-            // Check: the mass of the tokens more likely than the drawn one, over the whole row.
-            float above = 0.f;
-            for_each([&](const float (&x)[kVec], int) { add_mass_above(x, drawn_x, max_x, above); });
-            above = cluster_block_sum(above, sh, warp, lane);
-            if (threadIdx.x == 0) sh.cta_above = above;
-            cluster.sync();
-            if (warp == 0) {
-                const float own = lane < kClusterCtas ? cluster.map_shared_rank(&sh, lane)->cta_above : 0.f;
-                if (lane < kClusterCtas) sh.cta_mass[lane] = own;  // the next draw's masses, if there is one
-                const float a = warp_sum(own);
-                if (lane == 0) sh.above = a;
-            }
-            __syncthreads();
-            if (accept_draw(sh.above, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
+            __syncwarp();
         }
+        SAMPLING_TRACE_POINT(6);
+        mbarrier::cluster_arrive();
+        mbarrier::cluster_wait();
+        SAMPLING_TRACE_POINT(7);
+        const int drawn = sh.token[parity];
+        const float drawn_x = sh.token_x[parity];
+        if (top_p >= 1.f) {
+            token = drawn;
+            break;
+        }
+        // 4. Check: the mass of the tokens more likely than the drawn one, over the whole row.
+        float above = 0.f;
+#pragma unroll
+        for (int i = 0; i < kMaxPieces; ++i) {
+            if (i >= count) break;
+            float x[kVec];
+            piece_x(i, x);
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+                if (x[e] > drawn_x) above += w[i * kVec + e];
+        }
+        above *= scale;
+        SAMPLING_TRACE_POINT(8);
+        const float warp_above = warp_sum(above);
+        if (lane < kClusterCtas) *mbarrier::cluster_map(&sh.warp_above[parity][rank][warp], lane) = warp_above;
+        __syncwarp();
+        mbarrier::cluster_arrive();
+        mbarrier::cluster_wait();
+        SAMPLING_TRACE_POINT(9);
+        float all_above = 0.f;
+#pragma unroll
+        for (int c = 0; c < kClusterCtas; ++c) {
+            const float4* sums = reinterpret_cast<const float4*>(sh.warp_above[parity][c]);
+            float cta = 0.f;
+#pragma unroll
+            for (int v = 0; v < kClusterWarps / 4; ++v) {
+                const float4 q = sums[v];
+                cta += (q.x + q.y) + (q.z + q.w);
+            }
+            cta_mass[c] = cta;  // the next draw's, if there is one
+            all_above += cta;
+        }
+        if (accept_draw(all_above, top_p, total, drawn, drawn_x, token, threshold, mass)) break;
+        own = above;
     }
-    cluster.sync();  // no CTA leaves while another may still read its shared memory (or positions: finish_row)
+    SAMPLING_TRACE_POINT(10);
     if (rank == 0 && threadIdx.x == 0) finish_row(out, state, row_index, token);
 #else
     __trap();  // launched only on sm_90+ (launch below)
