@@ -589,8 +589,8 @@ class Transformer(nn.Module):
         kernels on the same shapes; with them it is one host-to-device copy of tokens and lengths into the graph's
         input buffer and a replay, and the logits returned are the graph's output buffer, overwritten by the next
         replay."""
-        if not (use_cuda_graph and self.device.type == "cuda" and padded % PREFILL_GRAPH_BUCKET == 0
-                and self._prefill_graph_serves(B, padded)):
+        bucketed = padded % PREFILL_GRAPH_BUCKET == 0 and self._prefill_graph_serves(B, padded)  # (else padded = T)
+        if not (bucketed and use_cuda_graph and self.device.type == "cuda"):
             inputs = packed.to(self.device)
             prompt_lens = inputs[B * padded:]
             return self.prefill(inputs[:B * padded].view(B, padded), prompt_lens), prompt_lens
