@@ -441,10 +441,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 //      CTA, every thread adds them up in the same order: A. Accepted if A < top_p * Z, else the next draw is
 //      among those tokens, whose per-thread and per-warp masses are the check's sums.
 // The CTAs exchange results by storing into each other's shared memory before a cluster barrier (a one-way
-// trip), never by reading another CTA's, so a CTA may leave once the last exchange is done. Exchanges of the
-// rejection loop use buffers of alternate rounds: a CTA writes round r + 2's into a CTA only after that CTA
-// arrived at round r + 1's barrier, which it does after reading round r's. The row order of the draw is CTA by
-// CTA, then thread by thread, each thread's tokens in order.
+// trip), never by reading another CTA's, so a CTA may leave once the last exchange is done. Between two
+// barriers no buffer is both written and read (a buffer written before a barrier is read after it, and written
+// again only after the next one, which every CTA reaches after reading it); the rejection loop's buffers also
+// alternate by round, a margin beyond that. The row order of the draw is CTA by CTA, then thread by thread,
+// each thread's tokens in order.
 constexpr int kClusterCtas = 8;
 constexpr int kClusterThreads = 512;
 constexpr int kMaxTokensPerThread = 32;  // logits a thread holds in registers: 131072 a row, Llama 3 has 128256
@@ -458,6 +459,8 @@ struct CtaSummary {
     ArgMax best;
 };
 
+// (warp_above is read as float4: the kernel's one __shared__ variable starts at offset 0, 16-byte aligned; alignas
+// here would do, but it changes the fp32 instance's register allocation into an 8-byte spill)
 struct ClusterShared {
     // written by every CTA of the cluster (each into its own slot) before a cluster barrier
     CtaSummary cta[kClusterCtas];
