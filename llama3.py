@@ -569,27 +569,23 @@ class Transformer(nn.Module):
             x = x[last]
         return self.output(self.norm(x)).float()
 
-    def _packed_prefill_inputs(self, prompt_tokens: list[list[int]]) -> tuple[torch.Tensor, int]:
-        """(packed_prompts(prompt_tokens, padded), padded) for _prefill_for_generate. For small batch x length (see
-        PREFILL_GRAPH_MAX_TOKENS) the prompts are right-padded to a multiple of PREFILL_GRAPH_BUCKET (padding is
-        what ragged batches already have: its cache rows lie past each prompt's length), so that nearby lengths
-        share a prefill graph; otherwise to the longest prompt."""
+    def _packed_prefill_inputs(self, prompt_tokens: list[list[int]]) -> tuple[torch.Tensor, int, bool]:
+        """(packed_prompts(prompt_tokens, padded), padded, bucketed) for _prefill_for_generate. For small batch x
+        length (see PREFILL_GRAPH_MAX_TOKENS) the prompts are right-padded to a multiple of PREFILL_GRAPH_BUCKET
+        (bucketed; padding is what ragged batches already have: its cache rows lie past each prompt's length), so
+        that nearby lengths share a prefill graph; otherwise to the longest prompt."""
         B, T = len(prompt_tokens), max(map(len, prompt_tokens))
         padded = -(-T // PREFILL_GRAPH_BUCKET) * PREFILL_GRAPH_BUCKET
-        if not self._prefill_graph_serves(B, padded):
+        bucketed = B * padded <= PREFILL_GRAPH_MAX_TOKENS and padded <= self.max_seq_len
+        if not bucketed:
             padded = T
-        return packed_prompts(prompt_tokens, padded), padded
+        return packed_prompts(prompt_tokens, padded), padded, bucketed
 
-    def _prefill_graph_serves(self, batch_size: int, padded: int) -> bool:
-        return batch_size * padded <= PREFILL_GRAPH_MAX_TOKENS and padded <= self.max_seq_len
-
-    def _prefill_for_generate(self, packed: torch.Tensor, B: int, padded: int, use_cuda_graph: bool):
+    def _prefill_for_generate(self, packed: torch.Tensor, B: int, padded: int, bucketed: bool, use_cuda_graph: bool):
         """prefill of the packed prompts (_packed_prefill_inputs) as generate runs it: (float logits [B, V], prompt
-        lengths [B] on the device). Small ones (padded to the bucket), with or without CUDA graphs, run the same
-        kernels on the same shapes; with them it is one host-to-device copy of tokens and lengths into the graph's
-        input buffer and a replay, and the logits returned are the graph's output buffer, overwritten by the next
-        replay."""
-        bucketed = padded % PREFILL_GRAPH_BUCKET == 0 and self._prefill_graph_serves(B, padded)  # (else padded = T)
+        lengths [B] on the device). Bucketed ones, with or without CUDA graphs, run the same kernels on the same
+        shapes; with them it is one host-to-device copy of tokens and lengths into the graph's input buffer and a
+        replay, and the logits returned are the graph's output buffer, overwritten by the next replay."""
         if not (bucketed and use_cuda_graph and self.device.type == "cuda"):
             inputs = packed.to(self.device)
             prompt_lens = inputs[B * padded:]
@@ -858,7 +854,7 @@ class Transformer(nn.Module):
             use_cuda_graph = self.device.type == "cuda"
         # The GPU idles until the prefill is launched, so the host work before it is kept short: the prompts are
         # packed into one tensor first (array-speed, not a Python loop) and checked there.
-        packed, padded = self._packed_prefill_inputs(prompt_tokens)
+        packed, padded, bucketed = self._packed_prefill_inputs(prompt_tokens)
         lowest, highest = packed[:len(lens) * padded].aminmax()
         if lowest < 0 or highest >= self.config.vocab_size:
             bad = next(t for p in prompt_tokens for t in p if not 0 <= t < self.config.vocab_size)
@@ -867,7 +863,7 @@ class Transformer(nn.Module):
         device, B = self.device, len(lens)
         stepper = self._decode_stepper(B, temperature, top_p, top_k, use_cuda_graph)  # before prefill
         # The prefill first; the rest is queued while it runs.
-        logits, prompt_lens = self._prefill_for_generate(packed, B, padded, use_cuda_graph)
+        logits, prompt_lens = self._prefill_for_generate(packed, B, padded, bucketed, use_cuda_graph)
         stepper.sampler.reseed(seed)
         stop_ids = () if ignore_eos else tuple(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         stop_ids_tensor = torch.tensor(stop_ids, device=device) if stop_ids else None
