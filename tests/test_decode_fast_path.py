@@ -51,7 +51,9 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(32, 8, 64), (9, 3, 64), (24, 8, 128), (4, 4, 128)])
+# (head_dim 24: the kernel's element-wise variant; the others take 16-byte pieces)
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim", [(32, 8, 64), (9, 3, 64), (24, 8, 128), (4, 4, 128),
+                                                         (3, 1, 24)])
 @pytest.mark.parametrize("tokens,start", [(1, [0, 299, 17, 17, 150]),  # decode: one token per sequence
                                           (37, [0, 263, 5])])  # prefill: whole prompts; 263 + 37 = the cache's end
 def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim, tokens, start):

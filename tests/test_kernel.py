@@ -30,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue,
 # + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster);
 # decode_layers: 2 dtypes x 2 head dims x 4 GQA group sizes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 16), ("gemv.cu", 44),
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
