@@ -420,14 +420,13 @@ class Attention(nn.Module):
         self.kv_cache.v[:B, :T] = v
         return self._prefill_attention(q, k, v)
 
-    def prefill_fused(self, ops, x, rope_cos, rope_sin, start, last=None, gemv_output=False):
+    def prefill_fused(self, ops, x, rope_cos, rope_sin, start, last=None):
         """prefill with RoPE and the cache write in one kernel (csrc/fused_ops.cu); rope_cos/rope_sin are the
         model's whole tables [max_seq, D], start [B] long zeros (every prompt starts at cache position 0; one
         tensor for all layers). Attention then reads k and v from the cache. With `last` (batch
         indices, positions of each sequence's last prompt token; the model's last layer, whose other tokens go
         nowhere) every position's k and v are still cached, but the attention and the output projection run for
-        those tokens alone, as decode steps of lengths positions + 1: [B, dim] instead of [B, T, dim], projected
-        by the decode step's GEMV with gemv_output."""
+        those tokens alone, as decode steps of lengths positions + 1: [B, dim] instead of [B, T, dim]."""
         B, T, _ = x.shape
         q = ops.rope_kv_write(self.wqkv(x).view(B * T, -1), rope_cos, rope_sin, start, self.kv_cache.k,
                               self.kv_cache.v, self.n_heads, T)
@@ -436,8 +435,6 @@ class Attention(nn.Module):
         if last is None:
             return self._prefill_attention(q, k, v)
         out = decode_attention(q[last], k, v, (last[1] + 1).to(torch.int32), self.scale, newest_row_only=False)
-        if gemv_output:
-            return ops.gemv(out.reshape(B, self.q_size), self.wo.weight)[0]
         return self.wo(out.reshape(B, self.q_size))
 
     def _prefill_attention(self, q, k, v):
@@ -620,27 +617,17 @@ class Transformer(nn.Module):
         moves ~1 GB per call."""
         h, delta = None, x  # the residual stream is h + delta, summed inside add_rmsnorm
         start = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        # The last tokens' rows after the last layer's attention are a decode step's: its GEMVs take them (the
-        # lm_head's 525 MB for Llama-3.2-1B: 164 us where cuBLAS took 185, and no RMSNorm or SiLU kernels).
-        gemv_tail = last is not None and self._gemv_with_norms_serves(x.shape[0])
         for i, layer in enumerate(self.layers):
             normed, h = ops.add_rmsnorm(delta, h, layer.attention_norm.weight, layer.attention_norm.eps)
             # Only the last tokens' outputs go on to the logits: the last layer's attention and MLP run for them
             # alone, after its k, v are cached (for a 2048-token prompt of Llama-3.2-1B, 223 GFLOP of matmuls,
             # 5.6% of the prefill's).
             only = last if i == len(self.layers) - 1 else None
-            ffn = layer.feed_forward
-            if only is not None and gemv_tail:
-                delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin, start, only,
-                                                      gemv_output=True)
-                act, h = ops.gemv(delta, ffn.w_gate_up.weight, h[only], layer.ffn_norm.weight, layer.ffn_norm.eps,
-                                  silu_mul=True)
-                delta, _ = ops.gemv(act, ffn.w_down.weight)
-                return ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)[0]
             delta = layer.attention.prefill_fused(ops, normed, self.rope_cos, self.rope_sin, start, only)
             if only is not None:
                 h = h[only]
             normed, h = ops.add_rmsnorm(delta, h, layer.ffn_norm.weight, layer.ffn_norm.eps)
+            ffn = layer.feed_forward
             delta = ffn.w_down(ops.silu_mul(ffn.w_gate_up(normed)))
         normed, _ = ops.add_rmsnorm(delta.contiguous(), h.contiguous(), self.norm.weight, self.norm.eps)
         return self.output(normed)
