@@ -858,7 +858,7 @@ class Transformer(nn.Module):
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
         # The GPU idles until the prefill is launched, so the host work before it is kept short: the prompts are
-        # packed into one tensor first (array-speed, not a Python loop) and checked there.
+        # packed into one tensor first (struct writes the ids into its memory) and checked there.
         packed, padded, bucketed = self._packed_prefill_inputs(prompt_tokens)
         ids = packed.numpy()[:len(lens) * padded]  # (numpy: about half the host time of torch.aminmax)
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
