@@ -657,15 +657,6 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x))
         return logits.float() if float_logits else logits
 
-    def _gemv_with_norms_serves(self, rows: int) -> bool:
-        """Whether csrc/gemv.cu's CUDA-core GEMV, with its RMSNorm prologue, takes the projections of `rows` tokens."""
-        c = self.config
-        dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
-        # it stages x [rows, k] (and the RMSNorm weight [dim]) in shared memory: at most GEMV_MAX_SHARED_BYTES
-        staged = max(rows * max(dims), (rows + 1) * c.dim) * self.tok_embeddings.weight.element_size()
-        return (USE_CUSTOM_GEMV and rows <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
-                and staged <= GEMV_MAX_SHARED_BYTES)
-
     def _forward_decode_gemv(self, ops, tokens, positions, cache_seqlens, attention_rows=None):
         """forward_decode for batch 1..GEMV_MAX_NORM_BATCH: every projection is one ops.gemv launch, the residual
         add + RMSNorm before qkv, gate_up and lm_head run in its prologue (the first one also looks the tokens'
@@ -703,9 +694,13 @@ class Transformer(nn.Module):
                 delta, h = decode_layers(self.tok_embeddings.weight, tokens.long().contiguous(), positions,
                                          cache_seqlens, self.rope_cos, self.rope_sin)
                 return ops.gemv(delta, self.output.weight, h, self.norm.weight, self.norm.eps)[0]
-        if self._gemv_with_norms_serves(B):
-            return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens, attention_rows)
         dims = (c.dim, c.intermediate_size, c.n_heads * c.head_dim)
+        # the CUDA-core GEMV stages x [B, k] (and the RMSNorm weight [dim]) in shared memory: at most
+        # GEMV_MAX_SHARED_BYTES
+        staged = max(B * max(dims), (B + 1) * c.dim) * self.tok_embeddings.weight.element_size()
+        if (USE_CUSTOM_GEMV and B <= GEMV_MAX_NORM_BATCH and all(d % 8 == 0 for d in dims)
+                and staged <= GEMV_MAX_SHARED_BYTES):
+            return self._forward_decode_gemv(ops, tokens, positions, cache_seqlens, attention_rows)
         x = self.tok_embeddings(tokens)
         # the tensor-core GEMV (5 to 16 rows) takes k in chunks of 32 and needs no shared memory for x
         use_gemv = (USE_CUSTOM_GEMV and GEMV_MAX_NORM_BATCH < B <= GEMV_MAX_BATCH
