@@ -184,6 +184,7 @@ def make_custom(inp, args):
         raise Unavailable("unsupported", f"the custom kernel supports head sizes 64 and 128, not {head_size}")
     mod = load_custom_module()
     mod.set_cluster_merge(not args.no_cluster_merge)
+    mod.set_bulk_pipeline(args.bulk_pipeline)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
@@ -194,6 +195,8 @@ def make_custom(inp, args):
         splits_used = splits
     if mod.uses_cluster_merge(splits_used):
         note += ", cluster merge"
+    if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n, splits_used):
+        note += ", bulk copies"
     out = torch.empty_like(inp.q)
 
     def launch():
@@ -760,6 +763,10 @@ def parse_args(argv=None):
     p.add_argument("--num_splits", type=int, default=0, help="split-KV splits (0 = automatic)")
     p.add_argument("--no_cluster_merge", action="store_true",
                    help="merge the custom kernel's splits through global memory, not in a thread-block cluster")
+    p.add_argument("--bulk_pipeline", choices=["auto", "always", "off"], default="auto",
+                   help="the custom kernel's bulk variant (sm_90+: the cache through shared memory with the tensor "
+                        "memory accelerator): auto = for large launches (the default), always, or off = the "
+                        "register pipeline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

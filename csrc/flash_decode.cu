@@ -15,12 +15,51 @@ namespace flash_decode {
 struct Variant {
     int rows_per_block_tile;  // the split granularity
     cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, cudaStream_t);
+    cudaError_t (*launch_bulk)(const Params&, dim3, cudaStream_t);  // cudaErrorNotSupported: no tensor maps
 };
+
+// The driver's cuTensorMapEncodeTiled, reached through the runtime (the extension does not link libcuda); null
+// where the driver has none.
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static EncodeTiled encode_tiled() {
+    static const EncodeTiled fn = []() -> EncodeTiled {
+        void* entry = nullptr;
+        cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000,
+                                                                 cudaEnableDefault, &found);
+#else
+        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &entry, cudaEnableDefault, &found);
+#endif
+        return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(entry)
+                                                                         : nullptr;
+    }();
+    return fn;
+}
+
+// A cache [batch][seq][kv_heads][head_dim] (element strides) as the bulk variant's tensor map: dimensions (head_dim,
+// kv_heads, seq, batch) from the innermost, boxes of 64 head_dim elements x box_rows rows of one head, 128-byte
+// swizzle. False where the driver refuses it (strides or address not on 16 bytes, ...).
+static bool encode_cache_map(CUtensorMap* map, const void* base, const Params& p, int64_t seq_stride, int64_t head_stride,
+                             int64_t batch_stride, int box_rows) {
+    const EncodeTiled encode = encode_tiled();
+    if (encode == nullptr) return false;
+    const cuuint64_t dims[4] = {(cuuint64_t)p.head_dim, (cuuint64_t)p.kv_heads, (cuuint64_t)p.seq_capacity,
+                                (cuuint64_t)p.batch};
+    const cuuint64_t strides[3] = {(cuuint64_t)head_stride * 2, (cuuint64_t)seq_stride * 2, (cuuint64_t)batch_stride * 2};
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)box_rows, 1};
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims, strides, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
 
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
 static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim>;
-    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge, false>;
     const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;
     if (cluster > 8) {  // beyond the portable cluster size: an opt-in per kernel (H100: up to 16)
         static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -35,7 +74,24 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
         merge_bytes = Traits::cluster_merge_bytes(params.num_splits);
     }
     return programmatic_launch::launch_clustered(kernel, grid, dim3(Traits::kThreads), merge_bytes, stream, cluster,
-                                                 params);
+                                                 params, NoCacheMaps{});
+}
+
+template <typename Element, int kHeadDim>
+static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStream_t stream) {
+    using Traits = KernelTraits<Element, kHeadDim>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true>;
+    CacheMaps maps;
+    if (!encode_cache_map(&maps.k, params.k, params, params.k_seq_stride, params.k_head_stride, params.k_batch_stride,
+                          Traits::kRowsPerBlockTile) ||
+        !encode_cache_map(&maps.v, params.v, params, params.v_seq_stride, params.v_head_stride, params.v_batch_stride,
+                          Traits::kRowsPerBlockTile))
+        return cudaErrorNotSupported;
+    static const cudaError_t opt_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Traits::bulk_shared_bytes());
+    if (opt_in != cudaSuccess) return opt_in;
+    return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), Traits::bulk_shared_bytes(), stream,
+                                       params, maps);
 }
 
 template <typename Element, int kHeadDim>
@@ -49,7 +105,8 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
 
 template <typename Element, int kHeadDim>
 static Variant make_variant() {
-    return {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>};
+    return {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>,
+            &launch_bulk_instance<Element, kHeadDim>};
 }
 
 // The runtime choice of dtype and head_dim -> the template instance (false: unsupported).
@@ -98,6 +155,27 @@ static cudaError_t device_info(int device, DType dtype, int head_dim, DeviceInfo
 bool& cluster_merge_enabled() {
     static bool on = true;
     return on;
+}
+
+BulkPipeline& bulk_pipeline_mode() {
+    static BulkPipeline mode = BulkPipeline::kAuto;
+    return mode;
+}
+
+static int rows_per_block_tile(int head_dim) {
+    return head_dim == 64 ? KernelTraits<__nv_bfloat16, 64>::kRowsPerBlockTile
+                          : KernelTraits<__nv_bfloat16, 128>::kRowsPerBlockTile;
+}
+
+bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_splits, bool early_cache_reads) {
+    const BulkPipeline mode = bulk_pipeline_mode();
+    if (mode == BulkPipeline::kOff || early_cache_reads || (head_dim != 64 && head_dim != 128) ||
+        !programmatic_launch::current_device_supports())  // (the tensor copies: sm_90+, as programmatic launch)
+        return false;
+    if (mode == BulkPipeline::kAlways) return true;
+    const int64_t rows = rows_per_block_tile(head_dim);
+    const int64_t work = (int64_t)units * ((seq_capacity + rows - 1) / rows);
+    return work >= kBulkMinWorkTiles || (num_splits == 1 && work >= kBulkMinWorkTilesOneSplit);
 }
 
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
@@ -150,6 +228,12 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // programmatic-launch wait, two splits (twice that head start) were faster while the blocks are
     // fewer than the SMs: 16x2048+2048 end to end 8,163 -> 8,316 tokens/s (4 and 8 splits: 8,071, 8,129).
     if (2 * base_blocks >= info.num_sms) return early_cache_reads && base_blocks < info.num_sms && tiles >= 4 ? 2 : 1;
+    // The bulk variant's plain launches: one wave of one block per SM (batch 1 head 64 S = 131072: 105.1 us in 16
+    // splits, 107.4 in 12, 118.4 in 24; head 128: 189.3 / 193.2 / 205.9; H100, 2026-11-27; more stages a block, more
+    // bytes in flight, were slower, so more blocks would be too).
+    if (uses_bulk_pipeline(base_blocks, head_dim, max_seqlen, 0, early_cache_reads) &&
+        bulk_pipeline_mode() == BulkPipeline::kAuto)
+        return std::max(1, std::min(tiles, info.num_sms / base_blocks));
     int splits;
     if (early_cache_reads) {
         // about two blocks per SM (the decode step's rule, measured end to end)
@@ -171,7 +255,15 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
-    return variant.launch(params, grid, uses_cluster_merge(params.num_splits, params.early_cache_reads), stream);
+    const bool cluster_merge = uses_cluster_merge(params.num_splits, params.early_cache_reads);
+    if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.num_splits, params.early_cache_reads)) {
+        const cudaError_t err = variant.launch_bulk(params, grid, stream);
+        // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
+        // (the caller allocated it for the bulk variant)
+        if (err != cudaErrorNotSupported) return err;
+        return variant.launch(params, grid, false, stream);
+    }
+    return variant.launch(params, grid, cluster_merge, stream);
 }
 
 }  // namespace flash_decode

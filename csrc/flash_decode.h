@@ -81,4 +81,22 @@ constexpr int kMaxDecodeClusterSplits = 12;
 bool& cluster_merge_enabled();
 bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 
+// The bulk variant (flash_decode_kernel.cuh) streams the cache through shared memory with the tensor memory
+// accelerator; it serves plain launches (not early_cache_reads) on sm_90+, merging several splits through the
+// workspace (it takes precedence over the cluster merge), where the driver accepts the caches as tensor maps (else
+// the register pipeline serves the launch). Process-wide mode: kAuto (the default) takes it where it was measured
+// faster, for launches of at least kBulkMinWorkTiles block tiles of K and V over all blocks (256 MB; 128 MB when
+// the batch alone fills the GPU, one split), default_num_splits then giving one block per SM; kAlways for every
+// plain launch (tests, comparisons); kOff never. Measured on an H100 (2026-11-27, 15:00 UTC, benchmark_kernel.py's
+// method, 32 query / 8 KV heads): batch 1 S = 131072 head 64 / 128 111.2 / 203.4 us -> 105.1 / 189.3 (16 splits),
+// head 128 S = 65536 107.9 -> 104.3, batch 64 S = 4096 208.3 / 383.2 -> 198.3 / 363.7, batch 16 S = 4096 63.7 /
+// 113.1 -> 61.1 / 102.5; but batch 1 S = 32768 head 128 59.6 -> 61.1 and batch 16 S = 2048 head 64 36.3 -> 38.1
+// (below the thresholds), and 3 or 4 stages instead of 2 slower everywhere.
+enum class BulkPipeline { kOff, kAuto, kAlways };
+constexpr int kBulkMinWorkTiles = 8192;
+constexpr int kBulkMinWorkTilesOneSplit = 4096;
+BulkPipeline& bulk_pipeline_mode();
+// units: batch x kv_heads x head_groups (the blocks of one split)
+bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_splits, bool early_cache_reads = false);
+
 }  // namespace flash_decode

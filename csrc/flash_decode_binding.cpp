@@ -199,7 +199,10 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     p.early_cache_reads = early_cache_reads;
 
     at::Tensor partial_out, partial_lse, counters;
-    if (num_splits > 1 && !flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads)) {
+    // (the bulk variant merges through the workspace, the cluster merge where it does not serve)
+    const bool bulk = flash_decode::uses_bulk_pipeline((int)(batch * kv_heads * head_groups), (int)head_dim,
+                                                       (int)seq_capacity, (int)num_splits, early_cache_reads);
+    if (num_splits > 1 && (bulk || !flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads))) {
         const auto f32 = q.options().dtype(at::kFloat);
         partial_out = at::empty({batch, q_heads, num_splits, head_dim}, f32);
         partial_lse = at::empty({batch, q_heads, num_splits}, f32);
@@ -734,6 +737,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU "
           "(early_cache_reads, a decode step: clusters of up to 16 blocks, else 8).",
+          py::arg("num_splits"), py::arg("early_cache_reads") = false);
+    m.def("set_bulk_pipeline",
+          [](const std::string& mode) {
+              FD_CHECK(mode == "auto" || mode == "always" || mode == "off", "set_bulk_pipeline: mode '", mode,
+                       "' is not one of 'auto', 'always', 'off'");
+              flash_decode::bulk_pipeline_mode() = mode == "auto"     ? flash_decode::BulkPipeline::kAuto
+                                                   : mode == "always" ? flash_decode::BulkPipeline::kAlways
+                                                                      : flash_decode::BulkPipeline::kOff;
+          },
+          "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared memory "
+          "with the tensor memory accelerator (the bulk variant) for large launches, where it was measured faster; "
+          "'always' for every plain launch; 'off' never (the register pipeline), for comparison.",
+          py::arg("mode"));
+    m.def("uses_bulk_pipeline",
+          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
+             int64_t num_splits, bool early_cache_reads) {
+              FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_bulk_pipeline: q_heads ", q_heads,
+                       " is not a multiple of kv_heads ", kv_heads);
+              const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
+              return flash_decode::uses_bulk_pipeline((int)units, (int)head_dim, (int)seq_capacity, (int)num_splits,
+                                                      early_cache_reads);
+          },
+          "Whether flash_decode of this shape in num_splits splits takes the bulk variant on the current GPU (given "
+          "caches the driver accepts as tensor maps: 16-byte strides and addresses).",
+          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "

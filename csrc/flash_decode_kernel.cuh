@@ -11,11 +11,12 @@
 //      registers they fill are the mma fragments, with no shared memory in between:
 //        - S: lane (g, t) loads cache row g of an 8-row group at elements 8t..8t+7 of every 32-element
 //          chunk; head_dim is summed over, so this permutation of it, applied to q as well, is harmless.
-//        - P V: lane (g, t) loads rows 4t..4t+3 of the 16 at elements 8g..8g+7 of every 64-element chunk
-//          and pairs equal elements of two rows with byte permutes (B wants two rows in one register).
-//        - The 8-row groups of S are the rows {0,1,4,5,8,9,12,13} and {2,3,6,7,...}: then the scores lane
-//          (g, t) gets back from S (C fragment) are head g's for rows 4t..4t+3, exactly the rows whose V it
-//          holds, and they are already P's A fragment for P V (as in FlashAttention-2).
+//        - P V: lane (g, t) loads four rows v_row(t, 0..3) of the 16 at elements 8g..8g+7 of every 64-element
+//          chunk and pairs equal elements of two rows with byte permutes (B wants two rows in one register).
+//        - The 8-row groups of S are chosen so that the scores lane (g, t) gets back from S (C fragment) are
+//          head g's for exactly the rows whose V it holds: they are already P's A fragment for P V (as in
+//          FlashAttention-2). Which 16 rows a step's lanes take is otherwise free (row_in_step below); the
+//          order used keeps the bulk variant's shared-memory reads free of bank conflicts.
 //   3. Online softmax in the log2 domain on the float32 scores (times scale * log2(e)): each warp keeps a
 //      running max m and sum l per head, and its O accumulator, rescaled once per tile; P goes into the
 //      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
@@ -31,13 +32,19 @@
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
 // Latency hiding: the next tile's K and V loads are issued before the current tile is used (register
-// double buffering). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
+// double buffering). The bulk variant (kBulk: plain launches on sm_90+ whose splits have many tiles, see
+// flash_decode.cu) instead streams the block's tiles into a ring of shared-memory stages with the tensor memory
+// accelerator (TMA: one instruction per 64-column box of K or V, completion counted in bytes on an mbarrier per
+// stage), kBulkStages tiles ahead of the one being computed, and each lane reads its fragments from there: a
+// pure-read probe on an H100 (2026-11-27) streamed head-128 caches at 2.93 TB/s this way against the register
+// pipeline's 2.64 inside the kernel (docs/perf-notes.md). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
 // executed 3.5-4.7x the instructions of cuDNN's tensor-core kernel; moving to tensor cores made it 2-8 us
 // faster at short lengths but left the long-length bandwidth where it was (docs/perf-notes.md): there the
 // DRAM, not the SM, sets the pace, and what helped was the order of the reads (interleaved split tiles).
 // A 4-stage cp.async pipeline through shared memory had not helped either version.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (the type only: the maps are built through the runtime's driver entry point)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -70,7 +77,23 @@ struct KernelTraits {
     static constexpr size_t cluster_merge_bytes(int num_splits) {
         return (size_t)num_splits * kHeads * (kHeadDim + 1) * sizeof(float);
     }
+    // The bulk variant's ring: a stage holds one block tile, K then V, each as kHeadDim / 64 boxes of
+    // [kRowsPerBlockTile rows][64 elements] (128-byte rows, 128-byte swizzle). Two stages: three or four (more
+    // bytes in flight) were slower at every shape measured (flash_decode.h).
+    static constexpr int kBulkStages = 2;
+    static constexpr int kBoxColumns = 64;
+    static constexpr int kBoxBytes = kRowsPerBlockTile * kBoxColumns * (int)sizeof(Element);  // 16 KB or 8 KB
+    static constexpr int kBulkStageBytes = 2 * kRowsPerBlockTile * kHeadDim * (int)sizeof(Element);
+    static constexpr size_t bulk_shared_bytes() { return (size_t)kBulkStages * kBulkStageBytes + 1024; }  // + alignment
 };
+
+// The bulk variant's tensor maps (CUtensorMap, built per launch in flash_decode.cu): the caches as 4-d tensors of
+// dimensions (head_dim, kv_heads, seq, batch) from the innermost (coordinates in that order), boxes of 64 head_dim
+// elements x 1 head x kRowsPerBlockTile rows, 128-byte swizzle.
+struct CacheMaps {
+    CUtensorMap k, v;
+};
+struct NoCacheMaps {};
 
 // ---------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -89,6 +112,17 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
+// The row of a 16-row step that P V's lane (., t) holds as its i-th (0..3); every row once. Any permutation would
+// do (step 2 above): loads from memory take rows 4t..4t+3. The bulk variant's reads from its swizzled stage
+// (16-byte column c of row r stored at c ^ r % 8) take another order, in which the 8 lanes of a quarter warp read
+// 8 different columns, so no shared-memory bank conflicts: K's rows of lanes g and g + 1 differ in bit 2, V's rows
+// of t = 0..3 in bits 1 and 2. (The register-pipeline instances keep 4t + i: the other order's arithmetic costs the
+// bf16 head-128 decode-step instance an 8-byte spill at its 255 registers.)
+template <bool kSwizzledStage>
+__device__ __forceinline__ int row_in_step(int t, int i) {
+    return kSwizzledStage ? 8 * (i & 1) + ((2 * t + (i >> 1)) ^ (4 * (i & 1))) : 4 * t + i;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------------
@@ -98,8 +132,14 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 // kClusterMerge (sm_90+): the num_splits blocks of a (sequence, KV head, head group) form one thread-block
 // cluster and merge their partial results through distributed shared memory instead of the float32
 // workspace (see step 4 above).
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge>
-__global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
+// kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk>
+__global__ void __launch_bounds__(128)
+    flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
+    static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
+#endif
     using Traits = KernelTraits<Element, kHeadDim>;
     constexpr int kWarps = Traits::kWarps;
     constexpr int kThreads = Traits::kThreads;
@@ -124,6 +164,11 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     extern __shared__ __align__(16) unsigned char merge_buffer[];
     float* const merge_o = reinterpret_cast<float*>(merge_buffer);         // [num_splits][kHeads][kHeadDim]
     float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
+    // kBulk: the ring of stages in the dynamic shared memory instead, 1024-byte aligned for the swizzle, and its
+    // barriers: full (the stage's bytes have landed) and empty (every warp has read it).
+    __shared__ uint64_t bulk_full[kBulk ? Traits::kBulkStages : 1], bulk_empty[kBulk ? Traits::kBulkStages : 1];
+    unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
+        (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
 
     programmatic_launch::allow_next_kernel();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -179,11 +224,12 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
     const int64_t v_row_bytes = p.v_seq_stride * sizeof(Element);
     constexpr int kKChunkBytes = 32 * sizeof(Element), kVChunkBytes = 64 * sizeof(Element);
 
-    // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows,
-    // S's 8-row group nt (row 4(g/2) + 2nt + g%2 of the step), P V's row i (row 4t + i of the step).
+    // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows, P V's
+    // row i of lane (., t) and S's 8-row group nt of lane (g, .) (row_in_step; S's column n = g of group nt is P V's
+    // row 2nt + n % 2 of lane (., n / 2), the C fragment -> A fragment identity above).
     auto step_row0 = [&](int tile, int s) { return tile + warp * Traits::kRowsPerWarpTile + 16 * s; };
-    auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + 4 * (g >> 1) + 2 * nt + (g & 1); };
-    auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + 4 * t + i; };
+    auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kBulk>(g >> 1, 2 * nt + (g & 1)); };
+    auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kBulk>(t, i); };
 
     // Rows past `end` re-read the last valid row (a finite value, never memory past the sequence) and are
     // masked out of the softmax. (A plain launch's first tile is the exception: it is loaded before the
@@ -202,6 +248,48 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 const char* row = v_base + min(v_row(tile, s, i), end - 1) * v_row_bytes;
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = load_stream_16B(row + c * kVChunkBytes);
+            }
+        }
+    };
+    // kBulk: thread 0 copies the tile starting at row `tile` into stage `slot` (K's boxes, then V's); rows past the
+    // cache's capacity arrive as zeros.
+    auto bulk_issue = [&](int slot, int tile) {
+        if constexpr (kBulk) {
+            unsigned char* stage = bulk_ring + slot * Traits::kBulkStageBytes;
+            mbarrier::arrive_expect_bytes(&bulk_full[slot], Traits::kBulkStageBytes);
+#pragma unroll
+            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box) {
+                const int column = box * Traits::kBoxColumns;
+                mbarrier::tensor_copy_4d(stage + box * Traits::kBoxBytes, &maps.k, column, kv_head, tile, b,
+                                         &bulk_full[slot]);
+                mbarrier::tensor_copy_4d(stage + Traits::kBulkStageBytes / 2 + box * Traits::kBoxBytes, &maps.v, column,
+                                         kv_head, tile, b, &bulk_full[slot]);
+            }
+        }
+    };
+    // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
+    // piece p of a row r (elements 8p..8p+7) is in box p / 8, row r, at column (p % 8) ^ (r % 8) (the swizzle).
+    // V rows past the length are zeroed: the stage holds whatever the cache holds there.
+    auto bulk_read = [&](int slot, int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
+        const unsigned char* k_stage = bulk_ring + slot * Traits::kBulkStageBytes;
+        const unsigned char* v_stage = k_stage + Traits::kBulkStageBytes / 2;
+        constexpr int kRowBytes = Traits::kBoxColumns * (int)sizeof(Element);
+        auto piece = [&](const unsigned char* stage, int row, int p16) {
+            return *reinterpret_cast<const uint4*>(stage + (p16 / 8) * Traits::kBoxBytes + row * kRowBytes +
+                                                   (((p16 % 8) ^ (row % 8)) << 4));
+        };
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = piece(k_stage, k_row(tile, s, nt) - tile, 4 * c + t);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const bool valid = v_row(tile, s, i) < end;
+#pragma unroll
+                for (int c = 0; c < kVChunks; ++c)
+                    vt[s][i][c] = valid ? piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
     };
@@ -281,6 +369,21 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             set_rows(checked_length);
             first_tile_loaded = second_tile_loaded = false;
         }
+    } else if constexpr (kBulk) {
+        // As below, the first tile goes out with the length's load (rows up to the capacity; the tensor copy zeroes
+        // rows past it); the stages after it need the length (the split count sets the tile stride).
+        if (threadIdx.x == 0) {
+            for (int i = 0; i < Traits::kBulkStages; ++i) {
+                mbarrier::init(&bulk_full[i], 1);             // the issuing thread's arrival, plus the stage's bytes
+                mbarrier::init(&bulk_empty[i], kWarps);      // every warp has its fragments of the stage
+            }
+            mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
+        }
+        __syncthreads();
+        first_tile_loaded = start < p.seq_capacity;  // (all threads alike)
+        if (threadIdx.x == 0 && first_tile_loaded) bulk_issue(0, start);
+        load_q();
+        set_rows(__ldg(p.seqlens + b));
     } else {
         // The first tile's loads go out together with the length's (rows up to the capacity). Once the
         // length is known, K rows past it are masked as usual and V rows past it are zeroed: they may hold
@@ -307,8 +410,19 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
         out[d] = from_float<Element>(value);
     };
 
-    if (active_splits <= 1 && split > 0) return;  // nothing to do and nobody to report to
+    // kBulk: a block must not leave while a copy into its shared memory is in flight: one that will not read its
+    // first tile waits for it.
+    auto drain_first_tile = [&]() {
+        if constexpr (kBulk) {
+            if (first_tile_loaded) mbarrier::wait(&bulk_full[0], 0);
+        }
+    };
+    if (active_splits <= 1 && split > 0) {  // nothing to do and nobody to report to
+        drain_first_tile();
+        return;
+    }
     if (active_splits == 0) {
+        drain_first_tile();
         // Empty sequence: the attention of nothing is defined as 0 (lse = -inf), like the reference.
         for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) write_final(i / kHeadDim, i % kHeadDim, 0.f);
         if (p.lse != nullptr && threadIdx.x < g_count) p.lse[b * p.q_heads + q_head0 + threadIdx.x] = -INFINITY;
@@ -394,7 +508,7 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 }
 #pragma unroll
                 for (int n = 0; n < kOutTiles; ++n) {
-                    const int c = n / 8, e = n % 8;  // element 64c + 8g + e of rows 4t..4t+3
+                    const int c = n / 8, e = n % 8;  // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
                     const bool high = e % 2;
                     const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
                     const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
@@ -424,28 +538,52 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
             }
         };
 
-        int first = start;
-        if constexpr (kEarlyReads) {
-            if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, read early
-                float sc[kSteps][4], sc_second[kSteps][4];
-                scores(start, k_next, sc);
-                scores(start + tile_stride, k_second, sc_second);
-                const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
-                accumulate(sc, v_next, ref);
-                accumulate(sc_second, v_second, ref);
-                first = end;
-            } else if (second_tile_loaded) {  // the first two tiles were read early: the first, then the loop
-                process_tile(start, k_next, v_next);
-                copy_tile(k_next, v_next, k_second, v_second);
-                first = start + tile_stride;
+        if constexpr (kBulk) {
+            // the stages after the first (their tiles needed the length), then each tile: wait for its bytes, take
+            // this lane's fragments, free the stage (thread 0 refills it kBulkStages tiles ahead), compute
+            if (threadIdx.x == 0)
+                for (int i = 1; i < Traits::kBulkStages; ++i)
+                    if (start + i * tile_stride < end) bulk_issue(i, start + i * tile_stride);
+            int n = 0;
+            for (int tile = start; tile < end; tile += tile_stride, ++n) {
+                const int slot = n % Traits::kBulkStages;
+                const unsigned parity = (n / Traits::kBulkStages) & 1;
+                uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
+                mbarrier::wait(&bulk_full[slot], parity);
+                bulk_read(slot, tile, k_cur, v_cur);
+                __syncwarp();
+                if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
+                const int refill = tile + Traits::kBulkStages * tile_stride;
+                if (threadIdx.x == 0 && refill < end) {
+                    mbarrier::wait(&bulk_empty[slot], parity);
+                    bulk_issue(slot, refill);
+                }
+                process_tile(tile, k_cur, v_cur);
             }
-        }
-        if (!first_tile_loaded) load_tile(start, k_next, v_next);
-        for (int tile = first; tile < end; tile += tile_stride) {
-            uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
-            copy_tile(k_cur, v_cur, k_next, v_next);
-            if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
-            process_tile(tile, k_cur, v_cur);
+        } else {
+            int first = start;
+            if constexpr (kEarlyReads) {
+                if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, read early
+                    float sc[kSteps][4], sc_second[kSteps][4];
+                    scores(start, k_next, sc);
+                    scores(start + tile_stride, k_second, sc_second);
+                    const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
+                    accumulate(sc, v_next, ref);
+                    accumulate(sc_second, v_second, ref);
+                    first = end;
+                } else if (second_tile_loaded) {  // the first two tiles were read early: the first, then the loop
+                    process_tile(start, k_next, v_next);
+                    copy_tile(k_next, v_next, k_second, v_second);
+                    first = start + tile_stride;
+                }
+            }
+            if (!first_tile_loaded) load_tile(start, k_next, v_next);
+            for (int tile = first; tile < end; tile += tile_stride) {
+                uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
+                copy_tile(k_cur, v_cur, k_next, v_next);
+                if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
+                process_tile(tile, k_cur, v_cur);
+            }
         }
 
         // ---- this warp's result per head into shared memory ----
@@ -506,6 +644,8 @@ __global__ void __launch_bounds__(128) flash_decode_kernel(const Params p) {
                 if (d == 0) p.partial_lse[row] = lse2;
             }
         }
+    } else {
+        drain_first_tile();  // (a split past the length, in a launch with several active splits)
     }
     if (active_splits == 1) return;  // (the same for every block of the unit: one length)
 

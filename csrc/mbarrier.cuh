@@ -1,5 +1,5 @@
-// Hopper (sm_90) shared-memory barriers (mbarrier), the asynchronous stores that complete them, and the
-// thread-block-cluster barrier and addressing, shared by the kernels that use them. On older GPUs they compile to
+// Hopper (sm_90) shared-memory barriers (mbarrier), the asynchronous stores and tensor copies that complete them,
+// and the thread-block-cluster barrier and addressing, shared by the kernels that use them. On older GPUs they compile to
 // nothing; their callers never run there.
 #pragma once
 
@@ -67,6 +67,20 @@ __device__ __forceinline__ void arrive_expect_bytes(uint64_t* bar, unsigned byte
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
                  : "memory");
+#endif
+}
+
+// The tensor memory accelerator (TMA): copies the box at coordinates (c0, c1, c2, c3) of the 4-d tensor that
+// `map` describes (a CUtensorMap in kernel-parameter or global memory, built on the host) into this block's
+// shared memory at `dst` (aligned as the map's swizzle needs: 1024 bytes for 128-byte swizzle), and completes the
+// box's bytes on `bar` once they have landed. Elements outside the tensor arrive as zeros.
+__device__ __forceinline__ void tensor_copy_4d(void* dst, const void* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];" ::"r"(shared_address(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(shared_address(bar))
+        : "memory");
 #endif
 }
 

@@ -26,11 +26,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-# flash_decode: 2 dtypes x 2 head dims x early cache reads on/off x cluster merge on/off; fused_ops: 8 kernels x
+# flash_decode: 2 dtypes x 2 head dims x (early cache reads on/off x cluster merge on/off, + the bulk variant); fused_ops: 8 kernels x
 # 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue,
 # + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster);
 # decode_layers: 2 dtypes x 2 head dims x 4 GQA group sizes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 16), ("fused_ops.cu", 18), ("gemv.cu", 44),
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 20), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -76,6 +76,18 @@ def merge(request, ext):
     ext.set_cluster_merge(True)
 
 
+@pytest.fixture(params=["bulk", "registers"])
+def pipeline(request, ext):
+    """Each way a plain launch streams the cache: through shared memory with the tensor memory accelerator (the bulk
+    variant, sm_90+; forced for every plain launch here, where "auto" keeps it for large ones), or the register
+    pipeline."""
+    if request.param == "bulk" and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072, 16):
+        pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
+    ext.set_bulk_pipeline("always" if request.param == "bulk" else "off")
+    yield request.param
+    ext.set_bulk_pipeline("auto")
+
+
 def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, q_heads, head_dim, generator=gen, device="cuda").to(dtype)
@@ -116,7 +128,7 @@ def test_random_shapes_and_gqa_ratios(ext, merge, dtype, head_dim, q_heads, kv_h
 @needs_cuda
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("batch,seq", [(1, 65536), (16, 4097), (64, 2048)])
-def test_long_and_wide(ext, head_dim, batch, seq):
+def test_long_and_wide(ext, pipeline, head_dim, batch, seq):
     q, k, v, gen = make_inputs(batch, seq, 32, 8, head_dim, torch.bfloat16, seed=seq)
     lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
     lens[0] = seq
@@ -126,7 +138,7 @@ def test_long_and_wide(ext, head_dim, batch, seq):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, dtype, head_dim):
+def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, pipeline, dtype, head_dim):
     # A real cache holds stale or never-written rows past each length (the kernel reads the first tile
     # before it knows the length): NaN and inf there must not leak in, with one split or several.
     q, k, v, _ = make_inputs(5, 700, 32, 8, head_dim, dtype, seed=head_dim)
@@ -144,6 +156,54 @@ def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, dtype, h
         assert out.isfinite().all(), f"num_splits={num_splits}: non-finite output"
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, f"num_splits={num_splits}: relative error {err:.3e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_splits", [1, 9, 17])
+def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
+    # The bulk variant's ring refilled many times per split: a capacity that is not a multiple of the tile (the
+    # last tile's copy runs past the cache and arrives as zeros), ragged lengths (full, one row, empty, ending
+    # inside a tile), rows past the lengths poisoned, and caches that are a slice of a larger batch (the batch
+    # stride and a base offset in the tensor maps).
+    seq = 9001 - 3 * (head_dim // 64)
+    q, k, v, _ = make_inputs(5, seq, 32, 8, head_dim, dtype, seed=num_splits + head_dim)
+    q, k, v = q[1:], k[1:], v[1:]
+    lens = torch.tensor([seq, 1, 0, 5037], dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(head_dim)
+    ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
+    for b, n in enumerate(lens.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:, :, ::2] = float("inf")
+        v[b, n:, :, 1::2] = float("nan")
+    assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq, num_splits) == (pipeline == "bulk")
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+    ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
+    torch.cuda.synchronize()
+    assert out.isfinite().all() and torch.count_nonzero(out[2]) == 0
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"relative error {err:.3e}"
+    assert torch.equal(lse[2], ref_lse[2])
+    torch.testing.assert_close(lse[lens > 0], ref_lse[lens > 0], rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda
+def test_bulk_pipeline_serves_large_plain_launches_in_one_wave(ext):
+    # "auto": large launches only (the thresholds of flash_decode.h), never a decode step's (early cache reads),
+    # one block per SM at batch 1; any mode name but the three is refused
+    if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072, 16):
+        pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert ext.default_num_splits(1, 32, 8, 64, 131072) == sms // 8
+    assert ext.uses_bulk_pipeline(1, 32, 8, 128, 65536, ext.default_num_splits(1, 32, 8, 128, 65536))
+    assert ext.uses_bulk_pipeline(16, 32, 8, 64, 4096, 1) and ext.uses_bulk_pipeline(64, 32, 8, 128, 2048, 1)
+    assert not ext.uses_bulk_pipeline(1, 32, 8, 128, 32768, 16)
+    assert not ext.uses_bulk_pipeline(16, 32, 8, 64, 2048, 1)
+    assert not ext.uses_bulk_pipeline(64, 32, 8, 128, 4096, 1, early_cache_reads=True)
+    with pytest.raises(ValueError, match="auto"):
+        ext.set_bulk_pipeline("on")
 
 
 @needs_cuda
@@ -206,7 +266,11 @@ def test_cuda_graph_replay_follows_device_lengths(ext, merge):
 @needs_cuda
 def test_default_num_splits_fills_the_gpu(ext):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    long_single = ext.default_num_splits(1, 32, 8, 64, 131072)
+    ext.set_bulk_pipeline("off")  # (the bulk variant's rule: test_bulk_pipeline_serves_large_plain_launches_in_one_wave)
+    try:
+        long_single = ext.default_num_splits(1, 32, 8, 64, 131072)
+    finally:
+        ext.set_bulk_pipeline("auto")
     assert 8 * long_single >= sms, "batch 1 long context must cover every SM"
     assert ext.default_num_splits(1, 32, 8, 64, 64) == 1  # one tile: nothing to split
     assert ext.default_num_splits(1, 32, 8, 64, 256) == 1  # two tiles: cheaper than a merge
