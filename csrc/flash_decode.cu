@@ -87,11 +87,23 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStr
         !encode_cache_map(&maps.v, params.v, params, params.v_seq_stride, params.v_head_stride, params.v_batch_stride,
                           Traits::kRowsPerBlockTile))
         return cudaErrorNotSupported;
-    static const cudaError_t opt_in =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Traits::bulk_shared_bytes());
-    if (opt_in != cudaSuccess) return opt_in;
-    return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), Traits::bulk_shared_bytes(), stream,
-                                       params, maps);
+    // One block an SM: its ring (two tiles, 64 KB) is all the bytes in flight an SM should have. Measured on an H100
+    // (2026-11-27, batch 64, S = 4096): two blocks an SM 197.9 / 363.4 us (head 64 / 128), one 194.2-194.6 /
+    // 360.0-360.1; three or four stages a block were slower too (flash_decode.h). So the dynamic shared memory is
+    // padded past half an SM's (for the device of the first launch: one kind of GPU a process is assumed).
+    static size_t shared_bytes = 0;
+    static const cudaError_t setup = [&]() {
+        int device = 0, per_sm = 0;
+        cudaFuncAttributes attributes;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err == cudaSuccess) err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+        if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
+        if (err != cudaSuccess) return err;
+        shared_bytes = std::max<size_t>(Traits::bulk_shared_bytes(), per_sm / 2 + 1 - attributes.sharedSizeBytes);
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+    }();
+    if (setup != cudaSuccess) return setup;
+    return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }
 
 template <typename Element, int kHeadDim>
@@ -228,9 +240,8 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // programmatic-launch wait, two splits (twice that head start) were faster while the blocks are
     // fewer than the SMs: 16x2048+2048 end to end 8,163 -> 8,316 tokens/s (4 and 8 splits: 8,071, 8,129).
     if (2 * base_blocks >= info.num_sms) return early_cache_reads && base_blocks < info.num_sms && tiles >= 4 ? 2 : 1;
-    // The bulk variant's plain launches: one wave of one block per SM (batch 1 head 64 S = 131072: 105.1 us in 16
-    // splits, 107.4 in 12, 118.4 in 24; head 128: 189.3 / 193.2 / 205.9; H100, 2026-11-27; more stages a block, more
-    // bytes in flight, were slower, so more blocks would be too).
+    // The bulk variant's plain launches: one wave of its blocks, one an SM (launch_bulk_instance; batch 1 head 64
+    // S = 131072: 105.1 us in 16 splits, 107.4 in 12, 118.4 in 24; head 128: 189.3 / 193.2 / 205.9; H100, 2026-11-27).
     if (uses_bulk_pipeline(base_blocks, head_dim, max_seqlen, 0, early_cache_reads) &&
         bulk_pipeline_mode() == BulkPipeline::kAuto)
         return std::max(1, std::min(tiles, info.num_sms / base_blocks));
