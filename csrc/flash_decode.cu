@@ -77,6 +77,18 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
                                                  params, NoCacheMaps{});
 }
 
+// The SM count of the current device (asked once: one kind of GPU a process is assumed, as for the padding below).
+static int bulk_sm_count() {
+    static const int sms = [] {
+        int device = 0, count = 0;
+        if (cudaGetDevice(&device) != cudaSuccess ||
+            cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+            return 1;
+        return std::max(count, 1);
+    }();
+    return sms;
+}
+
 template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim>;
@@ -87,11 +99,18 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStr
         !encode_cache_map(&maps.v, params.v, params, params.v_seq_stride, params.v_head_stride, params.v_batch_stride,
                           Traits::kRowsPerBlockTile))
         return cudaErrorNotSupported;
-    // One block an SM: its ring (two tiles, 64 KB) is all the bytes in flight an SM should have. Measured on an H100
-    // (2026-11-27, batch 64, S = 4096): two blocks an SM 197.9 / 363.4 us (head 64 / 128), one 194.2-194.6 /
-    // 360.0-360.1; three or four stages a block were slower too (flash_decode.h). So the dynamic shared memory is
-    // padded past half an SM's (for the device of the first launch: one kind of GPU a process is assumed).
-    static size_t shared_bytes = 0;
+    // The bytes in flight an SM should have: two tiles (64 KB). A grid of at most about one block an SM runs one
+    // block an SM with a ring of two stages; a larger one (batch 64) two blocks an SM with one stage each, so that
+    // two blocks compute at once. Measured on an H100 (2026-11-27, 32 query / 8 KV heads): two blocks an SM with two
+    // stages each were slower everywhere (batch 64 S = 4096 head 64 / 128 194.2-194.6 / 360.0-360.1 us with one
+    // block, 197.8-197.9 / 363.4-363.9 with two), as were three or four stages; at batch 64 one stage and two blocks
+    // an SM beat one block with two stages (S = 2048 / 4096, head 64: 105.8-106.0 / 192.8-192.9 against 106.8-107.0 /
+    // 194.1-194.4; head 128: 189.9-190.3 / 358.5-359.4 against 192.0-192.1 / 361.6-362.3), while at batch 16 and batch
+    // 1 (one block an SM at most) one stage was 4-7% slower. The blocks an SM are set by padding the shared memory
+    // (for the device of the first launch: one kind of GPU a process is assumed).
+    const bool two_a_sm = (int64_t)grid.x * grid.y >= 2 * (int64_t)bulk_sm_count();
+    maps.stages = two_a_sm ? 1 : 2;
+    static size_t padded_bytes[2] = {0, 0};  // [two_a_sm]
     static const cudaError_t setup = [&]() {
         int device = 0, per_sm = 0;
         cudaFuncAttributes attributes;
@@ -99,10 +118,13 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStr
         if (err == cudaSuccess) err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
         if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
         if (err != cudaSuccess) return err;
-        shared_bytes = std::max<size_t>(Traits::bulk_shared_bytes(), per_sm / 2 + 1 - attributes.sharedSizeBytes);
-        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+        padded_bytes[0] = std::max<size_t>(Traits::bulk_shared_bytes(2), per_sm / 2 + 1 - attributes.sharedSizeBytes);
+        padded_bytes[1] = std::max<size_t>(Traits::bulk_shared_bytes(1), per_sm / 3 + 1 - attributes.sharedSizeBytes);
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)std::max(padded_bytes[0], padded_bytes[1]));
     }();
     if (setup != cudaSuccess) return setup;
+    const size_t shared_bytes = padded_bytes[two_a_sm];
     return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }
 

@@ -90,7 +90,8 @@ bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 // plain launch (tests, comparisons); kOff never. Measured on an H100 (2026-11-27, 15:00 UTC, benchmark_kernel.py's
 // method, 32 query / 8 KV heads): batch 1 S = 131072 head 64 / 128 111.2 / 203.4 us -> 105.1 / 189.3 (16 splits),
 // head 128 S = 65536 107.9 -> 104.3, batch 64 S = 4096 208.3 / 383.2 -> 198.3 / 363.7, batch 16 S = 4096 63.7 /
-// 113.1 -> 61.1 / 102.5 (two blocks an SM then; one an SM since, flash_decode.cu); but batch 1 S = 32768 head 128
+// 113.1 -> 61.1 / 102.5 (two blocks an SM then; since, one block an SM with two stages, or at batch 64 two
+// blocks an SM with one stage each: flash_decode.cu); but batch 1 S = 32768 head 128
 // 59.6 -> 61.1 and batch 16 S = 2048 head 64 36.3 -> 38.1 (below the thresholds), and 3 or 4 stages instead of 2, or
 // 1, slower everywhere.
 enum class BulkPipeline { kOff, kAuto, kAlways };

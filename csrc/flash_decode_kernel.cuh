@@ -35,7 +35,7 @@
 // double buffering). The bulk variant (kBulk: plain launches on sm_90+ whose splits have many tiles, see
 // flash_decode.cu) instead streams the block's tiles into a ring of shared-memory stages with the tensor memory
 // accelerator (TMA: one instruction per 64-column box of K or V, completion counted in bytes on an mbarrier per
-// stage), kBulkStages tiles ahead of the one being computed, and each lane reads its fragments from there: a
+// stage), one or two tiles ahead of the one being computed, and each lane reads its fragments from there: a
 // pure-read probe on an H100 (2026-11-27) streamed head-128 caches at 2.93 TB/s this way against the register
 // pipeline's 2.64 inside the kernel (docs/perf-notes.md). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
 // executed 3.5-4.7x the instructions of cuDNN's tensor-core kernel; moving to tensor cores made it 2-8 us
@@ -78,13 +78,13 @@ struct KernelTraits {
         return (size_t)num_splits * kHeads * (kHeadDim + 1) * sizeof(float);
     }
     // The bulk variant's ring: a stage holds one block tile, K then V, each as kHeadDim / 64 boxes of
-    // [kRowsPerBlockTile rows][64 elements] (128-byte rows, 128-byte swizzle). Two stages: three or four (more
-    // bytes in flight) were slower at every shape measured (flash_decode.h).
-    static constexpr int kBulkStages = 2;
+    // [kRowsPerBlockTile rows][64 elements] (128-byte rows, 128-byte swizzle). One or two stages (CacheMaps::stages,
+    // chosen per launch in flash_decode.cu); three or four (more bytes in flight) were slower at every shape measured.
+    static constexpr int kMaxBulkStages = 2;
     static constexpr int kBoxColumns = 64;
     static constexpr int kBoxBytes = kRowsPerBlockTile * kBoxColumns * (int)sizeof(Element);  // 16 KB or 8 KB
     static constexpr int kBulkStageBytes = 2 * kRowsPerBlockTile * kHeadDim * (int)sizeof(Element);
-    static constexpr size_t bulk_shared_bytes() { return (size_t)kBulkStages * kBulkStageBytes + 1024; }  // + alignment
+    static constexpr size_t bulk_shared_bytes(int stages) { return (size_t)stages * kBulkStageBytes + 1024; }  // + alignment
 };
 
 // The bulk variant's tensor maps (CUtensorMap, built per launch in flash_decode.cu): the caches as 4-d tensors of
@@ -92,6 +92,7 @@ struct KernelTraits {
 // elements x 1 head x kRowsPerBlockTile rows, 128-byte swizzle.
 struct CacheMaps {
     CUtensorMap k, v;
+    int stages;  // of the ring, 1 to KernelTraits::kMaxBulkStages
 };
 struct NoCacheMaps {};
 
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(128)
     float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
     // kBulk: the ring of stages in the dynamic shared memory instead, 1024-byte aligned for the swizzle, and its
     // barriers: full (the stage's bytes have landed) and empty (every warp has read it).
-    __shared__ uint64_t bulk_full[kBulk ? Traits::kBulkStages : 1], bulk_empty[kBulk ? Traits::kBulkStages : 1];
+    __shared__ uint64_t bulk_full[kBulk ? Traits::kMaxBulkStages : 1], bulk_empty[kBulk ? Traits::kMaxBulkStages : 1];
     unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
 
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(128)
         // As below, the first tile goes out with the length's load (rows up to the capacity; the tensor copy zeroes
         // rows past it); the stages after it need the length (the split count sets the tile stride).
         if (threadIdx.x == 0) {
-            for (int i = 0; i < Traits::kBulkStages; ++i) {
+            for (int i = 0; i < Traits::kMaxBulkStages; ++i) {
                 mbarrier::init(&bulk_full[i], 1);             // the issuing thread's arrival, plus the stage's bytes
                 mbarrier::init(&bulk_empty[i], kWarps);      // every warp has its fragments of the stage
             }
@@ -540,20 +541,22 @@ __global__ void __launch_bounds__(128)
 
         if constexpr (kBulk) {
             // the stages after the first (their tiles needed the length), then each tile: wait for its bytes, take
-            // this lane's fragments, free the stage (thread 0 refills it kBulkStages tiles ahead), compute
+            // this lane's fragments, free the stage (thread 0 refills it `stages` tiles ahead), compute
+            int stages = 1;
+            if constexpr (kBulk) stages = maps.stages;
             if (threadIdx.x == 0)
-                for (int i = 1; i < Traits::kBulkStages; ++i)
+                for (int i = 1; i < stages; ++i)
                     if (start + i * tile_stride < end) bulk_issue(i, start + i * tile_stride);
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
-                const int slot = n % Traits::kBulkStages;
-                const unsigned parity = (n / Traits::kBulkStages) & 1;
+                const int slot = stages == 1 ? 0 : n % stages;
+                const unsigned parity = (stages == 1 ? n : n / stages) & 1;
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
                 mbarrier::wait(&bulk_full[slot], parity);
                 bulk_read(slot, tile, k_cur, v_cur);
                 __syncwarp();
                 if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
-                const int refill = tile + Traits::kBulkStages * tile_stride;
+                const int refill = tile + stages * tile_stride;
                 if (threadIdx.x == 0 && refill < end) {
                     mbarrier::wait(&bulk_empty[slot], parity);
                     bulk_issue(slot, refill);
