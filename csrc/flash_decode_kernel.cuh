@@ -32,12 +32,12 @@
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
 // Latency hiding: the next tile's K and V loads are issued before the current tile is used (register
-// double buffering). The bulk variant (kBulk: plain launches on sm_90+ whose splits have many tiles, see
-// flash_decode.cu) instead streams the block's tiles into a ring of shared-memory stages with the tensor memory
-// accelerator (TMA: one instruction per 64-column box of K or V, completion counted in bytes on an mbarrier per
-// stage), one or two tiles ahead of the one being computed, and each lane reads its fragments from there: a
-// pure-read probe on an H100 (2026-11-27) streamed head-128 caches at 2.93 TB/s this way against the register
-// pipeline's 2.64 inside the kernel (docs/perf-notes.md). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
+// double buffering). The bulk variant (kBulk: large plain launches on sm_90+, flash_decode.h) instead streams
+// the block's tiles into a ring of shared-memory stages with the tensor memory accelerator (TMA: one instruction
+// per 64-column box of K or V, completion counted in bytes on an mbarrier per stage), one or two tiles ahead of
+// the one being computed, and each lane reads its fragments from there: a pure-read probe on an H100 (2026-11-27)
+// streamed head-128 caches at 2.93 TB/s this way against the register pipeline's 2.64 inside the kernel
+// (docs/perf-notes.md). The earlier CUDA-core version of this kernel (dot products with FMAs and shuffles)
 // executed 3.5-4.7x the instructions of cuDNN's tensor-core kernel; moving to tensor cores made it 2-8 us
 // faster at short lengths but left the long-length bandwidth where it was (docs/perf-notes.md): there the
 // DRAM, not the SM, sets the pace, and what helped was the order of the reads (interleaved split tiles).
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(128)
             }
         }
     };
-    // kBulk: thread 0 copies the tile starting at row `tile` into stage `slot` (K's boxes, then V's); rows past the
-    // cache's capacity arrive as zeros.
+    // kBulk: thread 0 copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half, V's in
+    // its second); rows past the cache's capacity arrive as zeros.
     auto bulk_issue = [&](int slot, int tile) {
         if constexpr (kBulk) {
             unsigned char* stage = bulk_ring + slot * Traits::kBulkStageBytes;
@@ -542,8 +542,7 @@ __global__ void __launch_bounds__(128)
         if constexpr (kBulk) {
             // the stages after the first (their tiles needed the length), then each tile: wait for its bytes, take
             // this lane's fragments, free the stage (thread 0 refills it `stages` tiles ahead), compute
-            int stages = 1;
-            if constexpr (kBulk) stages = maps.stages;
+            const int stages = maps.stages;
             if (threadIdx.x == 0)
                 for (int i = 1; i < stages; ++i)
                     if (start + i * tile_stride < end) bulk_issue(i, start + i * tile_stride);
