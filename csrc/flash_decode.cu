@@ -15,7 +15,7 @@ namespace flash_decode {
 struct Variant {
     int rows_per_block_tile;  // the split granularity
     cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, cudaStream_t);
-    cudaError_t (*launch_bulk)(const Params&, dim3, cudaStream_t);  // cudaErrorNotSupported: no tensor maps
+    cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, cudaStream_t);  // cudaErrorNotSupported: no tensor maps
 };
 
 // The driver's cuTensorMapEncodeTiled, reached through the runtime (the extension does not link libcuda); null
@@ -77,20 +77,8 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
                                                  params, NoCacheMaps{});
 }
 
-// The SM count of the current device (asked once: one kind of GPU a process is assumed, as for the padding below).
-static int bulk_sm_count() {
-    static const int sms = [] {
-        int device = 0, count = 0;
-        if (cudaGetDevice(&device) != cudaSuccess ||
-            cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-            return 1;
-        return std::max(count, 1);
-    }();
-    return sms;
-}
-
 template <typename Element, int kHeadDim>
-static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStream_t stream) {
+static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num_sms, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim>;
     auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true>;
     CacheMaps maps;
@@ -108,7 +96,7 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, cudaStr
     // 194.1-194.4; head 128: 189.9-190.3 / 358.5-359.4 against 192.0-192.1 / 361.6-362.3), while at batch 16 and batch
     // 1 (one block an SM at most) one stage was 4-7% slower. The blocks an SM are set by padding the shared memory
     // (for the device of the first launch: one kind of GPU a process is assumed).
-    const bool two_a_sm = (int64_t)grid.x * grid.y >= 2 * (int64_t)bulk_sm_count();
+    const bool two_a_sm = (int64_t)grid.x * grid.y >= 2 * (int64_t)num_sms;
     maps.stages = two_a_sm ? 1 : 2;
     static size_t padded_bytes[2] = {0, 0};  // [two_a_sm]
     static const cudaError_t setup = [&]() {
@@ -196,18 +184,15 @@ BulkPipeline& bulk_pipeline_mode() {
     return mode;
 }
 
-static int rows_per_block_tile(int head_dim) {
-    return head_dim == 64 ? KernelTraits<__nv_bfloat16, 64>::kRowsPerBlockTile
-                          : KernelTraits<__nv_bfloat16, 128>::kRowsPerBlockTile;
-}
-
 bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_splits, bool early_cache_reads) {
     const BulkPipeline mode = bulk_pipeline_mode();
     if (mode == BulkPipeline::kOff || early_cache_reads || (head_dim != 64 && head_dim != 128) ||
         !programmatic_launch::current_device_supports())  // (the tensor copies: sm_90+, as programmatic launch)
         return false;
     if (mode == BulkPipeline::kAlways) return true;
-    const int64_t rows = rows_per_block_tile(head_dim);
+    Variant variant;
+    select_variant(DType::kBFloat16, head_dim, &variant);  // (the tile rows are the same for both dtypes)
+    const int64_t rows = variant.rows_per_block_tile;
     const int64_t work = (int64_t)units * ((seq_capacity + rows - 1) / rows);
     return work >= kBulkMinWorkTiles || (num_splits == 1 && work >= kBulkMinWorkTilesOneSplit);
 }
@@ -290,7 +275,11 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     const dim3 grid(params.num_splits, units);
     const bool cluster_merge = uses_cluster_merge(params.num_splits, params.early_cache_reads);
     if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.num_splits, params.early_cache_reads)) {
-        const cudaError_t err = variant.launch_bulk(params, grid, stream);
+        int device = 0;
+        DeviceInfo info;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
+        if (err == cudaSuccess) err = variant.launch_bulk(params, grid, info.num_sms, stream);
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
         // (the caller allocated it for the bulk variant)
         if (err != cudaErrorNotSupported) return err;
