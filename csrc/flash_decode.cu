@@ -262,6 +262,12 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
         // with 33), else about 1.5 blocks per SM (batch 4 head 64 S = 16384: 6 splits 62.9 us; 8, two blocks
         // per SM, 79.5; the former ceil(2 SMs / blocks) = 9, a partial second wave, 75.7).
         const int one_wave = std::max(1, info.num_sms / base_blocks);
+        // First, though, up to kMaxClusterSplits splits merged in a cluster while a split has at most 4 tiles (batch 1:
+        // head 64 S = 2048 / 4096 10.4 / 13.0 us in 8 splits against 11.4 / 13.4 in 16 through the workspace, head
+        // 128 S = 1024 / 2048 10.4 / 13.2 against 11.7 / 13.5; but S = 16384 23.0 / 34.9 in 16 against 26.3 / 41.7 in
+        // 8; H100, 2026-11-27, 16:02 UTC).
+        const int cluster_splits = std::min({tiles, kMaxClusterSplits, one_wave});
+        if (uses_cluster_merge(cluster_splits) && (tiles + cluster_splits - 1) / cluster_splits <= 4) return cluster_splits;
         splits = (tiles + one_wave - 1) / one_wave <= 16 ? one_wave : 3 * info.num_sms / (2 * base_blocks);
     }
     return std::max(1, std::min({kMaxSplits, tiles, splits}));

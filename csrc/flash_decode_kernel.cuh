@@ -92,7 +92,7 @@ struct KernelTraits {
 // elements x 1 head x kRowsPerBlockTile rows, 128-byte swizzle.
 struct CacheMaps {
     CUtensorMap k, v;
-    int stages;  // of the ring, 1 to KernelTraits::kMaxBulkStages
+    int stages;  // of the ring, 1 to KernelTraits::kMaxBulkStages; all of them are filled before the length is read
 };
 struct NoCacheMaps {};
 
@@ -203,17 +203,17 @@ __global__ void __launch_bounds__(128)
     const int g_count = min(kHeads, p.group_size - g_begin);
     const int q_head0 = kv_head * p.group_size + g_begin;
 
-    // The block's tiles: split s takes tiles s, s + active_splits, ... of the sequence (interleaved rather
-    // than a contiguous range each: then all blocks stream one window of the cache that sweeps through
-    // it, which the H100's DRAM serves 2-4% faster at long lengths than 33 separate streams). The first
-    // tile's place does not depend on the length, which lets the loads start before the length is known.
-    int seqlen = -1, active_splits = 0, end = 0, tile_stride = kRowsPerBlockTile;
-    const int start = split * kRowsPerBlockTile;
+    // The block's tiles: split s takes tiles s, s + num_splits, ... of the sequence (interleaved rather than a
+    // contiguous range each: then all blocks stream one window of the cache that sweeps through it, which the
+    // H100's DRAM serves 2-4% faster at long lengths than 33 separate streams). No tile's place depends on the
+    // length, which lets the loads start before the length is known. The splits that hold rows of a sequence are
+    // the first active_splits (a shorter sequence has fewer; each then holds one tile).
+    int seqlen = -1, active_splits = 0, end = 0;
+    const int start = split * kRowsPerBlockTile, tile_stride = p.num_splits * kRowsPerBlockTile;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
         active_splits = min(p.num_splits, ceil_div(seqlen, kRowsPerBlockTile));  // 0 when the sequence is empty
         end = seqlen;
-        tile_stride = active_splits * kRowsPerBlockTile;
     };
 
     // K: elements 32c + 8t .. +7 of a row (chunk c); V: elements 64c + 8g .. +7.
@@ -295,8 +295,9 @@ __global__ void __launch_bounds__(128)
         }
     };
     uint4 k_next[kSteps][2][kKChunks], v_next[kSteps][4][kVChunks];
-    // (early_cache_reads: the second tile, also read before the wait; registers the loop needs anyway)
-    uint4 k_second[kEarlyReads ? kSteps : 1][2][kKChunks], v_second[kEarlyReads ? kSteps : 1][4][kVChunks];
+    // The block's second tile, where it is read before the length (plain launches) or the wait (early_cache_reads);
+    // registers the loop needs anyway
+    uint4 k_second[kBulk ? 1 : kSteps][2][kKChunks], v_second[kBulk ? 1 : kSteps][4][kVChunks];
 
     // q as the A fragment of S: head g, its elements in the order of the K loads; zero past the group. Loaded as
     // soon as the wait allows, beside the length and the cache rows, so that its round trip overlaps theirs
@@ -371,8 +372,9 @@ __global__ void __launch_bounds__(128)
             first_tile_loaded = second_tile_loaded = false;
         }
     } else if constexpr (kBulk) {
-        // As below, the first tile goes out with the length's load (rows up to the capacity; the tensor copy zeroes
-        // rows past it); the stages after it need the length (the split count sets the tile stride).
+        // Every stage of the ring is filled at once, before the length is known (rows up to the capacity; the tensor
+        // copy zeroes rows past it): a short split's tiles all arrive in one round trip. Stages whose tile turns out
+        // to lie past the length are waited for before the block leaves (drain_unread_stages).
         if (threadIdx.x == 0) {
             for (int i = 0; i < Traits::kMaxBulkStages; ++i) {
                 mbarrier::init(&bulk_full[i], 1);             // the issuing thread's arrival, plus the stage's bytes
@@ -381,27 +383,39 @@ __global__ void __launch_bounds__(128)
             mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
         }
         __syncthreads();
-        first_tile_loaded = start < p.seq_capacity;  // (all threads alike)
-        if (threadIdx.x == 0 && first_tile_loaded) bulk_issue(0, start);
+        if (threadIdx.x == 0)
+            for (int i = 0; i < maps.stages; ++i)
+                if (start + i * tile_stride < p.seq_capacity) bulk_issue(i, start + i * tile_stride);
         load_q();
         set_rows(__ldg(p.seqlens + b));
     } else {
-        // The first tile's loads go out together with the length's (rows up to the capacity). Once the
-        // length is known, K rows past it are masked as usual and V rows past it are zeroed: they may hold
-        // anything, and 0 x NaN would poison P V.
+        // The first tile's loads, and the second's where the split has just two (short sequences: all of it in one
+        // round trip), go out together with the length's (rows up to the capacity). Once the length is known, K rows
+        // past it are masked as usual and V rows past it are zeroed: they may hold anything, and 0 x NaN would poison
+        // P V. Measured on an H100 (2026-11-27, batch 1, benchmark_kernel.py's method): head 64 S = 256 (one split of
+        // two tiles) 7.9-8.0 -> 7.5-7.7 us; head 128 S = 1024 in 8 splits of two tiles 11.2-11.3 -> 10.4-10.7.
         end = p.seq_capacity;
+        const bool two_tiles = start + tile_stride < end && start + 2 * tile_stride >= end;  // (all threads alike)
         load_tile(start, k_next, v_next);
+        if (two_tiles) load_tile(start + tile_stride, k_second, v_second);
         load_q();
         set_rows(__ldg(p.seqlens + b));
-        if (start < end) {
-            first_tile_loaded = true;
+        auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][4][kVChunks]) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s)
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
-                    if (v_row(start, s, i) >= end)
+                    if (v_row(tile, s, i) >= end)
 #pragma unroll
-                        for (int c = 0; c < kVChunks; ++c) v_next[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+                        for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+        };
+        if (start < end) {
+            first_tile_loaded = true;
+            zero_v_past_end(start, v_next);
+            if (two_tiles && start + tile_stride < end) {
+                second_tile_loaded = true;
+                zero_v_past_end(start + tile_stride, v_second);
+            }
         }
     }
 
@@ -411,19 +425,22 @@ __global__ void __launch_bounds__(128)
         out[d] = from_float<Element>(value);
     };
 
-    // kBulk: a block must not leave while a copy into its shared memory is in flight: one that will not read its
-    // first tile waits for it.
-    auto drain_first_tile = [&]() {
+    // kBulk: a block must not leave while a copy into its shared memory is in flight: it waits for the stages filled
+    // at the start whose tiles it does not read (those at or past the length; refills stop at the length).
+    auto drain_unread_stages = [&]() {
         if constexpr (kBulk) {
-            if (first_tile_loaded) mbarrier::wait(&bulk_full[0], 0);
+            for (int i = 0; i < maps.stages; ++i) {
+                const int tile = start + i * tile_stride;
+                if (tile >= end && tile < p.seq_capacity) mbarrier::wait(&bulk_full[i], 0);
+            }
         }
     };
     if (active_splits <= 1 && split > 0) {  // nothing to do and nobody to report to
-        drain_first_tile();
+        drain_unread_stages();
         return;
     }
     if (active_splits == 0) {
-        drain_first_tile();
+        drain_unread_stages();
         // Empty sequence: the attention of nothing is defined as 0 (lse = -inf), like the reference.
         for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) write_final(i / kHeadDim, i % kHeadDim, 0.f);
         if (p.lse != nullptr && threadIdx.x < g_count) p.lse[b * p.q_heads + q_head0 + threadIdx.x] = -INFINITY;
@@ -540,12 +557,9 @@ __global__ void __launch_bounds__(128)
         };
 
         if constexpr (kBulk) {
-            // the stages after the first (their tiles needed the length), then each tile: wait for its bytes, take
-            // this lane's fragments, free the stage (thread 0 refills it `stages` tiles ahead), compute
+            // each tile: wait for its bytes, take this lane's fragments, free the stage (thread 0 refills it `stages`
+            // tiles ahead), compute
             const int stages = maps.stages;
-            if (threadIdx.x == 0)
-                for (int i = 1; i < stages; ++i)
-                    if (start + i * tile_stride < end) bulk_issue(i, start + i * tile_stride);
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
                 const int slot = stages == 1 ? 0 : n % stages;
@@ -562,22 +576,21 @@ __global__ void __launch_bounds__(128)
                 }
                 process_tile(tile, k_cur, v_cur);
             }
+            drain_unread_stages();
         } else {
             int first = start;
-            if constexpr (kEarlyReads) {
-                if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, read early
-                    float sc[kSteps][4], sc_second[kSteps][4];
-                    scores(start, k_next, sc);
-                    scores(start + tile_stride, k_second, sc_second);
-                    const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
-                    accumulate(sc, v_next, ref);
-                    accumulate(sc_second, v_second, ref);
-                    first = end;
-                } else if (second_tile_loaded) {  // the first two tiles were read early: the first, then the loop
-                    process_tile(start, k_next, v_next);
-                    copy_tile(k_next, v_next, k_second, v_second);
-                    first = start + tile_stride;
-                }
+            if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, both loaded
+                float sc[kSteps][4], sc_second[kSteps][4];
+                scores(start, k_next, sc);
+                scores(start + tile_stride, k_second, sc_second);
+                const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
+                accumulate(sc, v_next, ref);
+                accumulate(sc_second, v_second, ref);
+                first = end;
+            } else if (kEarlyReads && second_tile_loaded) {  // the first two, read early: the first, then the loop
+                process_tile(start, k_next, v_next);
+                copy_tile(k_next, v_next, k_second, v_second);
+                first = start + tile_stride;
             }
             if (!first_tile_loaded) load_tile(start, k_next, v_next);
             for (int tile = first; tile < end; tile += tile_stride) {
@@ -647,7 +660,7 @@ __global__ void __launch_bounds__(128)
             }
         }
     } else {
-        drain_first_tile();  // (a split past the length, in a launch with several active splits)
+        drain_unread_stages();  // (a split past the length, in a launch with several active splits)
     }
     if (active_splits == 1) return;  // (the same for every block of the unit: one length)
 

@@ -149,7 +149,7 @@ def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, pipeline
         k[b, n:] = float("nan")
         v[b, n:, :, ::2] = float("inf")
         v[b, n:, :, 1::2] = float("nan")
-    for num_splits in (0, 1, 3):
+    for num_splits in (0, 1, 3, 6):  # (a plain launch reads a split's second tile early when it has two)
         out = torch.full_like(q, float("nan"))
         ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out)
         torch.cuda.synchronize()
@@ -293,6 +293,10 @@ def test_default_num_splits_fills_the_gpu(ext):
             assert decode_splits(128, 640) == 5
         # beyond three tiles a split: splits of two tiles, merged through the workspace, while they fit two an SM
         assert decode_splits(64, 8192) == 32
+    if ext.uses_cluster_merge(2) and 128 <= sms < 256:
+        # plain launches at batch 1: up to 8 splits merged in a cluster while a split has at most 4 tiles, else a wave
+        assert [ext.default_num_splits(1, 32, 8, 64, rows) for rows in (512, 2048, 4096, 8192)] == [4, 8, 8, sms // 8]
+        assert [ext.default_num_splits(1, 32, 8, 128, rows) for rows in (1024, 2048, 4096)] == [8, 8, sms // 8]
     if ext.uses_cluster_merge(2):  # non-portable cluster sizes in decode steps only, up to 12
         assert ext.uses_cluster_merge(12, early_cache_reads=True) and not ext.uses_cluster_merge(12)
         assert not ext.uses_cluster_merge(16, early_cache_reads=True)
