@@ -19,8 +19,8 @@
 //          order used keeps the bulk variant's shared-memory reads free of bank conflicts.
 //   3. Online softmax in the log2 domain on the float32 scores (times scale * log2(e)): each warp keeps a
 //      running max m and sum l per head, and its O accumulator, rescaled once per tile; P goes into the
-//      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, two mmas). The warps are merged with exp2(m_i - m)
-//      weights through shared memory at the end.
+//      mma in the cache's 16-bit type (bf16: as a rounded part plus its rounding error, the latter in the mma's
+//      unused rows 8..15). The warps are merged with exp2(m_i - m) weights through shared memory at the end.
 //   4. With one split, the block writes the normalized output. Otherwise the splits are merged with
 //      log-sum-exp weights, with no second kernel launch: with at most 8 splits (12 in a decode step,
 //      flash_decode.h) on sm_90+ the blocks of a (sequence, KV head) form a thread-block cluster, and each
@@ -448,12 +448,19 @@ __global__ void __launch_bounds__(128)
     }
 
     if (start < end) {
-        // Head g's running max and (this lane's part of the) sum; O's C fragments, rows 0..7 only:
-        // acc[n][j] is head g at element 64(n / 8) + 8(2t + j) + n % 8.
+        // Head g's running max and (this lane's part of the) sum; O's C fragments: acc[n][j] is head g at element
+        // 64(n / 8) + 8(2t + j) + n % 8, and with a bf16 cache at head 64 acc[n][2 + j] the same element's share from
+        // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 and the bulk
+        // variant add that share after each mma instead: 16-32 registers fewer, which the bf16 head-128 decode-step
+        // instance on sm_80 and the head-64 bulk instance need to stay free of spills.)
+        constexpr bool kSplitP = std::is_same<Element, __nv_bfloat16>::value;
+        constexpr int kAccParts = kSplitP && kHeadDim == 64 && !kBulk ? 4 : 2;
         float m = -INFINITY, l = 0.f;
-        float acc[kOutTiles][2];
+        float acc[kOutTiles][kAccParts];
 #pragma unroll
-        for (int n = 0; n < kOutTiles; ++n) acc[n][0] = acc[n][1] = 0.f;
+        for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+            for (int j = 0; j < kAccParts; ++j) acc[n][j] = 0.f;
 
         // A tile of rows from registers, in phases: S, the online softmax's rescale, O += P V. Two tiles already in
         // registers (a decode step's splits, flash_decode.cu) share one rescale, and their products overlap.
@@ -496,10 +503,9 @@ __global__ void __launch_bounds__(128)
             m = m_new;
             l *= correction;
 #pragma unroll
-            for (int n = 0; n < kOutTiles; ++n) {
-                acc[n][0] *= correction;
-                acc[n][1] *= correction;
-            }
+            for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+                for (int j = 0; j < kAccParts; ++j) acc[n][j] *= correction;
             return ref;
         };
         // O += P V, 16 rows per mma
@@ -514,10 +520,11 @@ __global__ void __launch_bounds__(128)
                 }
                 const uint32_t a0 = tensor_core::pack2<Element>(pw[0], pw[1]);
                 const uint32_t a2 = tensor_core::pack2<Element>(pw[2], pw[3]);
-                // bf16 keeps 8 bits of P: its rounding error goes through a second mma, so P V is exact to
-                // ~16 bits, as the float32 FMAs of the CUDA-core version were (a bf16-only P put the model's
-                // logits 1.05% off the PyTorch path after 17 decode steps; fp16's 11 bits are enough).
-                constexpr bool kSplitP = std::is_same<Element, __nv_bfloat16>::value;
+                // bf16 keeps 8 bits of P: its rounding error goes through the same mma as A's rows 8..15 (unused: a
+                // block has at most 8 heads), whose results accumulate apart (acc[n][2..3]), so P V is exact to ~16
+                // bits, as the float32 FMAs of the CUDA-core version were (a bf16-only P put the model's logits 1.05%
+                // off the PyTorch path after 17 decode steps; fp16's 11 bits are enough). Before the fifteenth
+                // session the error went through a second mma into the same accumulators.
                 uint32_t a0_lo = 0u, a2_lo = 0u;
                 if constexpr (kSplitP) {
                     const float2 hi0 = tensor_core::unpack2<Element>(a0), hi2 = tensor_core::unpack2<Element>(a2);
@@ -530,8 +537,12 @@ __global__ void __launch_bounds__(128)
                     const bool high = e % 2;
                     const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
                     const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
-                    tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0, a2, b0, b1);
-                    if constexpr (kSplitP) tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0_lo, a2_lo, b0, b1);
+                    if constexpr (kAccParts == 4)
+                        tensor_core::mma_16x8x16<Element>(acc[n], a0, a0_lo, a2, a2_lo, b0, b1);
+                    else if constexpr (kSplitP)
+                        tensor_core::mma_16x8x16_fold_rows<Element>(acc[n][0], acc[n][1], a0, a0_lo, a2, a2_lo, b0, b1);
+                    else
+                        tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0, a2, b0, b1);
                 }
             }
         };
@@ -602,6 +613,13 @@ __global__ void __launch_bounds__(128)
         }
 
         // ---- this warp's result per head into shared memory ----
+        if constexpr (kAccParts == 4) {
+#pragma unroll
+            for (int n = 0; n < kOutTiles; ++n) {
+                acc[n][0] += acc[n][2];
+                acc[n][1] += acc[n][3];
+            }
+        }
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         if (g < g_count) {

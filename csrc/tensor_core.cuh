@@ -55,6 +55,29 @@ __device__ __forceinline__ void mma_16x8x16_top_rows(float& c0, float& c1, uint3
 #endif
 }
 
+// C[g] += A[g] B + A[g+8] B: A's rows 8..15 carry a second operand for the same rows of the result (the rounding
+// error of rows 0..7's values, say), whose product lands in registers of its own and is added: one mma instead of
+// two, for the price of two additions.
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x16_fold_rows(float& c0, float& c1, uint32_t a0, uint32_t a1, uint32_t a2,
+                                                      uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float bottom2, bottom3;
+    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%10,%10};"
+            : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%10,%10};"
+            : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+    c0 += bottom2;
+    c1 += bottom3;
+#endif
+}
+
 // Two floats rounded into one register of 16-bit elements (lo in the low half), an mma operand.
 template <typename Element>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
