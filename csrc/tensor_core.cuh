@@ -16,20 +16,23 @@
 
 namespace tensor_core {
 
+// The instruction for 16-bit inputs of PTX type TYPE ("bf16" or "f16") and float32 accumulators; the wrappers below
+// emit it through a macro of their own operand list, once per input type.
+#define TENSOR_CORE_MMA(TYPE) "mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "
+template <typename Element>
+constexpr bool is_bf16 = std::is_same<Element, __nv_bfloat16>::value;
+
 template <typename Element>
 __device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                             uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#define MMA_ASM(TYPE)                                                                                  \
+    asm volatile(TENSOR_CORE_MMA(TYPE) "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"          \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
 #endif
 }
 
@@ -40,16 +43,13 @@ __device__ __forceinline__ void mma_16x8x16_top_rows(float& c0, float& c1, uint3
                                                      uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     float unused2, unused3;
-    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%8,%5,%8}, {%6,%7}, "
-            "{%0,%1,%9,%9};"
-            : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)
-            : "r"(a0), "r"(a2), "r"(b0), "r"(b1), "r"(0u), "f"(0.f));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%8,%5,%8}, {%6,%7}, "
-            "{%0,%1,%9,%9};"
-            : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)
-            : "r"(a0), "r"(a2), "r"(b0), "r"(b1), "r"(0u), "f"(0.f));
+#define MMA_ASM(TYPE)                                                                                  \
+    asm(TENSOR_CORE_MMA(TYPE) "{%0,%1,%2,%3}, {%4,%8,%5,%8}, {%6,%7}, {%0,%1,%9,%9};"                  \
+        : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)                                             \
+        : "r"(a0), "r"(a2), "r"(b0), "r"(b1), "r"(0u), "f"(0.f))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
     (void)unused2;
     (void)unused3;
 #endif
@@ -63,25 +63,23 @@ __device__ __forceinline__ void mma_16x8x16_fold_rows(float& c0, float& c1, uint
                                                       uint32_t a3, uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     float bottom2, bottom3;
-    if constexpr (std::is_same<Element, __nv_bfloat16>::value)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%10,%10};"
-            : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%10,%10};"
-            : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+#define MMA_ASM(TYPE)                                                                                  \
+    asm(TENSOR_CORE_MMA(TYPE) "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};"                \
+        : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)                                             \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
     c0 += bottom2;
     c1 += bottom3;
 #endif
 }
+#undef TENSOR_CORE_MMA
 
 // Two floats rounded into one register of 16-bit elements (lo in the low half), an mma operand.
 template <typename Element>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    if constexpr (std::is_same<Element, __nv_bfloat16>::value) {
+    if constexpr (is_bf16<Element>) {
         const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
         return *reinterpret_cast<const uint32_t*>(&v);
     } else {
@@ -93,7 +91,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // The two floats a register of 16-bit elements holds (the inverse of pack2, exact).
 template <typename Element>
 __device__ __forceinline__ float2 unpack2(uint32_t v) {
-    if constexpr (std::is_same<Element, __nv_bfloat16>::value) {
+    if constexpr (is_bf16<Element>) {
         return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
     } else {
         return __half22float2(*reinterpret_cast<const __half2*>(&v));
