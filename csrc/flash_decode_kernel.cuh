@@ -453,7 +453,7 @@ __global__ void __launch_bounds__(128)
         // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 and the bulk
         // variant add that share after each mma instead: 16-32 registers fewer, which the bf16 head-128 decode-step
         // instance on sm_80 and the head-64 bulk instance need to stay free of spills.)
-        constexpr bool kSplitP = std::is_same<Element, __nv_bfloat16>::value;
+        constexpr bool kSplitP = tensor_core::is_bf16<Element>;
         constexpr int kAccParts = kSplitP && kHeadDim == 64 && !kBulk ? 4 : 2;
         float m = -INFINITY, l = 0.f;
         float acc[kOutTiles][kAccParts];
