@@ -12,9 +12,12 @@ Examples (llama 3.2 1B: head 64, 32 q heads, 8 kv heads):
   python3 benchmark_kernel.py --head_size 128 --sweep --sweep_batches 16,64 --sweep_seq 2048,4096
   python3 benchmark_kernel.py --use_pytorch_kernel --device cpu --seq_n 64   # no GPU needed
 
-Timing (default): before every timed launch a buffer of twice the L2 size is zeroed (so K/V come
-from DRAM), then a ~0.1 ms spin kernel keeps the GPU busy while the CPU issues the start event and
-the launch; without that, a short kernel reads mostly CPU launch time. CUDA events around each
+Timing (default): before every timed launch a buffer of twice the L2 size is read (so K/V come
+from DRAM and L2 is left holding clean lines), then a ~0.1 ms spin kernel keeps the GPU busy while the
+CPU issues the start event and the launch; without that, a short kernel reads mostly CPU launch time.
+--dirty_flush zeroes the buffer instead (the method of the tables before 2026-11-27 18:00 UTC): L2 is
+then left full of dirty lines, and every kernel timed after it, ours and the peers', pays for writing
+some of them back (on an H100 6-11 us at 134-537 MB, 5 MB more DRAM writes in ncu). CUDA events around each
 launch; the median of --iters is reported (min/p90 with --verbose). --dont_flush_gpu_cache skips
 the flush (warm L2), not the spin. Multi-kernel eager code (the PyTorch implementations) still
 counts the CPU time between its kernels, as it would in a model run without CUDA graphs.
@@ -195,7 +198,7 @@ def make_custom(inp, args):
         splits_used = splits
     if mod.uses_cluster_merge(splits_used):
         note += ", cluster merge"
-    if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n, splits_used):
+    if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n):
         note += ", bulk copies"
     out = torch.empty_like(inp.q)
 
@@ -330,18 +333,20 @@ IMPLEMENTATIONS = {
 class Timer:
     """Times zero-arg launches on one device; holds the L2 flush buffer and the run's ceilings."""
 
-    def __init__(self, device, iters, warmup, flush):
+    def __init__(self, device, iters, warmup, flush, dirty_flush=False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.iters = iters
         self.warmup = warmup
         self.flush_buf = None
+        self.dirty_flush = dirty_flush
         if self.cuda:
             props = torch.cuda.get_device_properties(self.device)
             self.device_name = props.name
             l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
             if flush:
-                self.flush_buf = torch.empty(2 * l2, dtype=torch.uint8, device=self.device)
+                # int32: torch's sum reads it at close to the copy bandwidth
+                self.flush_buf = torch.zeros(2 * l2 // 4, dtype=torch.int32, device=self.device)
         else:
             self.device_name = platform.processor() or platform.machine() or "cpu"
         self.copy_gbps = None
@@ -353,7 +358,13 @@ class Timer:
 
     def _keep_gpu_busy(self):
         if self.flush_buf is not None:
-            self.flush_buf.zero_()
+            # Reading evicts the timed kernel's data and leaves only clean lines. Zeroing (--dirty_flush) leaves
+            # dirty ones, whose write-back lands in the next kernel's time (an H100, 2026-11-27: 6-11 us more for
+            # every implementation at 134-537 MB; the same zeroing followed by this read: no loss).
+            if self.dirty_flush:
+                self.flush_buf.zero_()
+            else:
+                self.flush_buf.sum()
         torch.cuda._sleep(SPIN_CYCLES)  # touches no memory: L2 stays as the flush left it
 
     def time_us(self, fn, iters=None):
@@ -664,8 +675,10 @@ def write_sweep_markdown(args, timer, batch, seqs, impls, recs):
 def timer_note(timer):
     if not timer.cuda:
         return f"time.perf_counter on the CPU, median of {timer.iters}"
-    flush = ("L2 flushed" if timer.flush_buf is not None
-             else "L2 not flushed (--dont_flush_gpu_cache)")
+    if timer.flush_buf is None:
+        flush = "L2 not flushed (--dont_flush_gpu_cache)"
+    else:
+        flush = "L2 flushed by zeroing (dirty, --dirty_flush)" if timer.dirty_flush else "L2 flushed by a read"
     return f"{flush} + GPU kept busy before each launch, median of {timer.iters}"
 
 
@@ -709,6 +722,7 @@ def write_json(args, timer, recs):
     meta = {"device": timer.device_name, "device_type": timer.device.type,
             "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "iters": timer.iters, "flush_l2": timer.flush_buf is not None,
+            "flush": None if timer.flush_buf is None else ("zero" if timer.dirty_flush else "read"),
             "copy_gbps": timer.copy_gbps, "timing_floor_us": timer.floor_us,
             "command": [os.path.basename(sys.argv[0])] + sys.argv[1:]}
     with open(path, "w") as f:
@@ -759,6 +773,9 @@ def parse_args(argv=None):
                    help="one warmup + one launch in NVTX range 'decode_attention', for ncu (see below)")
     p.add_argument("--dont_flush_gpu_cache", action="store_true",
                    help="do not flush L2 before each timed launch")
+    p.add_argument("--dirty_flush", action="store_true",
+                   help="flush L2 by zeroing a buffer (leaves it dirty: the method of the tables before "
+                        "2026-11-27 18:00 UTC) instead of reading one")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--num_splits", type=int, default=0, help="split-KV splits (0 = automatic)")
     p.add_argument("--no_cluster_merge", action="store_true",
@@ -803,6 +820,8 @@ def validate_args(p, args):
     if args.q_num_heads % args.kv_num_heads:
         p.error(f"--q_num_heads ({args.q_num_heads}) must be a multiple of "
                 f"--kv_num_heads ({args.kv_num_heads})")
+    if args.dirty_flush and args.dont_flush_gpu_cache:
+        p.error("--dirty_flush picks how L2 is flushed and --dont_flush_gpu_cache skips the flush: give one")
     if args.use_ncu and (args.compare or args.sweep):
         p.error("--use_ncu profiles one implementation: drop --compare/--sweep")
     if args.impls and not (args.compare or args.sweep):
@@ -840,7 +859,8 @@ def main(argv=None):
         sys.exit(f"error: cannot import llama3 (decode_attention_naive/_reference): {first_line(exc)}")
     if args.use_ncu:
         sys.exit(0 if run_ncu(args) else 1)
-    timer = Timer(args.device, args.iters, args.warmup, flush=not args.dont_flush_gpu_cache)
+    timer = Timer(args.device, args.iters, args.warmup, flush=not args.dont_flush_gpu_cache,
+                  dirty_flush=args.dirty_flush)
     timer.measure_ceilings()
     recs = run_sweep(args, timer) if args.sweep else run_single_or_compare(args, timer)
     if args.json:

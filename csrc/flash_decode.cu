@@ -184,7 +184,7 @@ BulkPipeline& bulk_pipeline_mode() {
     return mode;
 }
 
-bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_splits, bool early_cache_reads) {
+bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, bool early_cache_reads) {
     const BulkPipeline mode = bulk_pipeline_mode();
     if (mode == BulkPipeline::kOff || early_cache_reads || (head_dim != 64 && head_dim != 128) ||
         !programmatic_launch::current_device_supports())  // (the tensor copies: sm_90+, as programmatic launch)
@@ -194,7 +194,7 @@ bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_split
     select_variant(DType::kBFloat16, head_dim, &variant);  // (the tile rows are the same for both dtypes)
     const int64_t rows = variant.rows_per_block_tile;
     const int64_t work = (int64_t)units * ((seq_capacity + rows - 1) / rows);
-    return work >= kBulkMinWorkTiles || (num_splits == 1 && work >= kBulkMinWorkTilesOneSplit);
+    return work >= kBulkMinWorkTiles;
 }
 
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
@@ -249,7 +249,7 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     if (2 * base_blocks >= info.num_sms) return early_cache_reads && base_blocks < info.num_sms && tiles >= 4 ? 2 : 1;
     // The bulk variant's plain launches: one wave of its blocks, one an SM (launch_bulk_instance; batch 1 head 64
     // S = 131072: 105.1 us in 16 splits, 107.4 in 12, 118.4 in 24; head 128: 189.3 / 193.2 / 205.9; H100, 2026-11-27).
-    if (uses_bulk_pipeline(base_blocks, head_dim, max_seqlen, 0, early_cache_reads) &&
+    if (uses_bulk_pipeline(base_blocks, head_dim, max_seqlen, early_cache_reads) &&
         bulk_pipeline_mode() == BulkPipeline::kAuto)
         return std::max(1, std::min(tiles, info.num_sms / base_blocks));
     int splits;
@@ -280,7 +280,7 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
     const bool cluster_merge = uses_cluster_merge(params.num_splits, params.early_cache_reads);
-    if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.num_splits, params.early_cache_reads)) {
+    if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.early_cache_reads)) {
         int device = 0;
         DeviceInfo info;
         cudaError_t err = cudaGetDevice(&device);

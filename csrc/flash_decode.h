@@ -85,20 +85,21 @@ bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 // accelerator; it serves plain launches (not early_cache_reads) on sm_90+, merging several splits through the
 // workspace (it takes precedence over the cluster merge), where the driver accepts the caches as tensor maps (else
 // the register pipeline serves the launch). Process-wide mode: kAuto (the default) takes it where it was measured
-// faster, for launches of at least kBulkMinWorkTiles block tiles of K and V over all blocks (256 MB; 128 MB when
-// the batch alone fills the GPU, one split), default_num_splits then giving one block per SM; kAlways for every
-// plain launch (tests, comparisons); kOff never. Measured on an H100 (2026-11-27, 15:00 UTC, benchmark_kernel.py's
-// method, 32 query / 8 KV heads): batch 1 S = 131072 head 64 / 128 111.2 / 203.4 us -> 105.1 / 189.3 (16 splits),
-// head 128 S = 65536 107.9 -> 104.3, batch 64 S = 4096 208.3 / 383.2 -> 198.3 / 363.7, batch 16 S = 4096 63.7 /
-// 113.1 -> 61.1 / 102.5 (two blocks an SM then; since, one block an SM with two stages, or at batch 64 two
-// blocks an SM with one stage each: flash_decode.cu); but batch 1 S = 32768 head 128
-// 59.6 -> 61.1 and batch 16 S = 2048 head 64 36.3 -> 38.1 (below the thresholds), and 3 or 4 stages instead of 2, or
-// 1, slower everywhere.
+// faster, for launches of at least kBulkMinWorkTiles block tiles of K and V over all blocks (32 MB),
+// default_num_splits then giving one block per SM; kAlways for every plain launch (tests, comparisons); kOff never.
+// Measured on an H100 (2026-11-27, 18:10-18:18 UTC, benchmark_kernel.py's method with L2 flushed by a read, 32 query /
+// 8 KV heads), bulk against registers: batch 1 head 64 S = 16384 / 32768 / 65536 20.6 / 30.5 / 52.4 us against
+// 22.2 / 34.2 / 54.4 (the register path's automatic splits; its best count 32.0 at 32768, 54.6 at 65536), head 128
+// S = 8192 / 16384 / 32768 20.8-21.5 / 30.9 / 52.7 against 21.5-21.8 / 33.2 / 53.7, batch 16 head 64 S = 2048 (one
+// split) 28.3-29.3 against 30.8-31.3; head 64 S = 8192 (512 tiles) 15.1-15.8 against 15.4-15.8. Three or four
+// stages, or two blocks an SM with two stages each, were no faster at batch 1 and slower at batch 16 and 64. (Under
+// the zeroing flush the thresholds measured were 8192 tiles, or 4096 in one split: that flush's write-backs cost the
+// bulk variant more at those sizes, batch 1 head 128 S = 32768 59.6 -> 61.1 us, batch 16 head 64 S = 2048 36.3 ->
+// 38.1.)
 enum class BulkPipeline { kOff, kAuto, kAlways };
-constexpr int kBulkMinWorkTiles = 8192;
-constexpr int kBulkMinWorkTilesOneSplit = 4096;
+constexpr int kBulkMinWorkTiles = 1024;
 BulkPipeline& bulk_pipeline_mode();
 // units: batch x kv_heads x head_groups (the blocks of one split)
-bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, int num_splits, bool early_cache_reads = false);
+bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, bool early_cache_reads = false);
 
 }  // namespace flash_decode

@@ -201,7 +201,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     at::Tensor partial_out, partial_lse, counters;
     // (the bulk variant merges through the workspace, the cluster merge where it does not serve)
     const bool bulk = flash_decode::uses_bulk_pipeline((int)(batch * kv_heads * head_groups), (int)head_dim,
-                                                       (int)seq_capacity, (int)num_splits, early_cache_reads);
+                                                       (int)seq_capacity, early_cache_reads);
     if (num_splits > 1 && (bulk || !flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads))) {
         const auto f32 = q.options().dtype(at::kFloat);
         partial_out = at::empty({batch, q_heads, num_splits, head_dim}, f32);
@@ -752,17 +752,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("mode"));
     m.def("uses_bulk_pipeline",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
-             int64_t num_splits, bool early_cache_reads) {
+             bool early_cache_reads) {
               FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_bulk_pipeline: q_heads ", q_heads,
                        " is not a multiple of kv_heads ", kv_heads);
               const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
-              return flash_decode::uses_bulk_pipeline((int)units, (int)head_dim, (int)seq_capacity, (int)num_splits,
-                                                      early_cache_reads);
+              return flash_decode::uses_bulk_pipeline((int)units, (int)head_dim, (int)seq_capacity, early_cache_reads);
           },
-          "Whether flash_decode of this shape in num_splits splits takes the bulk variant on the current GPU (given "
+          "Whether flash_decode of this shape takes the bulk variant on the current GPU, for any split count (given "
           "caches the driver accepts as tensor maps: 16-byte strides and addresses).",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
-          py::arg("num_splits"), py::arg("early_cache_reads") = false);
+          py::arg("early_cache_reads") = false);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

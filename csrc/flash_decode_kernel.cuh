@@ -154,8 +154,6 @@ __global__ void __launch_bounds__(128)
     __shared__ float smem_acc[kWarps][kHeads][kHeadDim + 1];  // +1: lanes of different heads, other banks
     __shared__ float smem_m[kWarps][kHeads];
     __shared__ float smem_l[kWarps][kHeads];
-    __shared__ float smem_split_w[kHeads][kMaxSplits];
-    __shared__ float smem_lse2[kHeads];
     __shared__ int smem_is_last;
     // kClusterMerge: the cluster's partial results, pushed into its first block's dynamic shared memory
     // (Traits::cluster_merge_bytes), which waits for their bytes on merge_bar.
@@ -722,55 +720,35 @@ __global__ void __launch_bounds__(128)
         if (threadIdx.x == 0) *counter = 0;  // ready for the next launch; every block of this launch has arrived
     }
 
-    for (int i = threadIdx.x; i < g_count * active_splits; i += kThreads) {
-        const int h = i / active_splits, s = i % active_splits;
-        smem_split_w[h][s] = partial_lse2(h, s);
-    }
-    __syncthreads();
-    // One warp per head turns log-sum-exps into normalized weights.
-    for (int h = warp; h < g_count; h += kWarps) {
-        float m_max = -INFINITY;
-        for (int s = lane; s < active_splits; s += 32) m_max = fmaxf(m_max, smem_split_w[h][s]);
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) m_max = fmaxf(m_max, __shfl_xor_sync(0xffffffffu, m_max, offset));
-        float sum = 0.f;
-        for (int s = lane; s < active_splits; s += 32) {
-            const float w = exp2f(smem_split_w[h][s] - m_max);
-            smem_split_w[h][s] = w;
-            sum += w;
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        __syncwarp();
-        const float inv_sum = 1.f / sum;
-        for (int s = lane; s < active_splits; s += 32) smem_split_w[h][s] *= inv_sum;
-        if (lane == 0) {
-            smem_lse2[h] = m_max + log2f(sum);
-        }
-    }
-    __syncthreads();
-
+    // Each thread merges four elements of one head over the splits in one pass, rescaling as the log-sum-exps rise
+    // (the splits' own online softmax, once more): every split's log-sum-exp and output are loaded together, one
+    // round trip to L2 for a workspace merge, where weights computed first took two.
     constexpr int kVecPerHead = kHeadDim / 4;
     for (int i = threadIdx.x; i < g_count * kVecPerHead; i += kThreads) {
         const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
         const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        float m_max = -INFINITY, sum = 0.f;
 #pragma unroll 8
         for (int s = 0; s < active_splits; ++s) {
+            const float lse2 = partial_lse2(h, s);
             const float4 part = partial_o4(src, h, s, c);
-            const float w = smem_split_w[h][s];
-            o.x = fmaf(w, part.x, o.x);
-            o.y = fmaf(w, part.y, o.y);
-            o.z = fmaf(w, part.z, o.z);
-            o.w = fmaf(w, part.w, o.w);
+            const float m_new = fmaxf(m_max, lse2), ref = safe_ref(m_new);
+            const float rescale = exp2f(m_max - ref), w = exp2f(lse2 - ref);
+            sum = fmaf(sum, rescale, w);
+            o.x = fmaf(w, part.x, o.x * rescale);
+            o.y = fmaf(w, part.y, o.y * rescale);
+            o.z = fmaf(w, part.z, o.z * rescale);
+            o.w = fmaf(w, part.w, o.w * rescale);
+            m_max = m_new;
         }
-        write_final(h, c, o.x);
-        write_final(h, c + 1, o.y);
-        write_final(h, c + 2, o.z);
-        write_final(h, c + 3, o.w);
-    }
-    if (p.lse != nullptr && threadIdx.x < g_count) {
-        p.lse[b * p.q_heads + q_head0 + threadIdx.x] = smem_lse2[threadIdx.x] * 0.69314718055994531f;
+        const float inv_sum = 1.f / sum;
+        write_final(h, c, o.x * inv_sum);
+        write_final(h, c + 1, o.y * inv_sum);
+        write_final(h, c + 2, o.z * inv_sum);
+        write_final(h, c + 3, o.w * inv_sum);
+        if (c == 0 && p.lse != nullptr)
+            p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
     }
 }
 

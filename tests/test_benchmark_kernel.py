@@ -81,6 +81,7 @@ def test_impls_alone_picks_the_one_implementation_to_run():
     (["--impls", "naive", "--use_pytorch_kernel"], "give one of them"),
     (["--q_num_heads", "6", "--kv_num_heads", "4", "--use_pytorch_kernel"], "must be a multiple"),
     ([], "--use_pytorch_kernel"),  # custom kernel asked for on the CPU
+    (["--use_pytorch_kernel", "--dirty_flush", "--dont_flush_gpu_cache"], "give one"),
 ])
 def test_bad_input_errors(args, message):
     proc = run("--device", "cpu", "--seq_n", "16", *args, check_rc=None)
@@ -92,5 +93,6 @@ def test_bad_input_errors(args, message):
 def test_help_shows_ncu_command():
     out = run("--help").stdout
     assert 'ncu --clock-control none --nvtx --nvtx-include "decode_attention/"' in out
-    for flag in ("--use_ncu", "--dont_flush_gpu_cache", "--use_pytorch_kernel", "--compare", "--sweep"):
+    for flag in ("--use_ncu", "--dont_flush_gpu_cache", "--dirty_flush", "--use_pytorch_kernel", "--compare",
+                 "--sweep"):
         assert flag in out

@@ -81,7 +81,7 @@ def pipeline(request, ext):
     """Each way a plain launch streams the cache: through shared memory with the tensor memory accelerator (the bulk
     variant, sm_90+; forced for every plain launch here, where "auto" keeps it for large ones), or the register
     pipeline."""
-    if request.param == "bulk" and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072, 16):
+    if request.param == "bulk" and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
     ext.set_bulk_pipeline("always" if request.param == "bulk" else "off")
     yield request.param
@@ -178,7 +178,7 @@ def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
         k[b, n:] = float("nan")
         v[b, n:, :, ::2] = float("inf")
         v[b, n:, :, 1::2] = float("nan")
-    assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq, num_splits) == (pipeline == "bulk")
+    assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq) == (pipeline == "bulk")
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
     ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
@@ -194,15 +194,17 @@ def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
 def test_bulk_pipeline_serves_large_plain_launches_in_one_wave(ext):
     # "auto": large launches only (the thresholds of flash_decode.h), never a decode step's (early cache reads),
     # one block per SM at batch 1; any mode name but the three is refused
-    if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072, 16):
+    if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert ext.default_num_splits(1, 32, 8, 64, 131072) == sms // 8
-    assert ext.uses_bulk_pipeline(1, 32, 8, 128, 65536, ext.default_num_splits(1, 32, 8, 128, 65536))
-    assert ext.uses_bulk_pipeline(16, 32, 8, 64, 4096, 1) and ext.uses_bulk_pipeline(64, 32, 8, 128, 2048, 1)
-    assert not ext.uses_bulk_pipeline(1, 32, 8, 128, 32768, 16)
-    assert not ext.uses_bulk_pipeline(16, 32, 8, 64, 2048, 1)
-    assert not ext.uses_bulk_pipeline(64, 32, 8, 128, 4096, 1, early_cache_reads=True)
+    assert ext.default_num_splits(1, 32, 8, 64, 16384) == sms // 8
+    # from 1024 tiles of K and V over all blocks (batch 1: head 64 S = 16384, head 128 S = 8192), any split count
+    assert ext.uses_bulk_pipeline(1, 32, 8, 64, 16384) and ext.uses_bulk_pipeline(1, 32, 8, 128, 8192)
+    assert ext.uses_bulk_pipeline(16, 32, 8, 64, 2048) and ext.uses_bulk_pipeline(64, 32, 8, 128, 2048)
+    assert not ext.uses_bulk_pipeline(1, 32, 8, 64, 16256) and not ext.uses_bulk_pipeline(1, 32, 8, 128, 8128)
+    assert not ext.uses_bulk_pipeline(16, 32, 8, 64, 896)
+    assert not ext.uses_bulk_pipeline(64, 32, 8, 128, 4096, early_cache_reads=True)
     with pytest.raises(ValueError, match="auto"):
         ext.set_bulk_pipeline("on")
 
