@@ -27,7 +27,8 @@
 //      pushes its partial result into the first block's shared memory with asynchronous stores that count
 //      their bytes on that block's mbarrier, then leaves; the first block waits for the bytes and merges.
 //      Else each block writes its partial output and log-sum-exp to a float32 workspace, and the last block
-//      to finish (an atomic ticket after a memory fence) merges all splits and resets the ticket counter.
+//      to finish (an atomic ticket after a memory fence) merges all splits, in one pass over them, and resets the
+//      ticket counter.
 //   The active splits are counted on the device from the actual length, so a CUDA graph captured once
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
