@@ -345,7 +345,7 @@ class Timer:
             self.device_name = props.name
             l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
             if flush:
-                # int32: torch's sum reads it at close to the copy bandwidth
+                # (read by a sum, zeroed by --dirty_flush)
                 self.flush_buf = torch.zeros(2 * l2 // 4, dtype=torch.int32, device=self.device)
         else:
             self.device_name = platform.processor() or platform.machine() or "cpu"
