@@ -196,10 +196,10 @@ def make_custom(inp, args):
         note = f"num_splits={splits_used} (auto)"
     else:
         splits_used = splits
-    if mod.uses_cluster_merge(splits_used):
-        note += ", cluster merge"
     if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n):
-        note += ", bulk copies"
+        note += ", bulk copies" + (", workspace merge" if splits_used > 1 else "")  # (it never merges in a cluster)
+    elif mod.uses_cluster_merge(splits_used):
+        note += ", cluster merge"
     out = torch.empty_like(inp.q)
 
     def launch():
