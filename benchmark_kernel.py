@@ -352,6 +352,13 @@ class Timer:
         self.copy_gbps = None
         self.floor_us = None
 
+    @property
+    def flush_kind(self):
+        """None (--dont_flush_gpu_cache), "read" (the default) or "zero" (--dirty_flush)."""
+        if self.flush_buf is None:
+            return None
+        return "zero" if self.dirty_flush else "read"
+
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -675,10 +682,8 @@ def write_sweep_markdown(args, timer, batch, seqs, impls, recs):
 def timer_note(timer):
     if not timer.cuda:
         return f"time.perf_counter on the CPU, median of {timer.iters}"
-    if timer.flush_buf is None:
-        flush = "L2 not flushed (--dont_flush_gpu_cache)"
-    else:
-        flush = "L2 flushed by zeroing (dirty, --dirty_flush)" if timer.dirty_flush else "L2 flushed by a read"
+    flush = {None: "L2 not flushed (--dont_flush_gpu_cache)", "read": "L2 flushed by a read",
+             "zero": "L2 flushed by zeroing (dirty, --dirty_flush)"}[timer.flush_kind]
     return f"{flush} + GPU kept busy before each launch, median of {timer.iters}"
 
 
@@ -722,7 +727,7 @@ def write_json(args, timer, recs):
     meta = {"device": timer.device_name, "device_type": timer.device.type,
             "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "iters": timer.iters, "flush_l2": timer.flush_buf is not None,
-            "flush": None if timer.flush_buf is None else ("zero" if timer.dirty_flush else "read"),
+            "flush": timer.flush_kind,
             "copy_gbps": timer.copy_gbps, "timing_floor_us": timer.floor_us,
             "command": [os.path.basename(sys.argv[0])] + sys.argv[1:]}
     with open(path, "w") as f:
