@@ -188,6 +188,7 @@ def make_custom(inp, args):
     mod = load_custom_module()
     mod.set_cluster_merge(not args.no_cluster_merge)
     mod.set_bulk_pipeline(args.bulk_pipeline)
+    mod.set_warp_groups(args.warp_groups)  # (before default_num_splits, which follows it)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
@@ -198,8 +199,11 @@ def make_custom(inp, args):
         splits_used = splits
     if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n):
         note += ", bulk copies" + (", workspace merge" if splits_used > 1 else "")  # (it never merges in a cluster)
-    elif mod.uses_cluster_merge(splits_used):
-        note += ", cluster merge"
+    else:
+        if mod.uses_warp_groups(batch, q_heads, kv_heads, splits_used):
+            note += ", two warp groups"
+        if mod.uses_cluster_merge(splits_used):
+            note += ", cluster merge"
     out = torch.empty_like(inp.q)
 
     def launch():
@@ -789,6 +793,9 @@ def parse_args(argv=None):
                    help="the custom kernel's bulk variant (sm_90+: the cache through shared memory with the tensor "
                         "memory accelerator): auto = for large launches (the default), always, or off = the "
                         "register pipeline")
+    p.add_argument("--warp_groups", choices=["auto", "always", "off"], default="auto",
+                   help="blocks of two groups of four warps for the custom kernel's register pipeline: auto = where "
+                        "the grid runs at once with one block an SM (the default), always, or off = four warps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

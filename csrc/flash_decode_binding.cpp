@@ -762,6 +762,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "caches the driver accepts as tensor maps: 16-byte strides and addresses).",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("early_cache_reads") = false);
+    m.def("set_warp_groups",
+          [](const std::string& mode) {
+              FD_CHECK(mode == "auto" || mode == "always" || mode == "off", "set_warp_groups: mode '", mode,
+                       "' is not one of 'auto', 'always', 'off'");
+              flash_decode::warp_groups_mode() = mode == "auto"     ? flash_decode::WarpGroups::kAuto
+                                                 : mode == "always" ? flash_decode::WarpGroups::kAlways
+                                                                    : flash_decode::WarpGroups::kOff;
+          },
+          "Blocks of two groups of four warps for flash_decode's plain register-pipeline launches: 'auto' (the "
+          "default) where the grid runs at once with one block an SM; 'always' for every such launch; 'off' never "
+          "(four warps), for comparison.",
+          py::arg("mode"));
+    m.def("uses_warp_groups",
+          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_splits, bool early_cache_reads) {
+              FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_warp_groups: q_heads ", q_heads,
+                       " is not a multiple of kv_heads ", kv_heads);
+              const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
+              return flash_decode::uses_warp_groups((int)units, (int)num_splits, early_cache_reads);
+          },
+          "Whether a register-pipeline flash_decode launch of this shape and split count (not the bulk variant's: "
+          "uses_bulk_pipeline) runs blocks of two warp groups on the current GPU.",
+          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_splits"),
+          py::arg("early_cache_reads") = false);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

@@ -43,6 +43,13 @@
 // faster at short lengths but left the long-length bandwidth where it was (docs/perf-notes.md): there the
 // DRAM, not the SM, sets the pace, and what helped was the order of the reads (interleaved split tiles).
 // A 4-stage cp.async pipeline through shared memory had not helped either version.
+//
+// Warp groups: a short launch is a chain of latencies (length and tiles in one DRAM round trip, then each warp's
+// mma / softmax chain over its rows, the warps' merge, the split merge), and four warps leave one warp per SM
+// sub-partition, with nobody to issue while it waits. Plain register-pipeline launches of at most one block an SM
+// (flash_decode.cu) therefore run two groups of four warps: group 1 takes the block's second, fourth, ... tiles, as
+// if it were another split, and the eight warps' results merge in shared memory as the four's do. The tile, and so
+// the split granularity, is unchanged.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only: the maps are built through the runtime's driver entry point)
@@ -59,11 +66,15 @@
 
 namespace flash_decode {
 
-template <typename Element, int kHeadDim>
+// kWarpGroups: groups of kTileWarps warps in a block, each taking every kWarpGroups-th of the block's tiles (see
+// "Warp groups" above).
+template <typename Element, int kHeadDim, int kWarpGroups = 1>
 struct KernelTraits {
     static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
-    static constexpr int kThreads = 128;
-    static constexpr int kWarps = kThreads / 32;
+    static_assert(kWarpGroups == 1 || kWarpGroups == 2, "one or two warp groups");
+    static constexpr int kTileWarps = 4;  // the warps that share a block tile
+    static constexpr int kWarps = kTileWarps * kWarpGroups;
+    static constexpr int kThreads = 32 * kWarps;
     static constexpr int kHeads = kHeadsPerBlock;     // the mma's M rows 0..7
     static constexpr int kKChunks = kHeadDim / 32;    // 16-byte K loads per lane per cache row it loads
     static constexpr int kVChunks = kHeadDim / 64;    // 16-byte V loads per lane per cache row it loads
@@ -73,7 +84,7 @@ struct KernelTraits {
     // head 128 with two steps spills.
     static constexpr int kSteps = kHeadDim == 64 ? 2 : 1;
     static constexpr int kRowsPerWarpTile = 16 * kSteps;
-    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kWarps;  // head 64: 128; head 128: 64
+    static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kTileWarps;  // head 64: 128; head 128: 64
     // Dynamic shared memory of a cluster-merge launch: every split's partial output and log-sum-exp per head.
     static constexpr size_t cluster_merge_bytes(int num_splits) {
         return (size_t)num_splits * kHeads * (kHeadDim + 1) * sizeof(float);
@@ -135,14 +146,16 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // cluster and merge their partial results through distributed shared memory instead of the float32
 // workspace (see step 4 above).
 // kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk>
-__global__ void __launch_bounds__(128)
+// kWarpGroups (plain register-pipeline launches): 2 gives the block a second group of four warps (see "Warp groups").
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
+    static_assert(kWarpGroups == 1 || (!kBulk && !kEarlyReads), "warp groups serve plain register-pipeline launches");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
 #endif
-    using Traits = KernelTraits<Element, kHeadDim>;
+    using Traits = KernelTraits<Element, kHeadDim, kWarpGroups>;
     constexpr int kWarps = Traits::kWarps;
     constexpr int kThreads = Traits::kThreads;
     constexpr int kHeads = Traits::kHeads;
@@ -193,7 +206,8 @@ __global__ void __launch_bounds__(128)
     const int kv_head = idx % p.kv_heads;
     const int b = idx / p.kv_heads;
 
-    const int warp = threadIdx.x / 32;
+    const int warp = threadIdx.x / 32;  // its partial result's slot in shared memory
+    const int tile_warp = warp % Traits::kTileWarps, warp_group = warp / Traits::kTileWarps;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // the mma fragments' row group and thread in group
 
@@ -207,8 +221,11 @@ __global__ void __launch_bounds__(128)
     // H100's DRAM serves 2-4% faster at long lengths than 33 separate streams). No tile's place depends on the
     // length, which lets the loads start before the length is known. The splits that hold rows of a sequence are
     // the first active_splits (a shorter sequence has fewer; each then holds one tile).
+    // With two warp groups, group 1 takes the block's second, fourth, ... tiles: `start` and `tile_stride` are the
+    // warp's group's, `block_start` the block's first tile.
     int seqlen = -1, active_splits = 0, end = 0;
-    const int start = split * kRowsPerBlockTile, tile_stride = p.num_splits * kRowsPerBlockTile;
+    const int block_start = split * kRowsPerBlockTile, block_tile_stride = p.num_splits * kRowsPerBlockTile;
+    const int start = block_start + warp_group * block_tile_stride, tile_stride = kWarpGroups * block_tile_stride;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
         active_splits = min(p.num_splits, ceil_div(seqlen, kRowsPerBlockTile));  // 0 when the sequence is empty
@@ -227,7 +244,7 @@ __global__ void __launch_bounds__(128)
     // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows, P V's
     // row i of lane (., t) and S's 8-row group nt of lane (g, .) (row_in_step; S's column n = g of group nt is P V's
     // row 2nt + n % 2 of lane (., n / 2), the C fragment -> A fragment identity above).
-    auto step_row0 = [&](int tile, int s) { return tile + warp * Traits::kRowsPerWarpTile + 16 * s; };
+    auto step_row0 = [&](int tile, int s) { return tile + tile_warp * Traits::kRowsPerWarpTile + 16 * s; };
     auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kBulk>(g >> 1, 2 * nt + (g & 1)); };
     auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kBulk>(t, i); };
 
@@ -394,8 +411,8 @@ __global__ void __launch_bounds__(128)
         // P V. Measured on an H100 (2026-11-27, batch 1, benchmark_kernel.py's method): head 64 S = 256 (one split of
         // two tiles) 7.9-8.0 -> 7.5-7.7 us; head 128 S = 1024 in 8 splits of two tiles 11.2-11.3 -> 10.4-10.7.
         end = p.seq_capacity;
-        const bool two_tiles = start + tile_stride < end && start + 2 * tile_stride >= end;  // (all threads alike)
-        load_tile(start, k_next, v_next);
+        const bool two_tiles = start + tile_stride < end && start + 2 * tile_stride >= end;  // (the warp group alike)
+        if (start < end) load_tile(start, k_next, v_next);  // (a second warp group may have no tile)
         if (two_tiles) load_tile(start + tile_stride, k_second, v_second);
         load_q();
         set_rows(__ldg(p.seqlens + b));
@@ -446,7 +463,7 @@ __global__ void __launch_bounds__(128)
         return;
     }
 
-    if (start < end) {
+    if (block_start < end) {  // (block_start: a block-wide condition, __syncthreads below)
         // Head g's running max and (this lane's part of the) sum; O's C fragments: acc[n][j] is head g at element
         // 64(n / 8) + 8(2t + j) + n % 8, and with a bf16 cache at head 64 acc[n][2 + j] the same element's share from
         // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 and the bulk
@@ -602,7 +619,7 @@ __global__ void __launch_bounds__(128)
                 copy_tile(k_next, v_next, k_second, v_second);
                 first = start + tile_stride;
             }
-            if (!first_tile_loaded) load_tile(start, k_next, v_next);
+            if (!first_tile_loaded && start < end) load_tile(start, k_next, v_next);
             for (int tile = first; tile < end; tile += tile_stride) {
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
                 copy_tile(k_cur, v_cur, k_next, v_next);
