@@ -197,13 +197,13 @@ def make_custom(inp, args):
         note = f"num_splits={splits_used} (auto)"
     else:
         splits_used = splits
+    two_groups = mod.uses_warp_groups(batch, q_heads, kv_heads, head_size, seq_n, splits_used)
+    groups = ", two warp groups" if two_groups else ""
     if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n):
-        note += ", bulk copies" + (", workspace merge" if splits_used > 1 else "")  # (it never merges in a cluster)
+        # (it never merges in a cluster)
+        note += ", bulk copies" + groups + (", workspace merge" if splits_used > 1 else "")
     else:
-        if mod.uses_warp_groups(batch, q_heads, kv_heads, splits_used):
-            note += ", two warp groups"
-        if mod.uses_cluster_merge(splits_used):
-            note += ", cluster merge"
+        note += groups + (", cluster merge" if mod.uses_cluster_merge(splits_used) else "")
     out = torch.empty_like(inp.q)
 
     def launch():
@@ -794,8 +794,8 @@ def parse_args(argv=None):
                         "memory accelerator): auto = for large launches (the default), always, or off = the "
                         "register pipeline")
     p.add_argument("--warp_groups", choices=["auto", "always", "off"], default="auto",
-                   help="blocks of two groups of four warps for the custom kernel's register pipeline: auto = where "
-                        "the grid runs at once with one block an SM (the default), always, or off = four warps")
+                   help="blocks of two groups of four warps for the custom kernel: auto = where the grid runs at "
+                        "once with one block an SM (the default), always, or off = four warps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

@@ -15,7 +15,8 @@ namespace flash_decode {
 struct Variant {
     int rows_per_block_tile;  // the split granularity
     cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, bool warp_groups, cudaStream_t);
-    cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, cudaStream_t);  // cudaErrorNotSupported: no tensor maps
+    // cudaErrorNotSupported: no tensor maps
+    cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, bool warp_groups, cudaStream_t);
 };
 
 // The driver's cuTensorMapEncodeTiled, reached through the runtime (the extension does not link libcuda); null
@@ -77,8 +78,28 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
                                                  params, NoCacheMaps{});
 }
 
+// The bulk variant in blocks of two warp groups (grids of at most one block an SM: uses_warp_groups), each group with a
+// ring of one stage: the same bytes in flight as one group's two stages, and each group computes while the other's
+// tile lands. Measured on an H100 (2026-11-27, 21:13 UTC, the best of three rounds), one group with two stages -> two
+// groups with one: batch 1 head 64 S = 16384 / 32768 / 65536 / 131072 20.1 / 30.7 / 52.1 / 96.1 -> 19.4 / 30.1 / 51.8 /
+// 94.9 us, head 128 S = 8192 / 65536 20.1 / 95.0 -> 19.9 / 94.2; batch 16 (one split) level: head 64 S = 2048 / 4096
+// 28.6 / 51.2 -> 28.7 / 51.5, head 128 50.5 / 92.3 -> 50.5 / 91.8. Two stages a group: batch 1 head 64 S = 131072
+// 96.5, head 128 S = 65536 95.8, batch 16 head 128 S = 4096 93.5.
 template <typename Element, int kHeadDim>
-static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num_sms, cudaStream_t stream) {
+static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps maps, cudaStream_t stream) {
+    using Traits = KernelTraits<Element, kHeadDim, 2>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 2>;
+    maps.stages = 1;
+    const size_t shared_bytes = Traits::bulk_shared_bytes(2);  // (two rings of one stage)
+    static const cudaError_t setup =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+    if (setup != cudaSuccess) return setup;
+    return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
+}
+
+template <typename Element, int kHeadDim>
+static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num_sms, bool warp_groups,
+                                        cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim>;
     auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 1>;
     CacheMaps maps;
@@ -87,15 +108,16 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num
         !encode_cache_map(&maps.v, params.v, params, params.v_seq_stride, params.v_head_stride, params.v_batch_stride,
                           Traits::kRowsPerBlockTile))
         return cudaErrorNotSupported;
-    // The bytes in flight an SM should have: two tiles (64 KB). A grid of at most about one block an SM runs one
-    // block an SM with a ring of two stages; a larger one (batch 64) two blocks an SM with one stage each, so that
-    // two blocks compute at once. Measured on an H100 (2026-11-27, 32 query / 8 KV heads): two blocks an SM with two
-    // stages each were slower everywhere (batch 64 S = 4096 head 64 / 128 194.2-194.6 / 360.0-360.1 us with one
-    // block, 197.8-197.9 / 363.4-363.9 with two), as were three or four stages; at batch 64 one stage and two blocks
-    // an SM beat one block with two stages (S = 2048 / 4096, head 64: 105.8-106.0 / 192.8-192.9 against 106.8-107.0 /
-    // 194.1-194.4; head 128: 189.9-190.3 / 358.5-359.4 against 192.0-192.1 / 361.6-362.3), while at batch 16 and batch
-    // 1 (one block an SM at most) one stage was 4-7% slower. The blocks an SM are set by padding the shared memory
-    // (for the device of the first launch: one kind of GPU a process is assumed).
+    if (warp_groups) return launch_bulk_groups<Element, kHeadDim>(params, grid, maps, stream);
+    // The bytes in flight an SM should have: two tiles (64 KB). A grid of at most about one block an SM runs one block
+    // an SM with a ring of two stages (where warp groups are off: else launch_bulk_groups); a larger one (batch 64) two
+    // blocks an SM with one stage each, so that two blocks compute at once. Measured on an H100 (2026-11-27, 32 query /
+    // 8 KV heads): two blocks an SM with two stages each were slower everywhere (batch 64 S = 4096 head 64 / 128
+    // 194.2-194.6 / 360.0-360.1 us with one block, 197.8-197.9 / 363.4-363.9 with two), as were three or four stages;
+    // at batch 64 one stage and two blocks an SM beat one block with two stages (S = 2048 / 4096, head 64: 105.8-106.0
+    // / 192.8-192.9 against 106.8-107.0 / 194.1-194.4; head 128: 189.9-190.3 / 358.5-359.4 against 192.0-192.1 /
+    // 361.6-362.3), while at batch 16 and batch 1 (one block an SM at most) one stage was 4-7% slower. The blocks an SM
+    // are set by padding the shared memory (for the device of the first launch: one kind of GPU a process is assumed).
     const bool two_a_sm = (int64_t)grid.x * grid.y >= 2 * (int64_t)num_sms;
     maps.stages = two_a_sm ? 1 : 2;
     static size_t padded_bytes[2] = {0, 0};  // [two_a_sm]
@@ -238,7 +260,7 @@ static int warp_group_clusters_at_once(int device, int size) {
     return clusters;
 }
 
-bool uses_warp_groups(int units, int num_splits, bool early_cache_reads) {
+bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads) {
     const WarpGroups mode = warp_groups_mode();
     if (mode == WarpGroups::kOff || early_cache_reads) return false;
     if (mode == WarpGroups::kAlways) return true;
@@ -247,6 +269,7 @@ bool uses_warp_groups(int units, int num_splits, bool early_cache_reads) {
     if (cudaGetDevice(&device) != cudaSuccess || device_info(device, DType::kBFloat16, 64, &info) != cudaSuccess)
         return false;
     if ((int64_t)units * num_splits > info.num_sms) return false;
+    if (uses_bulk_pipeline(units, head_dim, seq_capacity, early_cache_reads)) return true;  // (a workspace merge)
     // A cluster merge's grid must fit at once, or its last clusters wait for a second wave (H100, 2026-11-27: batch 4
     // head 64 S = 2048 in 32 clusters of 4, 17.1-18.2 us against 14.6-15.8 with four warps, two blocks an SM).
     return !uses_cluster_merge(num_splits) || units <= warp_group_clusters_at_once(device, num_splits);
@@ -340,13 +363,17 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
         DeviceInfo info;
         cudaError_t err = cudaGetDevice(&device);
         if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
-        if (err == cudaSuccess) err = variant.launch_bulk(params, grid, info.num_sms, stream);
+        if (err == cudaSuccess)
+            err = variant.launch_bulk(params, grid, info.num_sms,
+                                      uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity),
+                                      stream);
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
         // (the caller allocated it for the bulk variant)
         if (err != cudaErrorNotSupported) return err;
         return variant.launch(params, grid, false, false, stream);
     }
-    const bool warp_groups = uses_warp_groups(units, params.num_splits, params.early_cache_reads);
+    const bool warp_groups =
+        uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity, params.early_cache_reads);
     return variant.launch(params, grid, cluster_merge, warp_groups, stream);
 }
 

@@ -770,21 +770,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                  : mode == "always" ? flash_decode::WarpGroups::kAlways
                                                                     : flash_decode::WarpGroups::kOff;
           },
-          "Blocks of two groups of four warps for flash_decode's plain register-pipeline launches: 'auto' (the "
-          "default) where the grid runs at once with one block an SM; 'always' for every such launch; 'off' never "
-          "(four warps), for comparison.",
+          "Blocks of two groups of four warps for flash_decode's plain launches: 'auto' (the default) where the grid "
+          "runs at once with one block an SM; 'always' for every plain launch; 'off' never (four warps), for "
+          "comparison.",
           py::arg("mode"));
     m.def("uses_warp_groups",
-          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t num_splits, bool early_cache_reads) {
+          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
+             int64_t num_splits, bool early_cache_reads) {
               FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_warp_groups: q_heads ", q_heads,
                        " is not a multiple of kv_heads ", kv_heads);
               const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
-              return flash_decode::uses_warp_groups((int)units, (int)num_splits, early_cache_reads);
+              return flash_decode::uses_warp_groups((int)units, (int)num_splits, (int)head_dim, (int)seq_capacity,
+                                                    early_cache_reads);
           },
-          "Whether a register-pipeline flash_decode launch of this shape and split count (not the bulk variant's: "
-          "uses_bulk_pipeline) runs blocks of two warp groups on the current GPU.",
-          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("num_splits"),
-          py::arg("early_cache_reads") = false);
+          "Whether a flash_decode launch of this shape and split count runs blocks of two warp groups on the current "
+          "GPU (the register pipeline's or the bulk variant's: uses_bulk_pipeline).",
+          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
+          py::arg("num_splits"), py::arg("early_cache_reads") = false);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

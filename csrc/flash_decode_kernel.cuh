@@ -46,10 +46,10 @@
 //
 // Warp groups: a short launch is a chain of latencies (length and tiles in one DRAM round trip, then each warp's
 // mma / softmax chain over its rows, the warps' merge, the split merge), and four warps leave one warp per SM
-// sub-partition, with nobody to issue while it waits. Plain register-pipeline launches of at most one block an SM
-// (flash_decode.cu) therefore run two groups of four warps: group 1 takes the block's second, fourth, ... tiles, as
-// if it were another split, and the eight warps' results merge in shared memory as the four's do. The tile, and so
-// the split granularity, is unchanged.
+// sub-partition, with nobody to issue while it waits. Plain launches whose grid runs at once with one block an SM
+// (flash_decode.h, uses_warp_groups) therefore run two groups of four warps: group 1 takes the block's second, fourth,
+// ... tiles, as if it were another split, and the eight warps' results merge in shared memory as the four's do. The
+// tile, and so the split granularity, is unchanged. In the bulk variant each group has its own ring of stages.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only: the maps are built through the runtime's driver entry point)
@@ -104,7 +104,7 @@ struct KernelTraits {
 // elements x 1 head x kRowsPerBlockTile rows, 128-byte swizzle.
 struct CacheMaps {
     CUtensorMap k, v;
-    int stages;  // of the ring, 1 to KernelTraits::kMaxBulkStages; all of them are filled before the length is read
+    int stages;  // of each warp group's ring, 1 to KernelTraits::kMaxBulkStages; all filled before the length is read
 };
 struct NoCacheMaps {};
 
@@ -151,7 +151,7 @@ template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, 
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
-    static_assert(kWarpGroups == 1 || (!kBulk && !kEarlyReads), "warp groups serve plain register-pipeline launches");
+    static_assert(kWarpGroups == 1 || !kEarlyReads, "warp groups serve plain launches");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
 #endif
@@ -179,7 +179,10 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
     // kBulk: the ring of stages in the dynamic shared memory instead, 1024-byte aligned for the swizzle, and its
     // barriers: full (the stage's bytes have landed) and empty (every warp has read it).
-    __shared__ uint64_t bulk_full[kBulk ? Traits::kMaxBulkStages : 1], bulk_empty[kBulk ? Traits::kMaxBulkStages : 1];
+    // With two warp groups each group has a ring of its own (stages group * stages .. + stages - 1), which its first
+    // thread fills.
+    constexpr int kRingStages = kBulk ? Traits::kMaxBulkStages * kWarpGroups : 1;
+    __shared__ uint64_t bulk_full[kRingStages], bulk_empty[kRingStages];
     unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
 
@@ -226,6 +229,10 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     int seqlen = -1, active_splits = 0, end = 0;
     const int block_start = split * kRowsPerBlockTile, block_tile_stride = p.num_splits * kRowsPerBlockTile;
     const int start = block_start + warp_group * block_tile_stride, tile_stride = kWarpGroups * block_tile_stride;
+    // kBulk: the warp group's ring (its first stage; maps.stages of them) and the thread that fills it
+    int ring0 = 0;
+    if constexpr (kBulk) ring0 = warp_group * maps.stages;
+    const bool ring_filler = threadIdx.x % (32 * Traits::kTileWarps) == 0;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
         active_splits = min(p.num_splits, ceil_div(seqlen, kRowsPerBlockTile));  // 0 when the sequence is empty
@@ -268,8 +275,8 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
             }
         }
     };
-    // kBulk: thread 0 copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half, V's in
-    // its second); rows past the cache's capacity arrive as zeros.
+    // kBulk: the ring's filler copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half,
+    // V's in its second); rows past the cache's capacity arrive as zeros.
     auto bulk_issue = [&](int slot, int tile) {
         if constexpr (kBulk) {
             unsigned char* stage = bulk_ring + slot * Traits::kBulkStageBytes;
@@ -392,16 +399,16 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         // copy zeroes rows past it): a short split's tiles all arrive in one round trip. Stages whose tile turns out
         // to lie past the length are waited for before the block leaves (drain_unread_stages).
         if (threadIdx.x == 0) {
-            for (int i = 0; i < Traits::kMaxBulkStages; ++i) {
-                mbarrier::init(&bulk_full[i], 1);             // the issuing thread's arrival, plus the stage's bytes
-                mbarrier::init(&bulk_empty[i], kWarps);      // every warp has its fragments of the stage
+            for (int i = 0; i < kRingStages; ++i) {
+                mbarrier::init(&bulk_full[i], 1);                     // the issuing thread's arrival, plus the bytes
+                mbarrier::init(&bulk_empty[i], Traits::kTileWarps);  // every warp of the group has its fragments
             }
             mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
         }
         __syncthreads();
-        if (threadIdx.x == 0)
+        if (ring_filler)
             for (int i = 0; i < maps.stages; ++i)
-                if (start + i * tile_stride < p.seq_capacity) bulk_issue(i, start + i * tile_stride);
+                if (start + i * tile_stride < p.seq_capacity) bulk_issue(ring0 + i, start + i * tile_stride);
         load_q();
         set_rows(__ldg(p.seqlens + b));
     } else {
@@ -447,7 +454,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         if constexpr (kBulk) {
             for (int i = 0; i < maps.stages; ++i) {
                 const int tile = start + i * tile_stride;
-                if (tile >= end && tile < p.seq_capacity) mbarrier::wait(&bulk_full[i], 0);
+                if (tile >= end && tile < p.seq_capacity) mbarrier::wait(&bulk_full[ring0 + i], 0);
             }
         }
     };
@@ -584,12 +591,12 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         };
 
         if constexpr (kBulk) {
-            // each tile: wait for its bytes, take this lane's fragments, free the stage (thread 0 refills it `stages`
-            // tiles ahead), compute
+            // each tile: wait for its bytes, take this lane's fragments, free the stage (the ring's filler refills it
+            // `stages` tiles ahead), compute
             const int stages = maps.stages;
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
-                const int slot = stages == 1 ? 0 : n % stages;
+                const int slot = ring0 + (stages == 1 ? 0 : n % stages);
                 const unsigned parity = (stages == 1 ? n : n / stages) & 1;
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
                 mbarrier::wait(&bulk_full[slot], parity);
@@ -597,7 +604,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
                 __syncwarp();
                 if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
                 const int refill = tile + stages * tile_stride;
-                if (threadIdx.x == 0 && refill < end) {
+                if (ring_filler && refill < end) {
                     mbarrier::wait(&bulk_empty[slot], parity);
                     bulk_issue(slot, refill);
                 }

@@ -27,11 +27,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 # flash_decode: 2 dtypes x 2 head dims x (early cache reads on/off x cluster merge on/off, + plain launches in two warp
-# groups with/without the cluster merge, + the bulk variant); fused_ops: 8 kernels x
-# 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue,
-# + RMSNorm with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster);
-# decode_layers: 2 dtypes x 2 head dims x 4 GQA group sizes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 28), ("fused_ops.cu", 18), ("gemv.cu", 44),
+# groups with/without the cluster merge, + the bulk variant in blocks of four warps or two groups); fused_ops: 8 kernels
+# x 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue, + RMSNorm
+# with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster); decode_layers: 2 dtypes x
+# 2 head dims x 4 GQA group sizes
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 32), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -77,16 +77,17 @@ def merge(request, ext):
     ext.set_cluster_merge(True)
 
 
-@pytest.fixture(params=["bulk", "registers", "warp_groups"])
+@pytest.fixture(params=["bulk", "bulk_warp_groups", "registers", "warp_groups"])
 def pipeline(request, ext):
     """Each way a plain launch streams the cache: through shared memory with the tensor memory accelerator (the bulk
-    variant, sm_90+; forced for every plain launch here, where "auto" keeps it for large ones), or the register
-    pipeline in blocks of four warps or of two groups of four (each forced for every launch here, where "auto" takes
-    two groups for grids of at most one block an SM)."""
-    if request.param == "bulk" and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
+    variant, sm_90+), or the register pipeline; in blocks of four warps or of two groups of four. Each is forced for
+    every launch here, where "auto" keeps the bulk variant for large launches and two groups for grids that run at
+    once with one block an SM."""
+    bulk = request.param.startswith("bulk")
+    if bulk and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
-    ext.set_bulk_pipeline("always" if request.param == "bulk" else "off")
-    ext.set_warp_groups("always" if request.param == "warp_groups" else "off")
+    ext.set_bulk_pipeline("always" if bulk else "off")
+    ext.set_warp_groups("always" if request.param.endswith("warp_groups") else "off")
     yield request.param
     ext.set_bulk_pipeline("auto")
     ext.set_warp_groups("auto")
@@ -182,7 +183,7 @@ def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
         k[b, n:] = float("nan")
         v[b, n:, :, ::2] = float("inf")
         v[b, n:, :, 1::2] = float("nan")
-    assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq) == (pipeline == "bulk")
+    assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq) == pipeline.startswith("bulk")
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
     ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
@@ -215,19 +216,22 @@ def test_bulk_pipeline_serves_large_plain_launches_in_one_wave(ext):
 
 @needs_cuda
 def test_warp_groups_serve_grids_of_one_block_an_sm(ext):
-    # "auto": plain register-pipeline launches whose grid runs at once with one block an SM, never a decode step's
+    # "auto": plain launches whose grid runs at once with one block an SM, never a decode step's
     # (early cache reads)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert ext.uses_warp_groups(1, 32, 8, sms // 8) and not ext.uses_warp_groups(1, 32, 8, sms // 8 + 1)
-    assert not ext.uses_warp_groups(1, 32, 8, 1, early_cache_reads=True)
+    for head_dim, rows in ((64, 2048), (64, 131072)):  # (the register pipeline, the bulk variant)
+        assert ext.uses_warp_groups(1, 32, 8, head_dim, rows, sms // 8)
+        assert not ext.uses_warp_groups(1, 32, 8, head_dim, rows, sms // 8 + 1)
+    assert not ext.uses_warp_groups(1, 32, 8, 64, 2048, 1, early_cache_reads=True)
     if sms == 132 and ext.uses_cluster_merge(4):
         # an H100's GPCs hold 30 clusters of 4 blocks of one an SM, not 33: 32 such clusters would take two waves
-        assert ext.uses_warp_groups(1, 32, 8, 8) and not ext.uses_warp_groups(4, 32, 8, 4)
+        assert ext.uses_warp_groups(1, 32, 8, 64, 2048, 8) and not ext.uses_warp_groups(4, 32, 8, 64, 2048, 4)
     try:
         ext.set_warp_groups("off")
-        assert not ext.uses_warp_groups(1, 32, 8, 1)
+        assert not ext.uses_warp_groups(1, 32, 8, 64, 2048, 1)
         ext.set_warp_groups("always")
-        assert ext.uses_warp_groups(64, 32, 8, 4) and not ext.uses_warp_groups(1, 32, 8, 1, early_cache_reads=True)
+        assert ext.uses_warp_groups(64, 32, 8, 64, 2048, 4)
+        assert not ext.uses_warp_groups(1, 32, 8, 64, 2048, 1, early_cache_reads=True)
     finally:
         ext.set_warp_groups("auto")
     with pytest.raises(ValueError, match="auto"):
