@@ -684,6 +684,22 @@ c10::optional<std::string> decode_layers_unsupported(int64_t dim, int64_t hidden
     return std::string(reason);
 }
 
+// A process-wide mode named "auto", "always" or "off" (flash_decode::BulkPipeline, WarpGroups); `setter` names the
+// function in the error.
+template <typename Mode>
+Mode parse_mode(const char* setter, const std::string& mode) {
+    FD_CHECK(mode == "auto" || mode == "always" || mode == "off", setter, ": mode '", mode,
+             "' is not one of 'auto', 'always', 'off'");
+    return mode == "auto" ? Mode::kAuto : mode == "always" ? Mode::kAlways : Mode::kOff;
+}
+
+// The blocks of one split of a launch (flash_decode's units: batch x kv_heads x head groups).
+int units_of(const char* caller, int64_t batch, int64_t q_heads, int64_t kv_heads) {
+    FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, caller, ": q_heads ", q_heads, " is not a multiple of kv_heads ",
+             kv_heads);
+    return (int)(batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -740,11 +756,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
     m.def("set_bulk_pipeline",
           [](const std::string& mode) {
-              FD_CHECK(mode == "auto" || mode == "always" || mode == "off", "set_bulk_pipeline: mode '", mode,
-                       "' is not one of 'auto', 'always', 'off'");
-              flash_decode::bulk_pipeline_mode() = mode == "auto"     ? flash_decode::BulkPipeline::kAuto
-                                                   : mode == "always" ? flash_decode::BulkPipeline::kAlways
-                                                                      : flash_decode::BulkPipeline::kOff;
+              flash_decode::bulk_pipeline_mode() = parse_mode<flash_decode::BulkPipeline>("set_bulk_pipeline", mode);
           },
           "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared memory "
           "with the tensor memory accelerator (the bulk variant) for large launches, where it was measured faster; "
@@ -753,10 +765,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("uses_bulk_pipeline",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              bool early_cache_reads) {
-              FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_bulk_pipeline: q_heads ", q_heads,
-                       " is not a multiple of kv_heads ", kv_heads);
-              const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
-              return flash_decode::uses_bulk_pipeline((int)units, (int)head_dim, (int)seq_capacity, early_cache_reads);
+              const int units = units_of("uses_bulk_pipeline", batch, q_heads, kv_heads);
+              return flash_decode::uses_bulk_pipeline(units, (int)head_dim, (int)seq_capacity, early_cache_reads);
           },
           "Whether flash_decode of this shape takes the bulk variant on the current GPU, for any split count (given "
           "caches the driver accepts as tensor maps: 16-byte strides and addresses).",
@@ -764,11 +774,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("early_cache_reads") = false);
     m.def("set_warp_groups",
           [](const std::string& mode) {
-              FD_CHECK(mode == "auto" || mode == "always" || mode == "off", "set_warp_groups: mode '", mode,
-                       "' is not one of 'auto', 'always', 'off'");
-              flash_decode::warp_groups_mode() = mode == "auto"     ? flash_decode::WarpGroups::kAuto
-                                                 : mode == "always" ? flash_decode::WarpGroups::kAlways
-                                                                    : flash_decode::WarpGroups::kOff;
+              flash_decode::warp_groups_mode() = parse_mode<flash_decode::WarpGroups>("set_warp_groups", mode);
           },
           "Blocks of two groups of four warps for flash_decode's plain launches: 'auto' (the default) where the grid "
           "runs at once with one block an SM; 'always' for every plain launch; 'off' never (four warps), for "
@@ -777,10 +783,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("uses_warp_groups",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              int64_t num_splits, bool early_cache_reads) {
-              FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "uses_warp_groups: q_heads ", q_heads,
-                       " is not a multiple of kv_heads ", kv_heads);
-              const int64_t units = batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads));
-              return flash_decode::uses_warp_groups((int)units, (int)num_splits, (int)head_dim, (int)seq_capacity,
+              const int units = units_of("uses_warp_groups", batch, q_heads, kv_heads);
+              return flash_decode::uses_warp_groups(units, (int)num_splits, (int)head_dim, (int)seq_capacity,
                                                     early_cache_reads);
           },
           "Whether a flash_decode launch of this shape and split count runs blocks of two warp groups on the current "
