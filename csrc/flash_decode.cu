@@ -230,7 +230,7 @@ WarpGroups& warp_groups_mode() {
 
 // Thread-block clusters of `size` blocks of two warp groups (one block an SM: their registers) that the device runs at
 // once; fewer than its SMs / size where the SMs of a GPC are not a multiple of the size (H100: 30 clusters of 4, 15 of
-// 8). Asked once per device and size (0 where the device cannot say).
+// 8). Asked once per device and size (0, no two groups with a cluster merge, where the device cannot say).
 static int warp_group_clusters_at_once(int device, int size) {
     static std::mutex mutex;
     static std::unordered_map<int64_t, int> cache;
@@ -251,9 +251,10 @@ static int warp_group_clusters_at_once(int device, int size) {
     config.attrs = &cluster;
     config.numAttrs = 1;
     int clusters = 0;
+    const cudaError_t pending = cudaPeekAtLastError();
     if (cudaOccupancyMaxActiveClusters(&clusters, flash_decode_kernel<__nv_bfloat16, 64, false, true, false, 2>,
                                        &config) != cudaSuccess) {
-        cudaGetLastError();  // (not sticky: the query's own error, not the context's)
+        if (pending == cudaSuccess) cudaGetLastError();  // the query's own error only, not one still to be reported
         clusters = 0;
     }
     cache[key] = clusters;
@@ -358,22 +359,19 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
     const bool cluster_merge = uses_cluster_merge(params.num_splits, params.early_cache_reads);
+    const bool warp_groups =
+        uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity, params.early_cache_reads);
     if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.early_cache_reads)) {
         int device = 0;
         DeviceInfo info;
         cudaError_t err = cudaGetDevice(&device);
         if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
-        if (err == cudaSuccess)
-            err = variant.launch_bulk(params, grid, info.num_sms,
-                                      uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity),
-                                      stream);
+        if (err == cudaSuccess) err = variant.launch_bulk(params, grid, info.num_sms, warp_groups, stream);
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
-        // (the caller allocated it for the bulk variant)
+        // (the caller allocated it for the bulk variant), in as many warp groups (no cluster to fit)
         if (err != cudaErrorNotSupported) return err;
-        return variant.launch(params, grid, false, false, stream);
+        return variant.launch(params, grid, false, warp_groups, stream);
     }
-    const bool warp_groups =
-        uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity, params.early_cache_reads);
     return variant.launch(params, grid, cluster_merge, warp_groups, stream);
 }
 
