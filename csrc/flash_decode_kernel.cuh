@@ -146,7 +146,7 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // cluster and merge their partial results through distributed shared memory instead of the float32
 // workspace (see step 4 above).
 // kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
-// kWarpGroups (plain register-pipeline launches): 2 gives the block a second group of four warps (see "Warp groups").
+// kWarpGroups (plain launches, either pipeline): 2 gives the block a second group of four warps (see "Warp groups").
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
