@@ -261,6 +261,18 @@ static int warp_group_clusters_at_once(int device, int size) {
     return clusters;
 }
 
+// uses_warp_groups for a plain launch whose pipeline is known (bulk: uses_bulk_pipeline's answer), on `device` with
+// `num_sms` SMs: the rule itself, shared by uses_warp_groups and launch (which has asked for both already).
+static bool warp_groups_for(int units, int num_splits, bool bulk, int device, int num_sms) {
+    const WarpGroups mode = warp_groups_mode();
+    if (mode != WarpGroups::kAuto) return mode == WarpGroups::kAlways;
+    if ((int64_t)units * num_splits > num_sms) return false;
+    if (bulk) return true;  // (a workspace merge)
+    // A cluster merge's grid must fit at once, or its last clusters wait for a second wave (H100, 2026-11-27: batch 4
+    // head 64 S = 2048 in 32 clusters of 4, 17.1-18.2 us against 14.6-15.8 with four warps, two blocks an SM).
+    return !uses_cluster_merge(num_splits) || units <= warp_group_clusters_at_once(device, num_splits);
+}
+
 bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads) {
     const WarpGroups mode = warp_groups_mode();
     if (mode == WarpGroups::kOff || early_cache_reads) return false;
@@ -269,11 +281,7 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
     DeviceInfo info;
     if (cudaGetDevice(&device) != cudaSuccess || device_info(device, DType::kBFloat16, 64, &info) != cudaSuccess)
         return false;
-    if ((int64_t)units * num_splits > info.num_sms) return false;
-    if (uses_bulk_pipeline(units, head_dim, seq_capacity, early_cache_reads)) return true;  // (a workspace merge)
-    // A cluster merge's grid must fit at once, or its last clusters wait for a second wave (H100, 2026-11-27: batch 4
-    // head 64 S = 2048 in 32 clusters of 4, 17.1-18.2 us against 14.6-15.8 with four warps, two blocks an SM).
-    return !uses_cluster_merge(num_splits) || units <= warp_group_clusters_at_once(device, num_splits);
+    return warp_groups_for(units, num_splits, uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
 }
 
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
@@ -358,21 +366,24 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
-    const bool cluster_merge = uses_cluster_merge(params.num_splits, params.early_cache_reads);
-    const bool warp_groups =
-        uses_warp_groups(units, params.num_splits, params.head_dim, params.seq_capacity, params.early_cache_reads);
-    if (uses_bulk_pipeline(units, params.head_dim, params.seq_capacity, params.early_cache_reads)) {
-        int device = 0;
-        DeviceInfo info;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
-        if (err == cudaSuccess) err = variant.launch_bulk(params, grid, info.num_sms, warp_groups, stream);
+    if (params.early_cache_reads)  // (a decode step: the register pipeline in four warps)
+        return variant.launch(params, grid, uses_cluster_merge(params.num_splits, true), false, stream);
+    // A plain launch: the pipeline, and the SM count that the bulk variant's layout and the warp groups' rule need
+    const bool bulk = uses_bulk_pipeline(units, params.head_dim, params.seq_capacity);
+    int device = 0;
+    DeviceInfo info;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
+    if (err != cudaSuccess) return err;
+    const bool warp_groups = warp_groups_for(units, params.num_splits, bulk, device, info.num_sms);
+    if (bulk) {
+        err = variant.launch_bulk(params, grid, info.num_sms, warp_groups, stream);
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
         // (the caller allocated it for the bulk variant), in as many warp groups (no cluster to fit)
         if (err != cudaErrorNotSupported) return err;
         return variant.launch(params, grid, false, warp_groups, stream);
     }
-    return variant.launch(params, grid, cluster_merge, warp_groups, stream);
+    return variant.launch(params, grid, uses_cluster_merge(params.num_splits), warp_groups, stream);
 }
 
 }  // namespace flash_decode
