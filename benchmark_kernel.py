@@ -189,6 +189,7 @@ def make_custom(inp, args):
     mod.set_cluster_merge(not args.no_cluster_merge)
     mod.set_bulk_pipeline(args.bulk_pipeline)
     mod.set_warp_groups(args.warp_groups)  # (before default_num_splits, which follows it)
+    mod.set_kv_head_pairs(args.kv_head_pairs)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
@@ -201,6 +202,8 @@ def make_custom(inp, args):
     groups = ", two warp groups" if two_groups else ""
     if mod.uses_bulk_pipeline(batch, q_heads, kv_heads, head_size, seq_n):
         # (it never merges in a cluster)
+        if mod.uses_kv_head_pairs(batch, q_heads, kv_heads, head_size, seq_n, splits_used, inp.q.dtype):
+            groups = ", KV-head pairs"  # (a warp group a head)
         note += ", bulk copies" + groups + (", workspace merge" if splits_used > 1 else "")
     else:
         note += groups + (", cluster merge" if mod.uses_cluster_merge(splits_used) else "")
@@ -796,6 +799,10 @@ def parse_args(argv=None):
     p.add_argument("--warp_groups", choices=["auto", "always", "off"], default="auto",
                    help="blocks of two groups of four warps for the custom kernel: auto = where the grid runs at "
                         "once with one block an SM (the default), always, or off = four warps")
+    p.add_argument("--kv_head_pairs", choices=["auto", "always", "off"], default="auto",
+                   help="blocks of two adjacent KV heads in the custom kernel's bulk variant at head 64 (tensor "
+                        "copies of both heads' rows): auto = for one-split launches whose pair blocks fill two an SM "
+                        "(the default), always, or off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

@@ -17,6 +17,10 @@ struct Variant {
     cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, bool warp_groups, cudaStream_t);
     // cudaErrorNotSupported: no tensor maps
     cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, bool warp_groups, cudaStream_t);
+    // the same in blocks of a KV-head pair (grid: splits x half the units), and how many such blocks an SM of the
+    // current device holds; null where not instantiated (head 128)
+    cudaError_t (*launch_bulk_pairs)(const Params&, dim3, cudaStream_t);
+    cudaError_t (*pair_blocks_an_sm)(int*);
 };
 
 // The driver's cuTensorMapEncodeTiled, reached through the runtime (the extension does not link libcuda); null
@@ -41,20 +45,26 @@ static EncodeTiled encode_tiled() {
 }
 
 // A cache [batch][seq][kv_heads][head_dim] (element strides) as the bulk variant's tensor map: dimensions (head_dim,
-// kv_heads, seq, batch) from the innermost, boxes of 64 head_dim elements x box_rows rows of one head, 128-byte
-// swizzle. False where the driver refuses it (strides or address not on 16 bytes, ...).
+// kv_heads, seq, batch) from the innermost, boxes of 64 head_dim elements x box_heads adjacent heads x box_rows rows,
+// 128-byte swizzle. False where the driver refuses it (strides or address not on 16 bytes, ...).
 static bool encode_cache_map(CUtensorMap* map, const void* base, const Params& p, int64_t seq_stride, int64_t head_stride,
-                             int64_t batch_stride, int box_rows) {
+                             int64_t batch_stride, int box_heads, int box_rows) {
     const EncodeTiled encode = encode_tiled();
     if (encode == nullptr) return false;
     const cuuint64_t dims[4] = {(cuuint64_t)p.head_dim, (cuuint64_t)p.kv_heads, (cuuint64_t)p.seq_capacity,
                                 (cuuint64_t)p.batch};
     const cuuint64_t strides[3] = {(cuuint64_t)head_stride * 2, (cuuint64_t)seq_stride * 2, (cuuint64_t)batch_stride * 2};
-    const cuuint32_t box[4] = {64, 1, (cuuint32_t)box_rows, 1};
+    const cuuint32_t box[4] = {64, (cuuint32_t)box_heads, (cuuint32_t)box_rows, 1};
     const cuuint32_t element_strides[4] = {1, 1, 1, 1};
     return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims, strides, box, element_strides,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Both caches' maps (false: the driver refused one).
+static bool encode_cache_maps(CacheMaps* maps, const Params& p, int box_heads, int box_rows) {
+    return encode_cache_map(&maps->k, p.k, p, p.k_seq_stride, p.k_head_stride, p.k_batch_stride, box_heads, box_rows) &&
+           encode_cache_map(&maps->v, p.v, p, p.v_seq_stride, p.v_head_stride, p.v_batch_stride, box_heads, box_rows);
 }
 
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, int kWarpGroups>
@@ -97,17 +107,43 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
     return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }
 
+// The bulk variant in blocks of a KV-head pair (kv_head_pairs_for), a warp group a head, with a ring of one stage that
+// holds both heads' tiles (64 KB), two blocks an SM where the registers allow (the bf16 instance). Measured on an H100
+// (2026-11-27, 22:42 UTC, batch 64 head 64 bf16, best of three rounds), one head a block (two an SM, a stage of one
+// head's tile each) -> pairs with one stage: S = 2048 94.4 -> 93.7 us, S = 4096 181.9 -> 179.5, batch 128 S = 1024
+// 94.5 -> 93.8; pairs with two stages (one block an SM): 94.5, 181.6, 94.7.
+template <typename Element, int kHeadDim>
+struct PairInstance {
+    using Traits = KernelTraits<Element, kHeadDim, 2>;
+    static constexpr auto kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 2, true>;
+    static constexpr size_t shared_bytes = Traits::bulk_shared_bytes(2);  // (a stage of two heads' tiles)
+    static cudaError_t setup() {
+        static const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+        return err;
+    }
+    static cudaError_t launch(const Params& params, dim3 grid, cudaStream_t stream) {
+        CacheMaps maps;
+        if (!encode_cache_maps(&maps, params, 2, Traits::kRowsPerBlockTile)) return cudaErrorNotSupported;
+        maps.stages = 1;
+        const cudaError_t err = setup();
+        if (err != cudaSuccess) return err;
+        return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
+    }
+    static cudaError_t blocks_an_sm(int* blocks) {
+        const cudaError_t err = setup();
+        if (err != cudaSuccess) return err;
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, Traits::kThreads, shared_bytes);
+    }
+};
+
 template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num_sms, bool warp_groups,
                                         cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim>;
     auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 1>;
     CacheMaps maps;
-    if (!encode_cache_map(&maps.k, params.k, params, params.k_seq_stride, params.k_head_stride, params.k_batch_stride,
-                          Traits::kRowsPerBlockTile) ||
-        !encode_cache_map(&maps.v, params.v, params, params.v_seq_stride, params.v_head_stride, params.v_batch_stride,
-                          Traits::kRowsPerBlockTile))
-        return cudaErrorNotSupported;
+    if (!encode_cache_maps(&maps, params, 1, Traits::kRowsPerBlockTile)) return cudaErrorNotSupported;
     if (warp_groups) return launch_bulk_groups<Element, kHeadDim>(params, grid, maps, stream);
     // The bytes in flight an SM should have: two tiles (64 KB). A grid of at most about one block an SM runs one block
     // an SM with a ring of two stages (where warp groups are off: else launch_bulk_groups); a larger one (batch 64) two
@@ -153,8 +189,15 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
 
 template <typename Element, int kHeadDim>
 static Variant make_variant() {
-    return {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>,
-            &launch_bulk_instance<Element, kHeadDim>};
+    // KV-head pairs at head 64 only: at head 128 (one head's row is 256 bytes already) the probe read pairs no faster
+    // (batch 16 S = 2048: 47.7-48.0 us against 47.4-48.5)
+    Variant variant = {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>,
+                       &launch_bulk_instance<Element, kHeadDim>, nullptr, nullptr};
+    if constexpr (kHeadDim == 64) {
+        variant.launch_bulk_pairs = &PairInstance<Element, kHeadDim>::launch;
+        variant.pair_blocks_an_sm = &PairInstance<Element, kHeadDim>::blocks_an_sm;
+    }
+    return variant;
 }
 
 // The runtime choice of dtype and head_dim -> the template instance (false: unsupported).
@@ -175,6 +218,7 @@ static bool select_variant(DType dtype, int head_dim, Variant* out) {
 struct DeviceInfo {
     int num_sms = 0;
     int rows_per_block_tile = 1;
+    int pair_blocks_an_sm = 0;  // (0: no KV-head pair instance)
 };
 
 // The SM count and the split granularity for one kernel variant on one device (asked once, then cached).
@@ -195,6 +239,10 @@ static cudaError_t device_info(int device, DType dtype, int head_dim, DeviceInfo
     if (err != cudaSuccess) return err;
     info.rows_per_block_tile = variant.rows_per_block_tile;
     info.num_sms = std::max(info.num_sms, 1);
+    if (variant.pair_blocks_an_sm != nullptr && programmatic_launch::current_device_supports()) {  // (sm_90+)
+        err = variant.pair_blocks_an_sm(&info.pair_blocks_an_sm);
+        if (err != cudaSuccess) return err;
+    }
     cache[key] = info;
     *out = info;
     return cudaSuccess;
@@ -282,6 +330,39 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
     if (cudaGetDevice(&device) != cudaSuccess || device_info(device, DType::kBFloat16, 64, &info) != cudaSuccess)
         return false;
     return warp_groups_for(units, num_splits, uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
+}
+
+KvHeadPairs& kv_head_pairs_mode() {
+    static KvHeadPairs mode = KvHeadPairs::kAuto;
+    return mode;
+}
+
+// uses_kv_head_pairs for a launch whose pipeline is known (bulk), with the device_info of its dtype and head_dim:
+// shared with launch.
+static bool kv_head_pairs_for(int batch, int kv_heads, int head_groups, int num_splits, bool bulk, const DeviceInfo& info) {
+    const KvHeadPairs mode = kv_head_pairs_mode();
+    if (mode == KvHeadPairs::kOff || !bulk || info.pair_blocks_an_sm == 0 || head_groups != 1 || kv_heads % 2 != 0)
+        return false;
+    if (mode == KvHeadPairs::kAlways) return true;
+    // Two pair blocks an SM (one, with its one stage, would hold half the bytes in flight that the per-head layout
+    // does), in a grid of one split whose waves of two an SM are at least 15/16 full: a pair block is two per-head
+    // blocks' work, and a last wave half empty costs more than the pairs save (an H100, 2026-11-27, batch 96 head 64
+    // S = 2048, 384 pair blocks in 1.45 waves: 141.3 us against 139.3 with one head a block; batch 64, 256 blocks in
+    // 264 places, and batch 128 S = 1024, 512 blocks, above).
+    const int64_t blocks = (int64_t)batch * (kv_heads / 2), places = 2 * (int64_t)info.num_sms;
+    const int64_t waves = (blocks + places - 1) / places;
+    return num_splits == 1 && info.pair_blocks_an_sm >= 2 && 16 * blocks >= 15 * waves * places;
+}
+
+bool uses_kv_head_pairs(int batch, int q_heads, int kv_heads, int head_dim, int seq_capacity, int num_splits,
+                        DType dtype) {
+    if (kv_heads <= 0 || q_heads % kv_heads != 0) return false;
+    const int head_groups = head_groups_for(q_heads / kv_heads);
+    int device = 0;
+    DeviceInfo info;
+    if (cudaGetDevice(&device) != cudaSuccess || device_info(device, dtype, head_dim, &info) != cudaSuccess) return false;
+    const bool bulk = uses_bulk_pipeline(batch * kv_heads * head_groups, head_dim, seq_capacity);
+    return kv_head_pairs_for(batch, kv_heads, head_groups, num_splits, bulk, info);
 }
 
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
@@ -377,6 +458,10 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     const bool warp_groups = warp_groups_for(units, params.num_splits, bulk, device, info.num_sms);
     if (bulk) {
+        if (kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
+            err = variant.launch_bulk_pairs(params, dim3(params.num_splits, units / 2), stream);
+            if (err != cudaErrorNotSupported) return err;  // (else one head a block, below)
+        }
         err = variant.launch_bulk(params, grid, info.num_sms, warp_groups, stream);
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
         // (the caller allocated it for the bulk variant), in as many warp groups (no cluster to fit)

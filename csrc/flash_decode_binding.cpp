@@ -684,7 +684,7 @@ c10::optional<std::string> decode_layers_unsupported(int64_t dim, int64_t hidden
     return std::string(reason);
 }
 
-// A process-wide mode named "auto", "always" or "off" (flash_decode::BulkPipeline, WarpGroups); `setter` names the
+// A process-wide mode named "auto", "always" or "off" (flash_decode::BulkPipeline, WarpGroups, KvHeadPairs); `setter` names the
 // function in the error.
 template <typename Mode>
 Mode parse_mode(const char* setter, const std::string& mode) {
@@ -791,6 +791,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "GPU (the register pipeline's or the bulk variant's: uses_bulk_pipeline).",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
+    m.def("set_kv_head_pairs",
+          [](const std::string& mode) {
+              flash_decode::kv_head_pairs_mode() = parse_mode<flash_decode::KvHeadPairs>("set_kv_head_pairs", mode);
+          },
+          "Blocks of two adjacent KV heads, whose tensor copies bring both heads' rows, for flash_decode's bulk variant at "
+          "head 64: 'auto' (the default) for launches of one split whose pair blocks fill two an SM; 'always' for every "
+          "bulk launch that can (an even number of KV heads, at most 8 query heads a KV head); 'off' never, for "
+          "comparison.",
+          py::arg("mode"));
+    m.def("uses_kv_head_pairs",
+          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
+             int64_t num_splits, at::ScalarType dtype) {
+              units_of("uses_kv_head_pairs", batch, q_heads, kv_heads);  // (its checks)
+              FD_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "uses_kv_head_pairs: dtype ", dtype,
+                       " is not supported; use bfloat16 or float16");
+              return flash_decode::uses_kv_head_pairs(
+                  (int)batch, (int)q_heads, (int)kv_heads, (int)head_dim, (int)seq_capacity, (int)num_splits,
+                  dtype == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16);
+          },
+          "Whether a flash_decode launch of this shape, split count and cache dtype runs blocks of a KV-head pair on the "
+          "current GPU.",
+          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
+          py::arg("num_splits"), py::arg("dtype") = at::kBFloat16);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },
           "Launch the decode-step kernels with programmatic dependent launch (sm_90+; on by default), so each "
           "may start while the previous one finishes; False gives plain launches, for comparison.",

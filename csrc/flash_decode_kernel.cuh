@@ -50,6 +50,13 @@
 // (flash_decode.h, uses_warp_groups) therefore run two groups of four warps: group 1 takes the block's second, fourth,
 // ... tiles, as if it were another split, and the eight warps' results merge in shared memory as the four's do. The
 // tile, and so the split granularity, is unchanged. In the bulk variant each group has its own ring of stages.
+//
+// KV-head pairs (kHeadPairs, the bulk variant at head 64 where the batch alone fills the GPU: flash_decode.h,
+// uses_kv_head_pairs): a block takes two adjacent KV heads, one per warp group, and each tensor copy brings both heads'
+// rows (a box of 64 columns x 2 heads x the tile's rows), so that the DRAM sees 256 contiguous bytes of a cache row
+// where one head's box asks for 128 bytes at a 1 KB stride. Both groups read every stage of one shared ring. A
+// pure-read probe on an H100 (2026-11-27, batch 64 S = 2048, nine placements of the caches) read one head's boxes in
+// 91.8-95.6 us and pairs in 90.8-92.6.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only: the maps are built through the runtime's driver entry point)
@@ -131,9 +138,16 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 // 8 different columns, so no shared-memory bank conflicts: K's rows of lanes g and g + 1 differ in bit 2, V's rows
 // of t = 0..3 in bits 1 and 2. (The register-pipeline instances keep 4t + i: the other order's arithmetic costs the
 // bf16 head-128 decode-step instance an 8-byte spill at its 255 registers.)
-template <bool kSwizzledStage>
+//
+// In a KV-head pair's stage the rows of the two heads alternate (stage row 2r + head), so the swizzle sees bits 0-1 of
+// r in its bits 1-2: there lanes g and g + 1 take rows that differ in bit 1, and the rows of t = 0..3 differ in bits 0
+// and 1 (StageRows::kHeadPair).
+enum class StageRows { kRegisters, kOneHead, kHeadPair };
+template <StageRows kOrder>
 __device__ __forceinline__ int row_in_step(int t, int i) {
-    return kSwizzledStage ? 8 * (i & 1) + ((2 * t + (i >> 1)) ^ (4 * (i & 1))) : 4 * t + i;
+    if constexpr (kOrder == StageRows::kOneHead) return 8 * (i & 1) + ((2 * t + (i >> 1)) ^ (4 * (i & 1)));
+    if constexpr (kOrder == StageRows::kHeadPair) return 4 * i + (t ^ (2 * (i & 1)));
+    return 4 * t + i;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -147,17 +161,22 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // workspace (see step 4 above).
 // kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
 // kWarpGroups (plain launches, either pipeline): 2 gives the block a second group of four warps (see "Warp groups").
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
-__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
+// kHeadPairs (the bulk variant in two groups, Params::head_groups == 1): group g takes KV head 2 * (pair) + g, every
+// tile of the block's split, from stages that hold both heads (see "KV-head pairs").
+// (The bf16 pair instance is held to 128 registers a thread, two blocks an SM; fp16's needs 148, which at 128 spill.)
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
+          bool kHeadPairs = false>
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads,
+                                  kHeadPairs && tensor_core::is_bf16<Element> ? 2 : 1)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
     static_assert(kWarpGroups == 1 || !kEarlyReads, "warp groups serve plain launches");
+    static_assert(!kHeadPairs || (kBulk && kWarpGroups == 2), "KV-head pairs: the bulk variant, a warp group a head");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
 #endif
     using Traits = KernelTraits<Element, kHeadDim, kWarpGroups>;
     constexpr int kWarps = Traits::kWarps;
-    constexpr int kThreads = Traits::kThreads;
     constexpr int kHeads = Traits::kHeads;
     constexpr int kSteps = Traits::kSteps;
     constexpr int kKChunks = Traits::kKChunks;
@@ -181,7 +200,11 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // barriers: full (the stage's bytes have landed) and empty (every warp has read it).
     // With two warp groups each group has a ring of its own (stages group * stages .. + stages - 1), which its first
     // thread fills.
-    constexpr int kRingStages = kBulk ? Traits::kMaxBulkStages * kWarpGroups : 1;
+    // (KV-head pairs: one ring for both groups, each stage both heads' tile)
+    constexpr int kRingStages = kBulk ? Traits::kMaxBulkStages * (kHeadPairs ? 1 : kWarpGroups) : 1;
+    constexpr int kHeadsPerStage = kHeadPairs ? 2 : 1;
+    constexpr int kStageBytes = Traits::kBulkStageBytes * kHeadsPerStage;
+    constexpr int kStageBoxBytes = Traits::kBoxBytes * kHeadsPerStage;
     __shared__ uint64_t bulk_full[kRingStages], bulk_empty[kRingStages];
     unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
@@ -202,15 +225,20 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // Plain launches read nothing before the wait; see below for early_cache_reads.
     if constexpr (!kEarlyReads) programmatic_launch::wait_for_previous_kernel();
 
-    const int split = blockIdx.x, unit = blockIdx.y;  // unit: (sequence, KV head, head group)
-    int idx = unit;
-    const int head_group = idx % p.head_groups;
-    idx /= p.head_groups;
-    const int kv_head = idx % p.kv_heads;
-    const int b = idx / p.kv_heads;
-
+    const int split = blockIdx.x, unit = blockIdx.y;  // unit: (sequence, KV head, head group), or (sequence, KV-head pair)
     const int warp = threadIdx.x / 32;  // its partial result's slot in shared memory
     const int tile_warp = warp % Traits::kTileWarps, warp_group = warp / Traits::kTileWarps;
+    int idx = unit;
+    const int head_group = kHeadPairs ? 0 : idx % p.head_groups;
+    if constexpr (!kHeadPairs) idx /= p.head_groups;
+    const int unit_heads = p.kv_heads / kHeadsPerStage;
+    const int kv_head = (idx % unit_heads) * kHeadsPerStage + (kHeadPairs ? warp_group : 0);
+    const int b = idx / unit_heads;
+    // The threads that merge this warp's partial results with the other warps' and write them out: the block's, or
+    // with KV-head pairs its warp group's (a head each).
+    constexpr int kMergeWarps = kHeadPairs ? Traits::kTileWarps : kWarps;
+    constexpr int kMergeThreads = 32 * kMergeWarps;
+    const int merge_thread = threadIdx.x % kMergeThreads, merge_warp0 = warp - warp % kMergeWarps;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // the mma fragments' row group and thread in group
 
@@ -228,11 +256,14 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // warp's group's, `block_start` the block's first tile.
     int seqlen = -1, active_splits = 0, end = 0;
     const int block_start = split * kRowsPerBlockTile, block_tile_stride = p.num_splits * kRowsPerBlockTile;
-    const int start = block_start + warp_group * block_tile_stride, tile_stride = kWarpGroups * block_tile_stride;
+    // (KV-head pairs: each group takes every tile of the block, for its own head)
+    constexpr int kTileGroups = kHeadPairs ? 1 : kWarpGroups;
+    const int start = block_start + (kHeadPairs ? 0 : warp_group) * block_tile_stride;
+    const int tile_stride = kTileGroups * block_tile_stride;
     // kBulk: the warp group's ring (its first stage; maps.stages of them) and the thread that fills it
     int ring0 = 0;
-    if constexpr (kBulk) ring0 = warp_group * maps.stages;
-    const bool ring_filler = threadIdx.x % (32 * Traits::kTileWarps) == 0;
+    if constexpr (kBulk && !kHeadPairs) ring0 = warp_group * maps.stages;
+    const bool ring_filler = threadIdx.x % (32 * Traits::kTileWarps * (kHeadPairs ? 2 : 1)) == 0;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
         active_splits = min(p.num_splits, ceil_div(seqlen, kRowsPerBlockTile));  // 0 when the sequence is empty
@@ -252,8 +283,9 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // row i of lane (., t) and S's 8-row group nt of lane (g, .) (row_in_step; S's column n = g of group nt is P V's
     // row 2nt + n % 2 of lane (., n / 2), the C fragment -> A fragment identity above).
     auto step_row0 = [&](int tile, int s) { return tile + tile_warp * Traits::kRowsPerWarpTile + 16 * s; };
-    auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kBulk>(g >> 1, 2 * nt + (g & 1)); };
-    auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kBulk>(t, i); };
+    constexpr StageRows kRowOrder = !kBulk ? StageRows::kRegisters : kHeadPairs ? StageRows::kHeadPair : StageRows::kOneHead;
+    auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kRowOrder>(g >> 1, 2 * nt + (g & 1)); };
+    auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kRowOrder>(t, i); };
 
     // Rows past `end` re-read the last valid row (a finite value, never memory past the sequence) and are
     // masked out of the softmax. (A plain launch's first tile is the exception: it is loaded before the
@@ -276,46 +308,52 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         }
     };
     // kBulk: the ring's filler copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half,
-    // V's in its second); rows past the cache's capacity arrive as zeros.
+    // V's in its second; with KV-head pairs each box holds both heads, from the pair's first); rows past the cache's
+    // capacity arrive as zeros.
     auto bulk_issue = [&](int slot, int tile) {
         if constexpr (kBulk) {
-            unsigned char* stage = bulk_ring + slot * Traits::kBulkStageBytes;
-            mbarrier::arrive_expect_bytes(&bulk_full[slot], Traits::kBulkStageBytes);
+            unsigned char* stage = bulk_ring + slot * kStageBytes;
+            const int box_head = kv_head - (kHeadPairs ? warp_group : 0);
+            mbarrier::arrive_expect_bytes(&bulk_full[slot], kStageBytes);
 #pragma unroll
             for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box) {
                 const int column = box * Traits::kBoxColumns;
-                mbarrier::tensor_copy_4d(stage + box * Traits::kBoxBytes, &maps.k, column, kv_head, tile, b,
+                mbarrier::tensor_copy_4d(stage + box * kStageBoxBytes, &maps.k, column, box_head, tile, b, &bulk_full[slot]);
+                mbarrier::tensor_copy_4d(stage + kStageBytes / 2 + box * kStageBoxBytes, &maps.v, column, box_head, tile, b,
                                          &bulk_full[slot]);
-                mbarrier::tensor_copy_4d(stage + Traits::kBulkStageBytes / 2 + box * Traits::kBoxBytes, &maps.v, column,
-                                         kv_head, tile, b, &bulk_full[slot]);
             }
         }
     };
     // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
-    // piece p of a row r (elements 8p..8p+7) is in box p / 8, row r, at column (p % 8) ^ (r % 8) (the swizzle).
-    // V rows past the length are zeroed: the stage holds whatever the cache holds there.
-    auto bulk_read = [&](int slot, int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
-        const unsigned char* k_stage = bulk_ring + slot * Traits::kBulkStageBytes;
-        const unsigned char* v_stage = k_stage + Traits::kBulkStageBytes / 2;
+    // piece p of a row r (elements 8p..8p+7) is in box p / 8, row r (KV-head pairs: box row 2r + the group's head), at
+    // column (p % 8) ^ (box row % 8) (the swizzle). V rows past the length are zeroed: the stage holds whatever the
+    // cache holds there.
+    auto stage_piece = [&](const unsigned char* stage, int row, int p16) {
         constexpr int kRowBytes = Traits::kBoxColumns * (int)sizeof(Element);
-        auto piece = [&](const unsigned char* stage, int row, int p16) {
-            return *reinterpret_cast<const uint4*>(stage + (p16 / 8) * Traits::kBoxBytes + row * kRowBytes +
-                                                   (((p16 % 8) ^ (row % 8)) << 4));
-        };
+        const int box_row = kHeadPairs ? 2 * row + warp_group : row;
+        return *reinterpret_cast<const uint4*>(stage + (p16 / 8) * kStageBoxBytes + box_row * kRowBytes +
+                                               (((p16 % 8) ^ (box_row % 8)) << 4));
+    };
+    auto bulk_read_k = [&](int slot, int tile, uint4 (&kt)[kSteps][2][kKChunks]) {
+        const unsigned char* k_stage = bulk_ring + slot * kStageBytes;
 #pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
+        for (int s = 0; s < kSteps; ++s)
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-                for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = piece(k_stage, k_row(tile, s, nt) - tile, 4 * c + t);
+                for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = stage_piece(k_stage, k_row(tile, s, nt) - tile, 4 * c + t);
+    };
+    auto bulk_read_v = [&](int slot, int tile, uint4 (&vt)[kSteps][4][kVChunks]) {
+        const unsigned char* v_stage = bulk_ring + slot * kStageBytes + kStageBytes / 2;
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const bool valid = v_row(tile, s, i) < end;
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c)
-                    vt[s][i][c] = valid ? piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g) : make_uint4(0u, 0u, 0u, 0u);
+                    vt[s][i][c] = valid ? stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g) : make_uint4(0u, 0u, 0u, 0u);
             }
-        }
     };
     uint4 k_next[kSteps][2][kKChunks], v_next[kSteps][4][kVChunks];
     // The block's second tile, where it is read before the length (plain launches) or the wait (early_cache_reads);
@@ -401,7 +439,8 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         if (threadIdx.x == 0) {
             for (int i = 0; i < kRingStages; ++i) {
                 mbarrier::init(&bulk_full[i], 1);                     // the issuing thread's arrival, plus the bytes
-                mbarrier::init(&bulk_empty[i], Traits::kTileWarps);  // every warp of the group has its fragments
+                // every warp of the group (of the block, with KV-head pairs) has its fragments
+                mbarrier::init(&bulk_empty[i], kHeadPairs ? kWarps : Traits::kTileWarps);
             }
             mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
         }
@@ -465,8 +504,8 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     if (active_splits == 0) {
         drain_unread_stages();
         // Empty sequence: the attention of nothing is defined as 0 (lse = -inf), like the reference.
-        for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) write_final(i / kHeadDim, i % kHeadDim, 0.f);
-        if (p.lse != nullptr && threadIdx.x < g_count) p.lse[b * p.q_heads + q_head0 + threadIdx.x] = -INFINITY;
+        for (int i = merge_thread; i < g_count * kHeadDim; i += kMergeThreads) write_final(i / kHeadDim, i % kHeadDim, 0.f);
+        if (p.lse != nullptr && merge_thread < g_count) p.lse[b * p.q_heads + q_head0 + merge_thread] = -INFINITY;
         return;
     }
 
@@ -592,15 +631,19 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
 
         if constexpr (kBulk) {
             // each tile: wait for its bytes, take this lane's fragments, free the stage (the ring's filler refills it
-            // `stages` tiles ahead), compute
+            // `stages` tiles ahead), compute. KV-head pairs take K's fragments into the scores before they read V's: the
+            // pair instances run two blocks an SM, in 128 registers a thread.
             const int stages = maps.stages;
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
                 const int slot = ring0 + (stages == 1 ? 0 : n % stages);
                 const unsigned parity = (stages == 1 ? n : n / stages) & 1;
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
+                float sc[kSteps][4];
                 mbarrier::wait(&bulk_full[slot], parity);
-                bulk_read(slot, tile, k_cur, v_cur);
+                bulk_read_k(slot, tile, k_cur);
+                if constexpr (kHeadPairs) scores(tile, k_cur, sc);
+                bulk_read_v(slot, tile, v_cur);
                 __syncwarp();
                 if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
                 const int refill = tile + stages * tile_stride;
@@ -608,7 +651,8 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
                     mbarrier::wait(&bulk_empty[slot], parity);
                     bulk_issue(slot, refill);
                 }
-                process_tile(tile, k_cur, v_cur);
+                if constexpr (!kHeadPairs) scores(tile, k_cur, sc);
+                accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY)));
             }
             drain_unread_stages();
         } else {
@@ -667,15 +711,15 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
             first_block_bar = mbarrier::cluster_address(&merge_bar, 0);
         }
 #endif
-        for (int i = threadIdx.x; i < g_count * kHeadDim; i += kThreads) {
+        for (int i = merge_thread; i < g_count * kHeadDim; i += kMergeThreads) {
             const int h = i / kHeadDim, d = i % kHeadDim;
             float m_max = -INFINITY;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) m_max = fmaxf(m_max, smem_m[w][h]);
+            for (int w = merge_warp0; w < merge_warp0 + kMergeWarps; ++w) m_max = fmaxf(m_max, smem_m[w][h]);
             const float ref = safe_ref(m_max);
             float sum = 0.f, o = 0.f;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) {
+            for (int w = merge_warp0; w < merge_warp0 + kMergeWarps; ++w) {
                 const float c = exp2f(smem_m[w][h] - ref);
                 sum += smem_l[w][h] * c;
                 o += smem_acc[w][h][d] * c;
@@ -749,7 +793,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // (the splits' own online softmax, once more): every split's log-sum-exp and output are loaded together, one
     // round trip to L2 for a workspace merge, where weights computed first took two.
     constexpr int kVecPerHead = kHeadDim / 4;
-    for (int i = threadIdx.x; i < g_count * kVecPerHead; i += kThreads) {
+    for (int i = merge_thread; i < g_count * kVecPerHead; i += kMergeThreads) {
         const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
         const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -27,11 +27,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 # flash_decode: 2 dtypes x 2 head dims x (early cache reads on/off x cluster merge on/off, + plain launches in two warp
-# groups with/without the cluster merge, + the bulk variant in blocks of four warps or two groups); fused_ops: 8 kernels
+# groups with/without the cluster merge, + the bulk variant in blocks of four warps or two groups) + the bulk variant in
+# blocks of a KV-head pair at head 64 (2 dtypes); fused_ops: 8 kernels
 # x 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue, + RMSNorm
 # with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster); decode_layers: 2 dtypes x
 # 2 head dims x 4 GQA group sizes
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 32), ("fused_ops.cu", 18), ("gemv.cu", 44),
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 34), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
@@ -77,20 +78,23 @@ def merge(request, ext):
     ext.set_cluster_merge(True)
 
 
-@pytest.fixture(params=["bulk", "bulk_warp_groups", "registers", "warp_groups"])
+@pytest.fixture(params=["bulk", "bulk_warp_groups", "bulk_kv_head_pairs", "registers", "warp_groups"])
 def pipeline(request, ext):
     """Each way a plain launch streams the cache: through shared memory with the tensor memory accelerator (the bulk
-    variant, sm_90+), or the register pipeline; in blocks of four warps or of two groups of four. Each is forced for
-    every launch here, where "auto" keeps the bulk variant for large launches and two groups for grids that run at
-    once with one block an SM."""
+    variant, sm_90+), or the register pipeline; in blocks of four warps or of two groups of four; the bulk variant at
+    head 64 also in blocks of a KV-head pair (a group a head; head 128 and odd KV-head counts keep one head a block).
+    Each is forced for every launch here, where "auto" keeps the bulk variant for large launches, two groups for grids
+    that run at once with one block an SM and pairs for one-split launches whose pair blocks fill two an SM."""
     bulk = request.param.startswith("bulk")
     if bulk and not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
     ext.set_bulk_pipeline("always" if bulk else "off")
     ext.set_warp_groups("always" if request.param.endswith("warp_groups") else "off")
+    ext.set_kv_head_pairs("always" if request.param.endswith("pairs") else "off")
     yield request.param
     ext.set_bulk_pipeline("auto")
     ext.set_warp_groups("auto")
+    ext.set_kv_head_pairs("auto")
 
 
 def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
@@ -101,13 +105,19 @@ def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
     return q, k, v, gen
 
 
-def check_against_reference(ext, q, k, v, lens, num_splits=0, tol=1e-2):
+def check_against_reference(ext, q, k, v, lens, num_splits=0, tol=1e-2, poison_past_lengths=False):
+    """poison_past_lengths: after the reference, NaN into k and inf / NaN into v past each length (in place)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
+    ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
+    if poison_past_lengths:
+        for b, n in enumerate(lens.tolist()):
+            k[b, n:] = float("nan")
+            v[b, n:, :, ::2] = float("inf")
+            v[b, n:, :, 1::2] = float("nan")
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
     torch.cuda.synchronize()
-    ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
     assert not out.isnan().any(), "unwritten or NaN output elements"
     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert err < tol, f"relative error {err:.3e} >= {tol}"
@@ -236,6 +246,71 @@ def test_warp_groups_serve_grids_of_one_block_an_sm(ext):
         ext.set_warp_groups("auto")
     with pytest.raises(ValueError, match="auto"):
         ext.set_warp_groups("on")
+
+
+@needs_cuda
+def test_kv_head_pairs_serve_one_split_launches_that_fill_the_gpu(ext):
+    # "auto": the bulk variant at head 64 (bf16: two pair blocks an SM) in one split, whose pair blocks fill their
+    # waves of two an SM to at least 15/16 (an H100: batch 62-66 and 124-132 x 8 KV heads); an even number of KV heads
+    # and one head group; "always": any bulk launch that can
+    if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
+        pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    places = 2 * sms
+    for batch in range(1, 3 * sms // 2):  # (4 pairs a sequence)
+        blocks = 4 * batch
+        fills = 16 * blocks >= 15 * places * -(-blocks // places)
+        assert ext.uses_kv_head_pairs(batch, 32, 8, 64, 2048, 1) == fills, batch
+    pair_batch = -(-15 * places // (16 * 4))  # the smallest batch of 8 KV heads whose pairs fill one wave
+    assert ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 1, torch.bfloat16)
+    assert not ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 2)
+    assert not ext.uses_kv_head_pairs(pair_batch, 32, 8, 128, 2048, 1)  # (one head's row is 256 bytes already)
+    assert ext.uses_kv_head_pairs(2 * pair_batch, 12, 4, 64, 2048, 1)  # (4 KV heads, GQA 3: as many pairs)
+    assert not ext.uses_kv_head_pairs(4 * pair_batch, 9, 3, 64, 2048, 1)  # (odd KV heads)
+    assert not ext.uses_kv_head_pairs(pair_batch, 128, 8, 64, 2048, 1)  # (two head groups)
+    try:
+        ext.set_kv_head_pairs("off")
+        assert not ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 1)
+        ext.set_kv_head_pairs("always")
+        ext.set_bulk_pipeline("always")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert ext.uses_kv_head_pairs(1, 32, 8, 64, 300, 3, dtype)
+            assert not ext.uses_kv_head_pairs(1, 24, 3, 64, 300, 3, dtype)
+        ext.set_bulk_pipeline("off")
+        assert not ext.uses_kv_head_pairs(1, 32, 8, 64, 300, 3)
+    finally:
+        ext.set_kv_head_pairs("auto")
+        ext.set_bulk_pipeline("auto")
+    with pytest.raises(ValueError, match="auto"):
+        ext.set_kv_head_pairs("on")
+    with pytest.raises(ValueError, match="not supported"):
+        ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 1, torch.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q_heads,kv_heads", [(8, 8), (16, 8), (32, 8), (64, 8), (12, 2)])
+def test_kv_head_pairs_against_the_reference(ext, dtype, q_heads, kv_heads):
+    # Blocks of a KV-head pair forced (GQA 1, 2, 4, 8 and 6): both heads of every pair must get their own rows out of the
+    # shared stages, and their own query heads' outputs, with one split or several (the workspace merge of both heads),
+    # ragged lengths (an empty sequence, one row, lengths ending inside a tile), rows past the lengths poisoned.
+    if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
+        pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
+    try:
+        ext.set_bulk_pipeline("always")
+        ext.set_kv_head_pairs("always")
+        for trial, (batch, seq) in enumerate([(3, 77), (5, 1031), (2, 4099)]):
+            assert ext.uses_kv_head_pairs(batch, q_heads, kv_heads, 64, seq, 1, dtype)
+            q, k, v, gen = make_inputs(batch, seq, q_heads, kv_heads, 64, dtype, seed=100 + trial)
+            lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+            lens[0] = seq
+            lens[1] = 0 if trial == 1 else 1
+            for num_splits in (1, 3, 0):
+                check_against_reference(ext, q, k.clone(), v.clone(), lens, num_splits=num_splits,
+                                        poison_past_lengths=True)
+    finally:
+        ext.set_kv_head_pairs("auto")
+        ext.set_bulk_pipeline("auto")
 
 
 @needs_cuda
