@@ -217,11 +217,13 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     return out;
 }
 
-flash_decode::DType model_dtype(const at::Tensor& t, const char* op) {
-    FD_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": dtype ", t.scalar_type(),
+flash_decode::DType kernel_dtype(at::ScalarType type, const char* op) {
+    FD_CHECK(type == at::kBFloat16 || type == at::kHalf, op, ": dtype ", type,
              " is not supported; use bfloat16 or float16");
-    return t.scalar_type() == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
+    return type == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16;
 }
+
+flash_decode::DType model_dtype(const at::Tensor& t, const char* op) { return kernel_dtype(t.scalar_type(), op); }
 
 void check_fused_input(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
     FD_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be a CUDA tensor on ", like.device());
@@ -684,13 +686,21 @@ c10::optional<std::string> decode_layers_unsupported(int64_t dim, int64_t hidden
     return std::string(reason);
 }
 
-// A process-wide mode named "auto", "always" or "off" (flash_decode::BulkPipeline, WarpGroups, KvHeadPairs); `setter` names the
-// function in the error.
+// A process-wide mode named "auto", "always" or "off" (flash_decode::BulkPipeline, WarpGroups, KvHeadPairs); `setter`
+// names the function in the error.
 template <typename Mode>
 Mode parse_mode(const char* setter, const std::string& mode) {
     FD_CHECK(mode == "auto" || mode == "always" || mode == "off", setter, ": mode '", mode,
              "' is not one of 'auto', 'always', 'off'");
     return mode == "auto" ? Mode::kAuto : mode == "always" ? Mode::kAlways : Mode::kOff;
+}
+
+// Defines `name`(mode) on the module: sets the process-wide mode that `mode` returns (parse_mode).
+template <typename Mode>
+void def_mode_setter(py::module& m, const char* name, Mode& (*mode)(), const char* doc) {
+    m.def(
+        name, [name, mode](const std::string& value) { mode() = parse_mode<Mode>(name, value); }, doc,
+        py::arg("mode"));
 }
 
 // The blocks of one split of a launch (flash_decode's units: batch x kv_heads x head groups).
@@ -754,14 +764,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU "
           "(early_cache_reads, a decode step: clusters of up to 16 blocks, else 8).",
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
-    m.def("set_bulk_pipeline",
-          [](const std::string& mode) {
-              flash_decode::bulk_pipeline_mode() = parse_mode<flash_decode::BulkPipeline>("set_bulk_pipeline", mode);
-          },
-          "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared memory "
-          "with the tensor memory accelerator (the bulk variant) for large launches, where it was measured faster; "
-          "'always' for every plain launch; 'off' never (the register pipeline), for comparison.",
-          py::arg("mode"));
+    def_mode_setter(m, "set_bulk_pipeline", &flash_decode::bulk_pipeline_mode,
+                    "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared "
+                    "memory with the tensor memory accelerator (the bulk variant) for large launches, where it was "
+                    "measured faster; 'always' for every plain launch; 'off' never (the register pipeline), for "
+                    "comparison.");
     m.def("uses_bulk_pipeline",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              bool early_cache_reads) {
@@ -772,14 +779,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "caches the driver accepts as tensor maps: 16-byte strides and addresses).",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("early_cache_reads") = false);
-    m.def("set_warp_groups",
-          [](const std::string& mode) {
-              flash_decode::warp_groups_mode() = parse_mode<flash_decode::WarpGroups>("set_warp_groups", mode);
-          },
-          "Blocks of two groups of four warps for flash_decode's plain launches: 'auto' (the default) where the grid "
-          "runs at once with one block an SM; 'always' for every plain launch; 'off' never (four warps), for "
-          "comparison.",
-          py::arg("mode"));
+    def_mode_setter(m, "set_warp_groups", &flash_decode::warp_groups_mode,
+                    "Blocks of two groups of four warps for flash_decode's plain launches: 'auto' (the default) where "
+                    "the grid runs at once with one block an SM; 'always' for every plain launch; 'off' never (four "
+                    "warps), for comparison.");
     m.def("uses_warp_groups",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              int64_t num_splits, bool early_cache_reads) {
@@ -791,27 +794,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "GPU (the register pipeline's or the bulk variant's: uses_bulk_pipeline).",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
-    m.def("set_kv_head_pairs",
-          [](const std::string& mode) {
-              flash_decode::kv_head_pairs_mode() = parse_mode<flash_decode::KvHeadPairs>("set_kv_head_pairs", mode);
-          },
-          "Blocks of two adjacent KV heads, whose tensor copies bring both heads' rows, for flash_decode's bulk variant at "
-          "head 64: 'auto' (the default) for launches of one split whose pair blocks fill two an SM; 'always' for every "
-          "bulk launch that can (an even number of KV heads, at most 8 query heads a KV head); 'off' never, for "
-          "comparison.",
-          py::arg("mode"));
+    def_mode_setter(m, "set_kv_head_pairs", &flash_decode::kv_head_pairs_mode,
+                    "Blocks of two adjacent KV heads, whose tensor copies bring both heads' rows, for flash_decode's "
+                    "bulk variant at head 64: 'auto' (the default) for launches of one split whose pair blocks fill "
+                    "their waves of two an SM to 15/16 (bf16); 'always' for every bulk launch that can (an even number "
+                    "of KV heads, at most 8 query heads a KV head); 'off' never, for comparison.");
     m.def("uses_kv_head_pairs",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              int64_t num_splits, at::ScalarType dtype) {
               units_of("uses_kv_head_pairs", batch, q_heads, kv_heads);  // (its checks)
-              FD_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "uses_kv_head_pairs: dtype ", dtype,
-                       " is not supported; use bfloat16 or float16");
-              return flash_decode::uses_kv_head_pairs(
-                  (int)batch, (int)q_heads, (int)kv_heads, (int)head_dim, (int)seq_capacity, (int)num_splits,
-                  dtype == at::kBFloat16 ? flash_decode::DType::kBFloat16 : flash_decode::DType::kFloat16);
+              return flash_decode::uses_kv_head_pairs((int)batch, (int)q_heads, (int)kv_heads, (int)head_dim,
+                                                      (int)seq_capacity, (int)num_splits,
+                                                      kernel_dtype(dtype, "uses_kv_head_pairs"));
           },
-          "Whether a flash_decode launch of this shape, split count and cache dtype runs blocks of a KV-head pair on the "
-          "current GPU.",
+          "Whether a flash_decode launch of this shape, split count and cache dtype runs blocks of a KV-head pair on "
+          "the current GPU.",
           py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
           py::arg("num_splits"), py::arg("dtype") = at::kBFloat16);
     m.def("set_programmatic_launch", [](bool enabled) { programmatic_launch::enabled() = enabled; },

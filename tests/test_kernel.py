@@ -291,9 +291,9 @@ def test_kv_head_pairs_serve_one_split_launches_that_fill_the_gpu(ext):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_heads,kv_heads", [(8, 8), (16, 8), (32, 8), (64, 8), (12, 2)])
 def test_kv_head_pairs_against_the_reference(ext, dtype, q_heads, kv_heads):
-    # Blocks of a KV-head pair forced (GQA 1, 2, 4, 8 and 6): both heads of every pair must get their own rows out of the
-    # shared stages, and their own query heads' outputs, with one split or several (the workspace merge of both heads),
-    # ragged lengths (an empty sequence, one row, lengths ending inside a tile), rows past the lengths poisoned.
+    # Blocks of a KV-head pair forced (GQA 1, 2, 4, 8 and 6): both heads of every pair must get their own rows out of
+    # the shared stages, and their own query heads' outputs, with one split or several (the workspace merge of both
+    # heads), ragged lengths (an empty sequence, one row, lengths ending inside a tile), rows past the lengths poisoned.
     if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
     try:
