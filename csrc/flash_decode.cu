@@ -115,7 +115,7 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
 template <typename Element, int kHeadDim>
 struct PairInstance {
     using Traits = KernelTraits<Element, kHeadDim, 2>;
-    static constexpr auto kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 2, true>;
+    static constexpr auto kernel = flash_decode_pairs_kernel<Element, kHeadDim>;
     static constexpr size_t shared_bytes = Traits::bulk_shared_bytes(2);  // (a stage of two heads' tiles)
     static cudaError_t setup() {
         static const cudaError_t err =
@@ -240,8 +240,13 @@ static cudaError_t device_info(int device, DType dtype, int head_dim, DeviceInfo
     info.rows_per_block_tile = variant.rows_per_block_tile;
     info.num_sms = std::max(info.num_sms, 1);
     if (variant.pair_blocks_an_sm != nullptr && programmatic_launch::current_device_supports()) {  // (sm_90+)
-        err = variant.pair_blocks_an_sm(&info.pair_blocks_an_sm);
-        if (err != cudaSuccess) return err;
+        // A failed query means no KV-head pairs (one head a block serves those launches), not a failed launch; it
+        // clears only its own error, not one still to be reported.
+        const cudaError_t pending = cudaPeekAtLastError();
+        if (variant.pair_blocks_an_sm(&info.pair_blocks_an_sm) != cudaSuccess) {
+            if (pending == cudaSuccess) cudaGetLastError();
+            info.pair_blocks_an_sm = 0;
+        }
     }
     cache[key] = info;
     *out = info;
@@ -458,7 +463,8 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     const bool warp_groups = warp_groups_for(units, params.num_splits, bulk, device, info.num_sms);
     if (bulk) {
-        if (kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
+        if (variant.launch_bulk_pairs != nullptr &&
+            kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
             err = variant.launch_bulk_pairs(params, dim3(params.num_splits, units / 2), stream);
             if (err != cudaErrorNotSupported) return err;  // (else one head a block, below)
         }

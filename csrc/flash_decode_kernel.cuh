@@ -108,10 +108,12 @@ struct KernelTraits {
 
 // The bulk variant's tensor maps (CUtensorMap, built per launch in flash_decode.cu): the caches as 4-d tensors of
 // dimensions (head_dim, kv_heads, seq, batch) from the innermost (coordinates in that order), boxes of 64 head_dim
-// elements x 1 head x kRowsPerBlockTile rows, 128-byte swizzle.
+// elements x 1 head (KV-head pairs: 2) x kRowsPerBlockTile rows, 128-byte swizzle.
 struct CacheMaps {
     CUtensorMap k, v;
-    int stages;  // of each warp group's ring, 1 to KernelTraits::kMaxBulkStages; all filled before the length is read
+    // of each warp group's ring (KV-head pairs: of the block's one ring), 1 to KernelTraits::kMaxBulkStages; all filled
+    // before the length is read
+    int stages;
 };
 struct NoCacheMaps {};
 
@@ -162,13 +164,12 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
 // kWarpGroups (plain launches, either pipeline): 2 gives the block a second group of four warps (see "Warp groups").
 // kHeadPairs (the bulk variant in two groups, Params::head_groups == 1): group g takes KV head 2 * (pair) + g, every
-// tile of the block's split, from stages that hold both heads (see "KV-head pairs").
-// (The bf16 pair instance is held to 128 registers a thread, two blocks an SM; fp16's needs 148, which at 128 spill.)
+// tile of the block's split, from stages that hold both heads (see "KV-head pairs"); launched as
+// flash_decode_pairs_kernel, the others as flash_decode_kernel (below).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
-          bool kHeadPairs = false>
-__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads,
-                                  kHeadPairs && tensor_core::is_bf16<Element> ? 2 : 1)
-    flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
+          bool kHeadPairs>
+__device__ __forceinline__ void flash_decode_block(const Params& p,
+                                                   const std::conditional_t<kBulk, CacheMaps, NoCacheMaps>& maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
     static_assert(kWarpGroups == 1 || !kEarlyReads, "warp groups serve plain launches");
     static_assert(!kHeadPairs || (kBulk && kWarpGroups == 2), "KV-head pairs: the bulk variant, a warp group a head");
@@ -238,7 +239,8 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
     // with KV-head pairs its warp group's (a head each).
     constexpr int kMergeWarps = kHeadPairs ? Traits::kTileWarps : kWarps;
     constexpr int kMergeThreads = 32 * kMergeWarps;
-    const int merge_thread = threadIdx.x % kMergeThreads, merge_warp0 = warp - warp % kMergeWarps;
+    const int merge_thread = kHeadPairs ? threadIdx.x % kMergeThreads : threadIdx.x;
+    const int merge_warp0 = kHeadPairs ? warp_group * Traits::kTileWarps : 0;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;  // the mma fragments' row group and thread in group
 
@@ -819,6 +821,20 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
         if (c == 0 && p.lse != nullptr)
             p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
     }
+}
+
+// The launched kernels: every instance but the KV-head pairs', and those (the bf16 one held to 128 registers a thread,
+// so that two blocks share an SM; fp16's needs more, and spills at 128).
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
+    flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
+    flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false>(p, maps);
+}
+
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, 2>::kThreads, tensor_core::is_bf16<Element> ? 2 : 1)
+    flash_decode_pairs_kernel(const Params p, const __grid_constant__ CacheMaps maps) {
+    flash_decode_block<Element, kHeadDim, false, false, true, 2, true>(p, maps);
 }
 
 }  // namespace flash_decode

@@ -133,7 +133,9 @@ def test_profile_on_cpu_lists_categories(tiny_config):
     assert "### Decode step profile: batch 1, context 8+, 4 steps" in out
     for row in ("GEMM/GEMV", "sampling", "norm", "elementwise/other", "launch gaps / idle", "wall time per step"):
         assert re.search(rf"^\| {re.escape(row)} +\| (-?[0-9.]+)? +\| -?[0-9.]+ +\|", out, re.M), row
-    assert re.search(r"^\| aten::mm +\| GEMM/GEMV +\|", out, re.M), out
+    # the model's matmuls are GEMM/GEMV in the kernel table (which of mm / bmm / matmul rank in its top 30 varies with
+    # the CPU's load: a tiny model's ops all take about the same time)
+    assert re.search(r"^\| aten::(mm|bmm|matmul|addmm) +\| GEMM/GEMV +\|", out, re.M), out
 
 
 def test_exposed_time_counts_only_what_extends_the_busy_time():
