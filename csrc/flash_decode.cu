@@ -253,6 +253,12 @@ static cudaError_t device_info(int device, DType dtype, int head_dim, DeviceInfo
     return cudaSuccess;
 }
 
+// device_info for the current device, which it also returns.
+static cudaError_t current_device_info(DType dtype, int head_dim, int* device, DeviceInfo* out) {
+    const cudaError_t err = cudaGetDevice(device);
+    return err != cudaSuccess ? err : device_info(*device, dtype, head_dim, out);
+}
+
 bool& cluster_merge_enabled() {
     static bool on = true;
     return on;
@@ -332,8 +338,7 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
     if (mode == WarpGroups::kAlways) return true;
     int device = 0;
     DeviceInfo info;
-    if (cudaGetDevice(&device) != cudaSuccess || device_info(device, DType::kBFloat16, 64, &info) != cudaSuccess)
-        return false;
+    if (current_device_info(DType::kBFloat16, 64, &device, &info) != cudaSuccess) return false;
     return warp_groups_for(units, num_splits, uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
 }
 
@@ -365,7 +370,7 @@ bool uses_kv_head_pairs(int batch, int q_heads, int kv_heads, int head_dim, int 
     const int head_groups = head_groups_for(q_heads / kv_heads);
     int device = 0;
     DeviceInfo info;
-    if (cudaGetDevice(&device) != cudaSuccess || device_info(device, dtype, head_dim, &info) != cudaSuccess) return false;
+    if (current_device_info(dtype, head_dim, &device, &info) != cudaSuccess) return false;
     const bool bulk = uses_bulk_pipeline(batch * kv_heads * head_groups, head_dim, seq_capacity);
     return kv_head_pairs_for(batch, kv_heads, head_groups, num_splits, bulk, info);
 }
@@ -458,8 +463,7 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     const bool bulk = uses_bulk_pipeline(units, params.head_dim, params.seq_capacity);
     int device = 0;
     DeviceInfo info;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = device_info(device, dtype, params.head_dim, &info);
+    cudaError_t err = current_device_info(dtype, params.head_dim, &device, &info);
     if (err != cudaSuccess) return err;
     const bool warp_groups = warp_groups_for(units, params.num_splits, bulk, device, info.num_sms);
     if (bulk) {

@@ -105,15 +105,20 @@ def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
     return q, k, v, gen
 
 
+def poison_rows_past_lengths(k, v, lens):
+    """NaN into k and inf / NaN into v past each sequence's length, in place (stale or never-written cache rows)."""
+    for b, n in enumerate(lens.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:, :, ::2] = float("inf")
+        v[b, n:, :, 1::2] = float("nan")
+
+
 def check_against_reference(ext, q, k, v, lens, num_splits=0, tol=1e-2, poison_past_lengths=False):
-    """poison_past_lengths: after the reference, NaN into k and inf / NaN into v past each length (in place)."""
+    """poison_past_lengths: poison_rows_past_lengths after the reference."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
     if poison_past_lengths:
-        for b, n in enumerate(lens.tolist()):
-            k[b, n:] = float("nan")
-            v[b, n:, :, ::2] = float("inf")
-            v[b, n:, :, 1::2] = float("nan")
+        poison_rows_past_lengths(k, v, lens)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     lse = torch.full(q.shape[:2], float("nan"), device=q.device)
     ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out, lse=lse)
@@ -160,10 +165,7 @@ def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, pipeline
     lens = torch.tensor([1, 17, 100, 255, 700], dtype=torch.int32, device="cuda")
     scale = 1.0 / math.sqrt(head_dim)
     ref = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale)
-    for b, n in enumerate(lens.tolist()):
-        k[b, n:] = float("nan")
-        v[b, n:, :, ::2] = float("inf")
-        v[b, n:, :, 1::2] = float("nan")
+    poison_rows_past_lengths(k, v, lens)
     for num_splits in (0, 1, 3, 6):  # (a plain launch reads a split's second tile early when it has two)
         out = torch.full_like(q, float("nan"))
         ext.flash_decode(q, k, v, lens, scale, num_splits=num_splits, out=out)
@@ -189,10 +191,7 @@ def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
     lens = torch.tensor([seq, 1, 0, 5037], dtype=torch.int32, device="cuda")
     scale = 1.0 / math.sqrt(head_dim)
     ref, ref_lse = decode_attention_reference(q.float(), k.float(), v.float(), lens, scale, return_lse=True)
-    for b, n in enumerate(lens.tolist()):
-        k[b, n:] = float("nan")
-        v[b, n:, :, ::2] = float("inf")
-        v[b, n:, :, 1::2] = float("nan")
+    poison_rows_past_lengths(k, v, lens)
     assert ext.uses_bulk_pipeline(4, 32, 8, head_dim, seq) == pipeline.startswith("bulk")
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
