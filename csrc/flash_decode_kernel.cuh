@@ -27,7 +27,7 @@
 //      pushes its partial result into the first block's shared memory with asynchronous stores that count
 //      their bytes on that block's mbarrier, then leaves; the first block waits for the bytes and merges.
 //      Else each block writes its partial output and log-sum-exp to a float32 workspace, and the last block
-//      to finish (an atomic ticket after a memory fence) merges all splits, in one pass over them, and resets the
+//      to finish (an acquire-release atomic ticket) merges all splits, in one pass over them, and resets the
 //      ticket counter.
 //   The active splits are counted on the device from the actual length, so a CUDA graph captured once
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
@@ -129,6 +129,15 @@ using element::from_float;
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// atomicAdd with acquire-release semantics at GPU scope: the writes this thread has observed (its block's, after a
+// __syncthreads: cumulativity) become visible to whoever acquires the new value, and everything released before the old
+// value becomes visible to this thread (and, after a __syncthreads, to its block).
+__device__ __forceinline__ int atomic_add_acq_rel(int* address, int value) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(address), "r"(value) : "memory");
+    return old;
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
@@ -778,16 +787,17 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         __trap();  // launched only on sm_90+ (flash_decode.cu)
 #endif
     } else {
-        __threadfence();  // publish this block's partial results before taking a ticket
+        // The barrier orders the block's partial results before thread 0's ticket, whose release publishes them; the
+        // last block's acquire makes every other block's visible to it, and after the second barrier to all its threads
+        // (read through L2 below, never stale L1). The ticket was a relaxed atomicAdd between two __threadfence()s (in
+        // every thread): 0.5-0.8 us more at batch 1 in 16 splits (H100, 2026-11-28, a standalone probe, four rounds:
+        // head 64 S = 16384 / 65536 / 131072 18.9-19.2 / 51.3-51.8 / 95.5-95.8 -> 18.3-18.4 / 50.5-50.8 / 94.7-95.0
+        // us, head 128 S = 8192 / 65536 19.8-20.1 / 93.8-94.0 -> 19.2-19.5 / 92.9-93.5).
         __syncthreads();
         int* counter = p.split_counters + unit;
-        if (threadIdx.x == 0) {
-            const int ticket = atomicAdd(counter, 1);
-            smem_is_last = (ticket == p.num_splits - 1);
-        }
+        if (threadIdx.x == 0) smem_is_last = atomic_add_acq_rel(counter, 1) == p.num_splits - 1;
         __syncthreads();
         if (!smem_is_last) return;
-        __threadfence();  // see the other blocks' partial results (read through L2 below, never stale L1)
         if (threadIdx.x == 0) *counter = 0;  // ready for the next launch; every block of this launch has arrived
     }
 
