@@ -120,11 +120,11 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
 // The bulk variant at head 64 in blocks of a KV-head pair (flash_decode_kernel.cuh, "KV-head pairs"): each tensor copy
 // brings two adjacent heads' rows, 256 contiguous bytes of a cache row instead of 128 at a 1 KB stride. Process-wide
 // mode: kAuto (the default) for launches of one split whose pair blocks fill their waves of two an SM to 15/16 (batch
-// 62-66 or 124-132 x 8 KV heads on an H100; the bf16 instance: fp16's registers allow one block an SM); kAlways for
-// every bulk launch that can (tests, comparisons); kOff never. Either way only for an even number of KV heads and at
-// most kHeadsPerBlock query heads a KV head. Measured on an H100 (2026-11-27, 22:55 UTC, batch 64 head 64 S = 2048
-// bf16, the caches at seven offsets in larger buffers): one head a block 94.2-96.1 us, pairs 93.7-94.3, cuDNN
-// 94.5-95.2.
+// 62-66 or 124-132 x 8 KV heads on an H100); kAlways for every bulk launch that can (tests, comparisons); kOff never.
+// Either way only for an even number of KV heads and at most kHeadsPerBlock query heads a KV head. Measured on an H100
+// (2026-11-27, 22:55 UTC, batch 64 head 64 S = 2048 bf16, the caches at seven offsets in larger buffers): one head a
+// block 94.2-96.1 us, pairs 93.7-94.3, cuDNN 94.5-95.2; fp16 (2026-11-28, 01:08 UTC, two rounds, best): 94.4-96.5,
+// 93.3-93.8 and 94.5-95.1.
 enum class KvHeadPairs { kOff, kAuto, kAlways };
 KvHeadPairs& kv_head_pairs_mode();
 bool uses_kv_head_pairs(int batch, int q_heads, int kv_heads, int head_dim, int seq_capacity, int num_splits,

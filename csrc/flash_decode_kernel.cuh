@@ -207,7 +207,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     float* const merge_o = reinterpret_cast<float*>(merge_buffer);         // [num_splits][kHeads][kHeadDim]
     float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
     // kBulk: the ring of stages in the dynamic shared memory instead, 1024-byte aligned for the swizzle, and its
-    // barriers: full (the stage's bytes have landed) and empty (every warp has read it).
+    // barriers: K full and V full (the stage's K or V bytes have landed) and empty (every warp has read it).
     // With two warp groups each group has a ring of its own (stages group * stages .. + stages - 1), which its first
     // thread fills.
     // (KV-head pairs: one ring for both groups, each stage both heads' tile)
@@ -215,7 +215,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     constexpr int kHeadsPerStage = kHeadPairs ? 2 : 1;
     constexpr int kStageBytes = Traits::kBulkStageBytes * kHeadsPerStage;
     constexpr int kStageBoxBytes = Traits::kBoxBytes * kHeadsPerStage;
-    __shared__ uint64_t bulk_full[kRingStages], bulk_empty[kRingStages];
+    __shared__ uint64_t bulk_k_full[kRingStages], bulk_v_full[kRingStages], bulk_empty[kRingStages];
     unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
 
@@ -325,14 +325,16 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if constexpr (kBulk) {
             unsigned char* stage = bulk_ring + slot * kStageBytes;
             const int box_head = kv_head - (kHeadPairs ? warp_group : 0);
-            mbarrier::arrive_expect_bytes(&bulk_full[slot], kStageBytes);
+            mbarrier::arrive_expect_bytes(&bulk_k_full[slot], kStageBytes / 2);
 #pragma unroll
-            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box) {
-                const int column = box * Traits::kBoxColumns;
-                mbarrier::tensor_copy_4d(stage + box * kStageBoxBytes, &maps.k, column, box_head, tile, b, &bulk_full[slot]);
-                mbarrier::tensor_copy_4d(stage + kStageBytes / 2 + box * kStageBoxBytes, &maps.v, column, box_head, tile, b,
-                                         &bulk_full[slot]);
-            }
+            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box)
+                mbarrier::tensor_copy_4d(stage + box * kStageBoxBytes, &maps.k, box * Traits::kBoxColumns, box_head, tile, b,
+                                         &bulk_k_full[slot]);
+            mbarrier::arrive_expect_bytes(&bulk_v_full[slot], kStageBytes / 2);
+#pragma unroll
+            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box)
+                mbarrier::tensor_copy_4d(stage + kStageBytes / 2 + box * kStageBoxBytes, &maps.v, box * Traits::kBoxColumns,
+                                         box_head, tile, b, &bulk_v_full[slot]);
         }
     };
     // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
@@ -449,7 +451,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // to lie past the length are waited for before the block leaves (drain_unread_stages).
         if (threadIdx.x == 0) {
             for (int i = 0; i < kRingStages; ++i) {
-                mbarrier::init(&bulk_full[i], 1);                     // the issuing thread's arrival, plus the bytes
+                mbarrier::init(&bulk_k_full[i], 1);                   // the issuing thread's arrival, plus the bytes
+                mbarrier::init(&bulk_v_full[i], 1);
                 // every warp of the group (of the block, with KV-head pairs) has its fragments
                 mbarrier::init(&bulk_empty[i], kHeadPairs ? kWarps : Traits::kTileWarps);
             }
@@ -504,7 +507,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if constexpr (kBulk) {
             for (int i = 0; i < maps.stages; ++i) {
                 const int tile = start + i * tile_stride;
-                if (tile >= end && tile < p.seq_capacity) mbarrier::wait(&bulk_full[ring0 + i], 0);
+                if (tile >= end && tile < p.seq_capacity) {
+                    mbarrier::wait(&bulk_k_full[ring0 + i], 0);
+                    mbarrier::wait(&bulk_v_full[ring0 + i], 0);
+                }
             }
         }
     };
@@ -642,8 +648,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 
         if constexpr (kBulk) {
             // each tile: wait for its bytes, take this lane's fragments, free the stage (the ring's filler refills it
-            // `stages` tiles ahead), compute. KV-head pairs take K's fragments into the scores before they read V's: the
-            // pair instances run two blocks an SM, in 128 registers a thread.
+            // `stages` tiles ahead), compute. K and V land on barriers of their own, and KV-head pairs take K's fragments
+            // into the scores before they wait for V's: the pair instances run two blocks an SM, in at most 128 registers
+            // a thread (with one barrier for both, the compiler read V's fragments early and the fp16 instance needed
+            // 146; now bf16 111, fp16 118. Split barriers alone, at every other instance, measured level on an H100,
+            // 2026-11-28).
             const int stages = maps.stages;
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
@@ -651,9 +660,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 const unsigned parity = (stages == 1 ? n : n / stages) & 1;
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
                 float sc[kSteps][4];
-                mbarrier::wait(&bulk_full[slot], parity);
+                mbarrier::wait(&bulk_k_full[slot], parity);
                 bulk_read_k(slot, tile, k_cur);
                 if constexpr (kHeadPairs) scores(tile, k_cur, sc);
+                mbarrier::wait(&bulk_v_full[slot], parity);
                 bulk_read_v(slot, tile, v_cur);
                 __syncwarp();
                 if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
@@ -833,8 +843,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     }
 }
 
-// The launched kernels: every instance but the KV-head pairs', and those (the bf16 one held to 128 registers a thread,
-// so that two blocks share an SM; fp16's needs more, and spills at 128).
+// The launched kernels: every instance but the KV-head pairs', and those (held to 128 registers a thread, so that two
+// blocks share an SM).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
@@ -842,7 +852,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
 }
 
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, 2>::kThreads, tensor_core::is_bf16<Element> ? 2 : 1)
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, 2>::kThreads, 2)
     flash_decode_pairs_kernel(const Params p, const __grid_constant__ CacheMaps maps) {
     flash_decode_block<Element, kHeadDim, false, false, true, 2, true>(p, maps);
 }

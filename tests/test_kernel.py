@@ -249,9 +249,9 @@ def test_warp_groups_serve_grids_of_one_block_an_sm(ext):
 
 @needs_cuda
 def test_kv_head_pairs_serve_one_split_launches_that_fill_the_gpu(ext):
-    # "auto": the bulk variant at head 64 (bf16: two pair blocks an SM) in one split, whose pair blocks fill their
-    # waves of two an SM to at least 15/16 (an H100: batch 62-66 and 124-132 x 8 KV heads); an even number of KV heads
-    # and one head group; "always": any bulk launch that can
+    # "auto": the bulk variant at head 64 (two pair blocks an SM, either dtype) in one split, whose pair blocks fill
+    # their waves of two an SM to at least 15/16 (an H100: batch 62-66 and 124-132 x 8 KV heads); an even number of KV
+    # heads and one head group; "always": any bulk launch that can
     if not ext.uses_bulk_pipeline(1, 32, 8, 64, 131072):
         pytest.skip("no tensor memory accelerator on this GPU (sm_90+)")
     if torch.cuda.get_device_capability() != (9, 0):
@@ -264,6 +264,7 @@ def test_kv_head_pairs_serve_one_split_launches_that_fill_the_gpu(ext):
         assert ext.uses_kv_head_pairs(batch, 32, 8, 64, 2048, 1) == fills, batch
     pair_batch = -(-15 * places // (16 * 4))  # the smallest batch of 8 KV heads whose pairs fill one wave
     assert ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 1, torch.bfloat16)
+    assert ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 1, torch.float16)
     assert not ext.uses_kv_head_pairs(pair_batch, 32, 8, 64, 2048, 2)
     assert not ext.uses_kv_head_pairs(pair_batch, 32, 8, 128, 2048, 1)  # (one head's row is 256 bytes already)
     assert ext.uses_kv_head_pairs(2 * pair_batch, 12, 4, 64, 2048, 1)  # (4 KV heads, GQA 3: as many pairs)
