@@ -802,7 +802,7 @@ def parse_args(argv=None):
     p.add_argument("--kv_head_pairs", choices=["auto", "always", "off"], default="auto",
                    help="blocks of two adjacent KV heads in the custom kernel's bulk variant at head 64 (tensor "
                         "copies of both heads' rows): auto = for one-split launches whose pair blocks fill their "
-                        "waves of two an SM to 15/16, in bf16 (the default), always, or off")
+                        "waves of two an SM to 15/16 (the default), always, or off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

@@ -797,8 +797,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     def_mode_setter(m, "set_kv_head_pairs", &flash_decode::kv_head_pairs_mode,
                     "Blocks of two adjacent KV heads, whose tensor copies bring both heads' rows, for flash_decode's "
                     "bulk variant at head 64: 'auto' (the default) for launches of one split whose pair blocks fill "
-                    "their waves of two an SM to 15/16 (bf16); 'always' for every bulk launch that can (an even number "
-                    "of KV heads, at most 8 query heads a KV head); 'off' never, for comparison.");
+                    "their waves of two an SM to 15/16, either dtype; 'always' for every bulk launch that can (an even "
+                    "number of KV heads, at most 8 query heads a KV head); 'off' never, for comparison.");
     m.def("uses_kv_head_pairs",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              int64_t num_splits, at::ScalarType dtype) {
