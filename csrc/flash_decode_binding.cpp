@@ -61,7 +61,8 @@ void check_rows_aligned(const at::Tensor& t, const char* name) {
     FD_CHECK(t.stride(-1) == 1, "flash_decode: ", name, " must be contiguous in its last (head_dim) dimension, "
                 "got strides ", t.strides(), "; call .contiguous() on it");
     FD_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-                "flash_decode: ", name, " must start on a 16-byte boundary (the kernel uses 16-byte loads)");
+                "flash_decode: ", name, " must start on a 16-byte boundary (the kernel moves its rows in aligned pieces "
+                "of up to 16 bytes)");
     for (int d = 0; d < t.dim() - 1; ++d)
         FD_CHECK(t.stride(d) % 8 == 0, "flash_decode: ", name, " stride ", t.stride(d), " of dimension ", d,
                     " is not a multiple of 8 elements (16 bytes); make the tensor contiguous");
@@ -145,7 +146,7 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
         out = out_.value();
         FD_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
                     "flash_decode: out must match q in shape, dtype and device");
-        FD_CHECK(out.stride(-1) == 1, "flash_decode: out must be contiguous in its last dimension");
+        check_rows_aligned(out, "out");
     } else {
         out = at::empty_like(q, at::MemoryFormat::Contiguous);
     }

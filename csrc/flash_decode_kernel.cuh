@@ -130,6 +130,26 @@ __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// v[0 .. kVec) in one store, to `dst` aligned to 4 * kVec bytes (kVec 1, 2 or 4).
+template <int kVec>
+__device__ __forceinline__ void store_floats(float* dst, const float (&v)[4]) {
+    static_assert(kVec == 1 || kVec == 2 || kVec == 4, "1, 2 or 4 floats");
+    if constexpr (kVec == 1) *dst = v[0];
+    else if constexpr (kVec == 2) *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+    else *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// The same as 16-bit elements (rounded to nearest even), to `dst` aligned to 2 * kVec bytes.
+template <typename Element, int kVec>
+__device__ __forceinline__ void store_elements(Element* dst, const float (&v)[4]) {
+    static_assert(kVec == 1 || kVec == 2 || kVec == 4, "1, 2 or 4 elements");
+    if constexpr (kVec == 1) *dst = from_float<Element>(v[0]);
+    else if constexpr (kVec == 2) *reinterpret_cast<uint32_t*>(dst) = tensor_core::pack2<Element>(v[0], v[1]);
+    else
+        *reinterpret_cast<uint2*>(dst) =
+            make_uint2(tensor_core::pack2<Element>(v[0], v[1]), tensor_core::pack2<Element>(v[2], v[3]));
+}
+
 // atomicAdd with acquire-release semantics at GPU scope: the writes this thread has observed (its block's, after a
 // __syncthreads: cumulativity) become visible to whoever acquires the new value, and everything released before the old
 // value becomes visible to this thread (and, after a __syncthreads, to its block).
@@ -495,12 +515,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         }
     }
 
-    auto write_final = [&](int h, int d, float value) {
-        Element* out = reinterpret_cast<Element*>(p.out) + b * p.out_batch_stride +
-                       (int64_t)(q_head0 + h) * p.out_head_stride;
-        out[d] = from_float<Element>(value);
+    auto final_row = [&](int h) {
+        return reinterpret_cast<Element*>(p.out) + b * p.out_batch_stride + (int64_t)(q_head0 + h) * p.out_head_stride;
     };
-
+    // (out's rows start on 16-byte boundaries, which the binding checks: whole pieces of them take one store)
+    auto write_final = [&](int h, int d, float value) { final_row(h)[d] = from_float<Element>(value); };
     // kBulk: a block must not leave while a copy into its shared memory is in flight: it waits for the stages filled
     // at the start whose tiles it does not read (those at or past the length; refills stop at the length).
     auto drain_unread_stages = [&]() {
@@ -732,36 +751,47 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             first_block_bar = mbarrier::cluster_address(&merge_bar, 0);
         }
 #endif
-        for (int i = merge_thread; i < g_count * kHeadDim; i += kMergeThreads) {
-            const int h = i / kHeadDim, d = i % kHeadDim;
+        // Each thread takes kMergeVec adjacent elements of one head, as many as one pass over a block of four query
+        // heads (Llama 3's GQA group) needs: the warps' weights once for all of them, and one store of the output (of
+        // a partial result) where there were kMergeVec scalar ones. Measured on H100s (2026-11-28, docs/perf-notes.md):
+        // head 128 batch 16 S = 4096, one pass instead of two, 91.3-91.4 -> 91.0-91.2 us; batch 64 head 64 (KV-head
+        // pairs) 93.2-93.7 -> 92.8-93.3; but two elements a thread where one pass took one left half the threads idle
+        // (head 64 batch 16, 128 items for 256 threads: 27.9-28.1 -> 28.2-28.3).
+        constexpr int kMergeVec = 4 * kHeadDim <= kMergeThreads ? 1 : 4 * kHeadDim <= 2 * kMergeThreads ? 2 : 4;
+        constexpr int kVecsPerHead = kHeadDim / kMergeVec;
+        for (int i = merge_thread; i < g_count * kVecsPerHead; i += kMergeThreads) {
+            const int h = i / kVecsPerHead, d = kMergeVec * (i % kVecsPerHead);
             float m_max = -INFINITY;
 #pragma unroll
             for (int w = merge_warp0; w < merge_warp0 + kMergeWarps; ++w) m_max = fmaxf(m_max, smem_m[w][h]);
             const float ref = safe_ref(m_max);
-            float sum = 0.f, o = 0.f;
+            float sum = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};  // (the first kMergeVec)
 #pragma unroll
             for (int w = merge_warp0; w < merge_warp0 + kMergeWarps; ++w) {
                 const float c = exp2f(smem_m[w][h] - ref);
                 sum += smem_l[w][h] * c;
-                o += smem_acc[w][h][d] * c;
+#pragma unroll
+                for (int e = 0; e < kMergeVec; ++e) o[e] += smem_acc[w][h][d + e] * c;
             }
-            o /= sum;
+            const float inv_sum = 1.f / sum;
+#pragma unroll
+            for (int e = 0; e < kMergeVec; ++e) o[e] *= inv_sum;
             const float lse2 = m_max + log2f(sum);
             if (active_splits == 1) {
-                write_final(h, d, o);
+                store_elements<Element, kMergeVec>(final_row(h) + d, o);
                 if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
             } else if constexpr (kClusterMerge) {
                 const int o_index = (split * kHeads + h) * kHeadDim + d, lse_index = split * kHeads + h;
                 if (split == 0) {
-                    merge_o[o_index] = o;
+                    store_floats<kMergeVec>(merge_o + o_index, o);
                     if (d == 0) merge_lse2[lse_index] = lse2;
                 } else {
-                    mbarrier::store_async(first_block_o + 4 * o_index, o, first_block_bar);
+                    mbarrier::store_async_vec<kMergeVec>(first_block_o + 4 * o_index, o, first_block_bar);
                     if (d == 0) mbarrier::store_async(first_block_lse + 4 * lse_index, lse2, first_block_bar);
                 }
             } else {
                 const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;
-                p.partial_out[row * kHeadDim + d] = o;
+                store_floats<kMergeVec>(p.partial_out + row * kHeadDim + d, o);
                 if (d == 0) p.partial_lse[row] = lse2;
             }
         }
@@ -834,10 +864,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             m_max = m_new;
         }
         const float inv_sum = 1.f / sum;
-        write_final(h, c, o.x * inv_sum);
-        write_final(h, c + 1, o.y * inv_sum);
-        write_final(h, c + 2, o.z * inv_sum);
-        write_final(h, c + 3, o.w * inv_sum);
+        const float o4[4] = {o.x * inv_sum, o.y * inv_sum, o.z * inv_sum, o.w * inv_sum};
+        store_elements<Element, 4>(final_row(h) + c, o4);
         if (c == 0 && p.lse != nullptr)
             p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
     }

@@ -104,6 +104,28 @@ __device__ __forceinline__ void store_async(uint32_t address, float value, uint3
 #endif
 }
 
+// store_async of v[0 .. kVec) (kVec 1, 2 or 4) at `address`, aligned to 4 * kVec bytes: one store, 4 * kVec bytes of
+// the barrier.
+template <int kVec>
+__device__ __forceinline__ void store_async_vec(uint32_t address, const float (&v)[4], uint32_t bar) {
+    static_assert(kVec == 1 || kVec == 2 || kVec == 4, "1, 2 or 4 floats");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kVec == 1) {
+        store_async(address, v[0], bar);
+    } else if constexpr (kVec == 2) {
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" ::"r"(address),
+                     "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])), "r"(bar)
+                     : "memory");
+    } else {
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                         address),
+                     "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])), "r"(__float_as_uint(v[2])),
+                     "r"(__float_as_uint(v[3])), "r"(bar)
+                     : "memory");
+    }
+#endif
+}
+
 // The cluster barrier: every thread of every block of the cluster arrives, then waits for all the others'
 // arrivals (.aligned: a warp executes these together, so a warp that branched reconverges first). Stores before
 // cluster_arrive(), to this block's or another's shared memory, are visible to every thread after its
