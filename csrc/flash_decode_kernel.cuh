@@ -515,10 +515,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         }
     }
 
+    // Head h's output row: it starts on a 16-byte boundary (the binding checks it), so aligned pieces of it take one store.
     auto final_row = [&](int h) {
         return reinterpret_cast<Element*>(p.out) + b * p.out_batch_stride + (int64_t)(q_head0 + h) * p.out_head_stride;
     };
-    // (out's rows start on 16-byte boundaries, which the binding checks: whole pieces of them take one store)
     auto write_final = [&](int h, int d, float value) { final_row(h)[d] = from_float<Element>(value); };
     // kBulk: a block must not leave while a copy into its shared memory is in flight: it waits for the stages filled
     // at the start whose tiles it does not read (those at or past the length; refills stop at the length).
@@ -753,7 +753,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #endif
         // Each thread takes kMergeVec adjacent elements of one head, as many as one pass over a block of four query
         // heads (Llama 3's GQA group) needs: the warps' weights once for all of them, and one store of the output (of
-        // a partial result) where there were kMergeVec scalar ones. Measured on H100s (2026-11-28, docs/perf-notes.md):
+        // a partial result) where there were kMergeVec scalar ones. (Not yet the cluster's first block's copy into its
+        // own merge_o: the PTX has kMergeVec scalar st.shared there, where an indexed float2 / float4 store would
+        // give one; untried on a GPU.) The reads of smem_acc are now kMergeVec words apart a lane: 2- or 4-way bank
+        // conflicts, included in the figures below. Measured on H100s (2026-11-28, docs/perf-notes.md):
         // head 128 batch 16 S = 4096, one pass instead of two, 91.3-91.4 -> 91.0-91.2 us; batch 64 head 64 (KV-head
         // pairs) 93.2-93.7 -> 92.8-93.3; but two elements a thread where one pass took one left half the threads idle
         // (head 64 batch 16, 128 items for 256 threads: 27.9-28.1 -> 28.2-28.3).

@@ -429,7 +429,7 @@ def test_bad_inputs_give_clear_errors(ext):
         ext.flash_decode(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, lens, 0.1)
     with pytest.raises(ValueError, match="batch mismatch"):
         ext.flash_decode(q, k[:1], v[:1], lens, 0.1)
-    # out's rows take whole 4- and 8-byte stores
+    # out's rows: 16-byte aligned, like q's (the kernel writes them in 4- and 8-byte pieces)
     with pytest.raises(ValueError, match="out must start on a 16-byte boundary"):
         ext.flash_decode(q, k, v, lens, 0.1, out=torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q))
     with pytest.raises(ValueError, match="out stride 65 of dimension 1"):
