@@ -718,9 +718,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("flash_decode", &flash_decode_forward,
           "out[b, h] = softmax(scale * q[b, h] . k[b, :len_b, h // group]) @ v[b, :len_b, h // group]\n"
           "q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; cache_seqlens int32 [B]; num_splits 0 = automatic; "
-          "optional out [B, Hq, D] (its rows 16-byte aligned, like q's) and lse float32 [B, Hq]. early_cache_reads=True (a decode step) promises that "
-          "the kernels just before it wrote no length and no cache row but the newest (cache_seqlens - 1), so "
-          "it may read the length and the older rows before they finish (programmatic launch).",
+          "optional out [B, Hq, D] (its rows 16-byte aligned, like q's) and lse float32 [B, Hq]. "
+          "early_cache_reads=True (a decode step) promises that the kernels just before it wrote no length and no "
+          "cache row but the newest (cache_seqlens - 1), so it may read the length and the older rows before they "
+          "finish (programmatic launch).",
           py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
           py::arg("num_splits") = 0, py::arg("out") = py::none(), py::arg("lse") = py::none(),
           py::arg("early_cache_reads") = false);
