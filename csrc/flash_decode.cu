@@ -93,16 +93,27 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
 // tile lands. Measured on an H100 (2026-11-27, 21:13 UTC, the best of three rounds), one group with two stages -> two
 // groups with one: batch 1 head 64 S = 16384 / 32768 / 65536 / 131072 20.1 / 30.7 / 52.1 / 96.1 -> 19.4 / 30.1 / 51.8 /
 // 94.9 us, head 128 S = 8192 / 65536 20.1 / 95.0 -> 19.9 / 94.2; batch 16 (one split) level: head 64 S = 2048 / 4096
-// 28.6 / 51.2 -> 28.7 / 51.5, head 128 50.5 / 92.3 -> 50.5 / 91.8. Two stages a group: batch 1 head 64 S = 131072
-// 96.5, head 128 S = 65536 95.8, batch 16 head 128 S = 4096 93.5.
+// 28.6 / 51.2 -> 28.7 / 51.5, head 128 50.5 / 92.3 -> 50.5 / 91.8.
+//
+// A group of at most kShortGroupTiles tiles takes a ring of two stages instead: half its tiles or more are requested
+// before the length is read, where one stage waits a round trip for each. Two stages a group on H100s (2026-11-28,
+// a standalone probe, medians of four rounds, us): batch 1 head 64 S = 16384 (4 tiles a group) 18.46-18.59 ->
+// 17.86-17.98, head 128 S = 8192 (4) 18.21-18.50 -> 17.98-18.27; level at 8 tiles a group (head 64 S = 32768, head 128
+// S = 16384, batch 16 head 64 S = 2048); slower with more (batch 1 head 64 S = 131072 94.0 -> 95.7, head 128 S = 65536
+// 92.2 -> 94.0, batch 16 head 128 S = 4096 91.0-91.4 -> 92.0-92.7). Three stages were slower everywhere (S = 16384:
+// 19.6).
+constexpr int kShortGroupTiles = 4;
 template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps maps, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, 2>;
+    static_assert(Traits::kMaxBulkStages >= 2, "two stages a group");
     auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 2>;
-    maps.stages = 1;
-    const size_t shared_bytes = Traits::bulk_shared_bytes(2);  // (two rings of one stage)
+    const int64_t tiles = ((int64_t)params.seq_capacity + Traits::kRowsPerBlockTile - 1) / Traits::kRowsPerBlockTile;
+    const int64_t split_tiles = (tiles + params.num_splits - 1) / params.num_splits;
+    maps.stages = (split_tiles + 1) / 2 <= kShortGroupTiles ? 2 : 1;
+    const size_t shared_bytes = Traits::bulk_shared_bytes(2 * maps.stages);  // (two rings)
     static const cudaError_t setup =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Traits::bulk_shared_bytes(4));
     if (setup != cudaSuccess) return setup;
     return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }

@@ -130,13 +130,15 @@ __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// v[0 .. kVec) in one store, to `dst` aligned to 4 * kVec bytes (kVec 1, 2 or 4).
+// v[0 .. kVec) in one store, to base[index ..], where base is aligned to 16 bytes and index a multiple of kVec (1, 2
+// or 4). Indexed from the aligned base rather than through base + index: that way the compiler also emits one vector
+// store into shared memory, where `*reinterpret_cast<float4*>(base + index)` became four scalar st.shared.
 template <int kVec>
-__device__ __forceinline__ void store_floats(float* dst, const float (&v)[4]) {
+__device__ __forceinline__ void store_floats(float* base, int64_t index, const float (&v)[4]) {
     static_assert(kVec == 1 || kVec == 2 || kVec == 4, "1, 2 or 4 floats");
-    if constexpr (kVec == 1) *dst = v[0];
-    else if constexpr (kVec == 2) *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
-    else *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+    if constexpr (kVec == 1) base[index] = v[0];
+    else if constexpr (kVec == 2) reinterpret_cast<float2*>(base)[index / 2] = make_float2(v[0], v[1]);
+    else reinterpret_cast<float4*>(base)[index / 4] = make_float4(v[0], v[1], v[2], v[3]);
 }
 
 // The same as 16-bit elements (rounded to nearest even), to `dst` aligned to 2 * kVec bytes.
@@ -753,9 +755,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #endif
         // Each thread takes kMergeVec adjacent elements of one head, as many as one pass over a block of four query
         // heads (Llama 3's GQA group) needs: the warps' weights once for all of them, and one store of the output (of
-        // a partial result) where there were kMergeVec scalar ones. (Not yet the cluster's first block's copy into its
-        // own merge_o: the PTX has kMergeVec scalar st.shared there, where an indexed float2 / float4 store would
-        // give one; untried on a GPU.) The reads of smem_acc are now kMergeVec words apart a lane: 2- or 4-way bank
+        // a partial result) where there were kMergeVec scalar ones (the cluster's first block's copy into its own
+        // merge_o too, through store_floats' indexed form; level on an H100, 2026-11-28, against its kMergeVec scalar
+        // st.shared). The reads of smem_acc are now kMergeVec words apart a lane: 2- or 4-way bank
         // conflicts, included in the figures below. Measured on H100s (2026-11-28, docs/perf-notes.md):
         // head 128 batch 16 S = 4096, one pass instead of two, 91.3-91.4 -> 91.0-91.2 us; batch 64 head 64 (KV-head
         // pairs) 93.2-93.7 -> 92.8-93.3; but two elements a thread where one pass took one left half the threads idle
@@ -786,7 +788,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             } else if constexpr (kClusterMerge) {
                 const int o_index = (split * kHeads + h) * kHeadDim + d, lse_index = split * kHeads + h;
                 if (split == 0) {
-                    store_floats<kMergeVec>(merge_o + o_index, o);
+                    store_floats<kMergeVec>(merge_o, o_index, o);
                     if (d == 0) merge_lse2[lse_index] = lse2;
                 } else {
                     mbarrier::store_async_vec<kMergeVec>(first_block_o + 4 * o_index, o, first_block_bar);
@@ -794,7 +796,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 }
             } else {
                 const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;
-                store_floats<kMergeVec>(p.partial_out + row * kHeadDim + d, o);
+                store_floats<kMergeVec>(p.partial_out, row * kHeadDim + d, o);
                 if (d == 0) p.partial_lse[row] = lse2;
             }
         }

@@ -180,8 +180,10 @@ def test_cache_rows_past_the_lengths_never_reach_the_output(ext, merge, pipeline
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_splits", [1, 9, 17])
 def test_splits_of_many_tiles(ext, pipeline, dtype, head_dim, num_splits):
-    # The bulk variant's ring refilled many times per split (two stages for grids of up to about one block an SM,
-    # here 1 split; one stage for larger grids, here 9 and 17 splits x 32 blocks on an H100): a capacity that is not a multiple of the tile (the
+    # The bulk variant's ring refilled many times per split (four warps: two stages for grids of up to about one block
+    # an SM, here 1 split; one stage for larger grids, here 9 and 17 splits x 32 blocks on an H100; two warp groups: a
+    # stage a group, except two at head 64 in 9 and 17 splits, where a group has at most kShortGroupTiles = 4 tiles
+    # and its ring is refilled at most twice): a capacity that is not a multiple of the tile (the
     # last tile's copy runs past the cache and arrives as zeros), ragged lengths (full, one row, empty, ending
     # inside a tile), rows past the lengths poisoned, and caches that are a slice of a larger batch (the batch
     # stride and a base offset in the tensor maps).
