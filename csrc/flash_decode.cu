@@ -113,7 +113,8 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
     maps.stages = (split_tiles + 1) / 2 <= kShortGroupTiles ? 2 : 1;
     const size_t shared_bytes = Traits::bulk_shared_bytes(2 * maps.stages);  // (two rings)
     static const cudaError_t setup =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Traits::bulk_shared_bytes(4));
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)Traits::bulk_shared_bytes(2 * 2));  // (the most: two rings of two stages)
     if (setup != cudaSuccess) return setup;
     return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }

@@ -347,16 +347,16 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if constexpr (kBulk) {
             unsigned char* stage = bulk_ring + slot * kStageBytes;
             const int box_head = kv_head - (kHeadPairs ? warp_group : 0);
-            mbarrier::arrive_expect_bytes(&bulk_k_full[slot], kStageBytes / 2);
+            // one cache's boxes into `half` of the stage, counted on `full`
+            auto copy_half = [&](const CUtensorMap* map, uint64_t* full, unsigned char* half) {
+                mbarrier::arrive_expect_bytes(full, kStageBytes / 2);
 #pragma unroll
-            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box)
-                mbarrier::tensor_copy_4d(stage + box * kStageBoxBytes, &maps.k, box * Traits::kBoxColumns, box_head, tile, b,
-                                         &bulk_k_full[slot]);
-            mbarrier::arrive_expect_bytes(&bulk_v_full[slot], kStageBytes / 2);
-#pragma unroll
-            for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box)
-                mbarrier::tensor_copy_4d(stage + kStageBytes / 2 + box * kStageBoxBytes, &maps.v, box * Traits::kBoxColumns,
-                                         box_head, tile, b, &bulk_v_full[slot]);
+                for (int box = 0; box < kHeadDim / Traits::kBoxColumns; ++box)
+                    mbarrier::tensor_copy_4d(half + box * kStageBoxBytes, map, box * Traits::kBoxColumns, box_head, tile, b,
+                                             full);
+            };
+            copy_half(&maps.k, &bulk_k_full[slot], stage);
+            copy_half(&maps.v, &bulk_v_full[slot], stage + kStageBytes / 2);
         }
     };
     // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
