@@ -25,7 +25,8 @@ REPO_DIR = Path(__file__).resolve().parent
 CSRC_DIR = REPO_DIR / "csrc"
 BUILD_ROOT = REPO_DIR / "build"
 EXTENSION_NAME = "flash_decode_ext"
-SOURCES = ["flash_decode.cu", "fused_ops.cu", "gemv.cu", "sampling.cu", "decode_layers.cu", "flash_decode_binding.cpp"]
+SOURCES = ["flash_decode.cu", "fused_ops.cu", "gemv.cu", "sampling.cu", "decode_layers.cu", "kv_read.cu",
+           "flash_decode_binding.cpp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
 
 _module = None

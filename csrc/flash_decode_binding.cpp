@@ -19,6 +19,7 @@
 #include "flash_decode.h"
 #include "fused_ops.h"
 #include "gemv.h"
+#include "kv_read.h"
 #include "programmatic_launch.cuh"
 #include "sampling.h"
 
@@ -674,6 +675,67 @@ class DecodeLayers {
     at::Tensor table_, q_, attention_, act_, delta_, stream_, partial_out_, partial_lse_, counters_, trace_;
 };
 
+// kv_read (benchmark_kernel.py's bandwidth bound): the launch geometry of reading rows [0, rows) of every sequence of
+// k_cache and v_cache [batch, seq, kv_heads, head_dim], whose rows must each be one contiguous run of bytes.
+struct KvReadPlan {
+    kv_read::Params params;
+    int blocks_per_segment;
+};
+
+KvReadPlan kv_read_plan(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows) {
+    FD_CHECK(k_cache.is_cuda() && v_cache.device() == k_cache.device(),
+             "kv_read: k_cache and v_cache must be CUDA tensors on one device");
+    FD_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+             "kv_read: k_cache and v_cache must both be [batch, seq, kv_heads, head_dim] of one dtype, got ",
+             k_cache.sizes(), " and ", v_cache.sizes());
+    FD_CHECK(rows >= 0 && rows <= k_cache.size(1), "kv_read: rows ", rows, " is outside the cache's 0..",
+             k_cache.size(1), " positions");
+    for (const at::Tensor* t : {&k_cache, &v_cache}) {
+        FD_CHECK((*t)[0].is_contiguous(), "kv_read: each sequence of the caches must be contiguous (its rows one run of "
+                 "bytes), got strides ", t->strides(), "; call .contiguous()");
+        FD_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) * t->element_size() % 16 == 0,
+                 "kv_read: the caches and their sequences must start on 16-byte boundaries (16-byte loads)");
+    }
+    const int64_t row_bytes = k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
+    FD_CHECK(row_bytes % 16 == 0, "kv_read: a cache row (kv_heads x head_dim) of ", row_bytes,
+             " bytes is not a multiple of 16");
+    FD_CHECK(k_cache.size(0) >= 1 && 2 * k_cache.size(0) <= kMaxGridY, "kv_read: batch ", k_cache.size(0),
+             " is outside 1..", kMaxGridY / 2);
+    int sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, k_cache.device().index()), "device query");
+    KvReadPlan plan;
+    plan.params = {k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0) * k_cache.element_size(),
+                   v_cache.stride(0) * v_cache.element_size(), rows * row_bytes, (int)k_cache.size(0), nullptr};
+    plan.blocks_per_segment = kv_read::blocks_per_segment(plan.params.batch, plan.params.segment_bytes, sms);
+    return plan;
+}
+
+// The words kv_read's block_xor needs for these arguments.
+int64_t kv_read_blocks(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows) {
+    const KvReadPlan plan = kv_read_plan(k_cache, v_cache, rows);
+    return 2 * (int64_t)plan.params.batch * plan.blocks_per_segment;
+}
+
+// Reads the rows, writes each block's XOR of the 32-bit words it read into block_xor (int32, kv_read_blocks words;
+// a new tensor when not given) and returns it: their XOR is that of every word read.
+at::Tensor kv_read_forward(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows,
+                           c10::optional<at::Tensor> block_xor_) {
+    KvReadPlan plan = kv_read_plan(k_cache, v_cache, rows);
+    const int64_t words = 2 * (int64_t)plan.params.batch * plan.blocks_per_segment;
+    at::Tensor block_xor = block_xor_.has_value()
+                               ? *block_xor_
+                               : at::empty({words}, k_cache.options().dtype(at::kInt));
+    FD_CHECK(block_xor.device() == k_cache.device() && block_xor.scalar_type() == at::kInt &&
+                 block_xor.is_contiguous() && block_xor.numel() == words,
+             "kv_read: block_xor must be a contiguous int32 tensor of kv_read_blocks(...) = ", words,
+             " elements on the caches' device");
+    plan.params.block_xor = reinterpret_cast<uint32_t*>(block_xor.data_ptr<int32_t>());
+    const c10::cuda::CUDAGuard guard(k_cache.device());
+    check_cuda(kv_read::launch(plan.params, plan.blocks_per_segment, c10::cuda::getCurrentCUDAStream().stream()),
+               "kv_read launch");
+    return block_xor;
+}
+
 // Why the persistent decode kernel does not serve these sizes on the current GPU, or None.
 c10::optional<std::string> decode_layers_unsupported(int64_t dim, int64_t hidden, int64_t q_heads, int64_t kv_heads,
                                                      int64_t head_dim) {
@@ -725,6 +787,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("softmax_scale"),
           py::arg("num_splits") = 0, py::arg("out") = py::none(), py::arg("lse") = py::none(),
           py::arg("early_cache_reads") = false);
+    m.def("kv_read", &kv_read_forward,
+          "The bandwidth bound of the benchmarks: reads rows [0, rows) of every sequence of k_cache and v_cache [B, S, "
+          "Hkv, D] (each sequence contiguous) and computes nothing but a checksum: returns block_xor int32 "
+          "[kv_read_blocks(...)], each block's XOR of the 32-bit words it read (optional out: block_xor).",
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("rows"), py::arg("block_xor") = py::none());
+    m.def("kv_read_blocks", &kv_read_blocks, "The number of int32 words kv_read's block_xor holds for these arguments.",
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("rows"));
     m.def("default_num_splits", &default_num_splits,
           "The number of splits flash_decode picks when num_splits=0 for these sizes on the current device.",
           py::arg("batch_size"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),

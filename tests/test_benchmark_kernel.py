@@ -52,6 +52,7 @@ def test_compare_json_ragged_fp16(tmp_path):
     assert by_impl["pytorch"]["status"] == "OK" and by_impl["pytorch"]["rel_err"] < 1e-2
     assert by_impl["naive"]["status"] == "OK"
     assert by_impl["custom"]["status"] == "unsupported"  # no CUDA device here
+    assert by_impl["kv_read"]["status"] == "unsupported"  # (a CUDA kernel, and it reads no ragged batches)
     assert by_impl["sdpa_flash"]["status"] == "skipped"  # SDPA ignores cache_seqlens
     assert by_impl["pytorch"]["sum_seqlens"] <= 2 * 48
     assert data["meta"]["copy_gbps"] > 0 and data["meta"]["timing_floor_us"] > 0

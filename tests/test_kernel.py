@@ -31,9 +31,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # blocks of a KV-head pair at head 64 (2 dtypes); fused_ops: 8 kernels
 # x 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue, + RMSNorm
 # with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster); decode_layers: 2 dtypes x
-# 2 head dims x 4 GQA group sizes
+# 2 head dims x 4 GQA group sizes; kv_read: one (the benchmarks' bound)
 @pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 34), ("fused_ops.cu", 18), ("gemv.cu", 44),
-                                                 ("sampling.cu", 6), ("decode_layers.cu", 16)])
+                                                 ("sampling.cu", 6), ("decode_layers.cu", 16), ("kv_read.cu", 1)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
     if not Path(nvcc).exists():
@@ -436,3 +436,52 @@ def test_bad_inputs_give_clear_errors(ext):
         ext.flash_decode(q, k, v, lens, 0.1, out=torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q))
     with pytest.raises(ValueError, match="out stride 65 of dimension 1"):
         ext.flash_decode(q, k, v, lens, 0.1, out=torch.empty(2, 8, 65, device="cuda", dtype=q.dtype)[..., :64])
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmarks' K/V read bound (csrc/kv_read.cu): a checksum of exactly the bytes it must read
+# ------------------------------------------------------------------------------------------------
+
+def xor_of_words(t):
+    """XOR of every 32-bit word of t (the reference of kv_read's checksum)."""
+    import numpy as np
+    words = t.contiguous().view(torch.int32).cpu().numpy().view(np.uint32)
+    return int(np.bitwise_xor.reduce(words.ravel())) if words.size else 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,seq,kv_heads,head_dim,rows", [
+    (1, 256, 8, 64, 256), (3, 1000, 3, 64, 777), (5, 4097, 8, 128, 4097), (2, 65536, 8, 64, 65535),
+    (64, 2048, 8, 128, 1), (4, 300, 2, 64, 0), (1, 131072, 1, 64, 131071)])
+def test_kv_read_reads_exactly_the_valid_rows(ext, dtype, batch, seq, kv_heads, head_dim, rows):
+    # Fresh random bits (any pattern, NaN included) in a cache with spare positions past `seq` and rows past `rows`
+    # that must not be read: either would change the checksum.
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shape = (batch, seq + 5, kv_heads, head_dim * itemsize // 4)  # in 32-bit words
+    k_full, v_full = (torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device="cuda", dtype=torch.int32)
+                      .view(dtype) for _ in range(2))
+    k, v = k_full[:, :seq], v_full[:, :seq]  # sequence stride (seq + 5) rows: a view of a larger cache
+    words = ext.kv_read_blocks(k, v, rows)
+    poison = (torch.arange(words, device="cuda", dtype=torch.int64) * 0x9E3779B1 + 0x5A5A5A5B).to(torch.int32)
+    block_xor = poison.clone()  # distinct values: a slot left unwritten would show in the XOR
+    ext.kv_read(k, v, rows, block_xor=block_xor)
+    torch.cuda.synchronize()
+    expected = xor_of_words(k[:, :rows]) ^ xor_of_words(v[:, :rows])
+    assert xor_of_words(block_xor) == expected, f"seed {seed}"
+    assert torch.equal(ext.kv_read(k, v, rows), block_xor)  # its own output tensor: the same blocks, the same words
+
+
+@needs_cuda
+def test_kv_read_bad_inputs_give_clear_errors(ext):
+    k = torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rows 65 is outside"):
+        ext.kv_read(k, k, 65)
+    with pytest.raises(ValueError, match="must be CUDA tensors"):
+        ext.kv_read(k.cpu(), k.cpu(), 1)
+    with pytest.raises(ValueError, match="each sequence of the caches must be contiguous"):
+        ext.kv_read(k[:, :, :4], k[:, :, :4], 1)
+    with pytest.raises(ValueError, match="elements on the caches' device"):
+        ext.kv_read(k, k, 1, block_xor=torch.empty(1, device="cuda", dtype=torch.int32))
