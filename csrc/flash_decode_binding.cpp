@@ -690,6 +690,8 @@ KvReadPlan kv_read_plan(const at::Tensor& k_cache, const at::Tensor& v_cache, in
              k_cache.sizes(), " and ", v_cache.sizes());
     FD_CHECK(rows >= 0 && rows <= k_cache.size(1), "kv_read: rows ", rows, " is outside the cache's 0..",
              k_cache.size(1), " positions");
+    FD_CHECK(k_cache.size(0) >= 1 && 2 * k_cache.size(0) <= kMaxGridY, "kv_read: batch ", k_cache.size(0),
+             " is outside 1..", kMaxGridY / 2);
     for (const at::Tensor* t : {&k_cache, &v_cache}) {
         FD_CHECK((*t)[0].is_contiguous(), "kv_read: each sequence of the caches must be contiguous (its rows one run of "
                  "bytes), got strides ", t->strides(), "; call .contiguous()");
@@ -699,8 +701,6 @@ KvReadPlan kv_read_plan(const at::Tensor& k_cache, const at::Tensor& v_cache, in
     const int64_t row_bytes = k_cache.size(2) * k_cache.size(3) * k_cache.element_size();
     FD_CHECK(row_bytes % 16 == 0, "kv_read: a cache row (kv_heads x head_dim) of ", row_bytes,
              " bytes is not a multiple of 16");
-    FD_CHECK(k_cache.size(0) >= 1 && 2 * k_cache.size(0) <= kMaxGridY, "kv_read: batch ", k_cache.size(0),
-             " is outside 1..", kMaxGridY / 2);
     int sms = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, k_cache.device().index()), "device query");
     KvReadPlan plan;

@@ -485,3 +485,5 @@ def test_kv_read_bad_inputs_give_clear_errors(ext):
         ext.kv_read(k[:, :, :4], k[:, :, :4], 1)
     with pytest.raises(ValueError, match="elements on the caches' device"):
         ext.kv_read(k, k, 1, block_xor=torch.empty(1, device="cuda", dtype=torch.int32))
+    with pytest.raises(ValueError, match="batch 0 is outside"):
+        ext.kv_read(k[:0], k[:0], 1)
