@@ -353,6 +353,12 @@ IMPLEMENTATIONS = {
 }
 # Entries that time a bound, not an attention: no output to check (status "bound")
 BOUNDS = {"kv_read"}
+PASSED = ("OK", "bound")  # the statuses of a result that ran and holds
+
+
+def check_impl(name, out, ref):
+    """check() for an attention; (None, "bound") for a bound, which has no output to compare."""
+    return (None, "bound") if name in BOUNDS else check(out, ref)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +482,7 @@ def run_one(name, inp, ref, timer, args):
         for _ in range(args.warmup):
             out = fn()
         timer.sync()
-        rec["rel_err"], rec["status"] = (None, "bound") if name in BOUNDS else check(out, ref)
+        rec["rel_err"], rec["status"] = check_impl(name, out, ref)
         del out
         rec.update(summarize(timer.time_us(fn)))
     except Unavailable as exc:
@@ -500,6 +506,11 @@ def run_one(name, inp, ref, timer, args):
 
 def fmt(value, spec, missing="-"):
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def fmt_err(rel_err, status):
+    """The relative error; without one, nan for a FAIL (NaN/inf in the output), else - (a bound, a refusal)."""
+    return fmt(rel_err, ".2e", "nan" if status == "FAIL" else "-")
 
 
 def fmt_rate(value):
@@ -542,7 +553,7 @@ def print_single(rec, args):
         print(f"  min {fmt(rec['min_us'], '.1f')} us, p90 {fmt(rec['p90_us'], '.1f')} us")
     print(f"bytes moved: {rec['bytes'] / 1e6:.3f} MB (K+V of valid lengths + q + out)")
     print(f"bandwidth: {fmt_rate(rec['gbps'])} GB/s ({fmt_rate(rec['pct_copy_bw'])}% of copy bandwidth)")
-    print(f"rel error vs float32 reference: {fmt(rec['rel_err'], '.2e', 'nan')} {rec['status']}")
+    print(f"rel error vs float32 reference: {fmt_err(rec['rel_err'], rec['status'])} {rec['status']}")
 
 
 def print_table(recs, verbose=False):
@@ -552,7 +563,7 @@ def print_table(recs, verbose=False):
     rows = []
     for r in recs:
         row = [r["impl"], fmt(r["time_us"], ".1f"), fmt_rate(r["gbps"]), fmt_rate(r["pct_copy_bw"]),
-               fmt(r["rel_err"], ".2e", "nan" if r["status"] == "FAIL" else "-"), r["status"]]
+               fmt_err(r["rel_err"], r["status"]), r["status"]]
         if verbose:
             row[2:2] = [fmt(r["min_us"], ".1f"), fmt(r["p90_us"], ".1f")]
         rows.append(row)
@@ -608,17 +619,17 @@ def run_ncu(args):
     out = fn()
     torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
-    err, status = (None, "bound") if name in BOUNDS else check(out, ref)
+    err, status = check_impl(name, out, ref)
     print(f"implementation: {IMPLEMENTATIONS[name][0]}")
     if note:
         print(f"  {note}")
     print(f"one launch profiled inside NVTX range '{NVTX_RANGE}' (after one warmup launch)")
     print(f"bytes moved: {bytes_moved(inp) / 1e6:.3f} MB (K+V of valid lengths + q + out); "
           f"compare with ncu's dram__bytes_read.sum + dram__bytes_write.sum")
-    print(f"rel error vs float32 reference: {fmt(err, '.2e', 'nan')} {status}")
+    print(f"rel error vs float32 reference: {fmt_err(err, status)} {status}")
     print("time and DRAM throughput: read them from the ncu report. Suggested command:")
     print("  " + ncu_command(sys.argv[1:]))
-    return status in ("OK", "bound")
+    return status in PASSED
 
 
 def run_single_or_compare(args, timer):
@@ -631,7 +642,7 @@ def run_single_or_compare(args, timer):
         print_table(recs, args.verbose)
     else:
         rec = recs[0]
-        if rec["status"] not in ("OK", "FAIL", "bound"):
+        if rec["status"] not in PASSED + ("FAIL",):
             sys.exit(f"error: {rec['impl']} implementation: {rec['note']}")
         print_single(rec, args)
     return recs
@@ -693,7 +704,7 @@ def write_sweep_markdown(args, timer, batch, seqs, impls, recs):
                 cells.append(r["status"])
             else:
                 cells.append(f"{r['time_us']:.1f} ({r['gbps'] / 1e3:.2f})"
-                             + ("" if r["status"] in ("OK", "bound") else f" {r['status']}"))
+                             + ("" if r["status"] in PASSED else f" {r['status']}"))
         lines.append(f"| {seq_n} | " + " | ".join(cells) + " |")
     notes = {}
     for r in recs:

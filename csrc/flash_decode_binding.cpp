@@ -680,6 +680,7 @@ class DecodeLayers {
 struct KvReadPlan {
     kv_read::Params params;
     int blocks_per_segment;
+    int64_t words() const { return 2 * (int64_t)params.batch * blocks_per_segment; }  // block_xor's: one a block
 };
 
 KvReadPlan kv_read_plan(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows) {
@@ -712,8 +713,7 @@ KvReadPlan kv_read_plan(const at::Tensor& k_cache, const at::Tensor& v_cache, in
 
 // The words kv_read's block_xor needs for these arguments.
 int64_t kv_read_blocks(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows) {
-    const KvReadPlan plan = kv_read_plan(k_cache, v_cache, rows);
-    return 2 * (int64_t)plan.params.batch * plan.blocks_per_segment;
+    return kv_read_plan(k_cache, v_cache, rows).words();
 }
 
 // Reads the rows, writes each block's XOR of the 32-bit words it read into block_xor (int32, kv_read_blocks words;
@@ -721,7 +721,7 @@ int64_t kv_read_blocks(const at::Tensor& k_cache, const at::Tensor& v_cache, int
 at::Tensor kv_read_forward(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t rows,
                            c10::optional<at::Tensor> block_xor_) {
     KvReadPlan plan = kv_read_plan(k_cache, v_cache, rows);
-    const int64_t words = 2 * (int64_t)plan.params.batch * plan.blocks_per_segment;
+    const int64_t words = plan.words();
     at::Tensor block_xor = block_xor_.has_value()
                                ? *block_xor_
                                : at::empty({words}, k_cache.options().dtype(at::kInt));
