@@ -465,6 +465,9 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
 
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     if (params.num_splits < 1 || params.num_splits > kMaxSplits) return cudaErrorInvalidValue;
+    // (a plain launch reads its first tile's rows before the length, clamped to the capacity's last row: there must be
+    // one; a cache without rows holds only empty sequences, which the caller answers without a launch)
+    if (params.seq_capacity < 1) return cudaErrorInvalidValue;
     Variant variant;
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -162,6 +163,11 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     if (batch == 0) return out;
 
     const c10::cuda::CUDAGuard guard(q.device());
+    if (seq_capacity == 0) {  // every length is clamped to 0: the attention of nothing, as the kernel writes it
+        out.zero_();
+        if (lse_.has_value()) lse_.value().fill_(-std::numeric_limits<float>::infinity());
+        return out;
+    }
     const int group_size = (int)(q_heads / kv_heads);
     const int head_groups = flash_decode::head_groups_for(group_size);
     FD_CHECK(batch * kv_heads * head_groups <= kMaxGridY, "flash_decode: batch ", batch, " x ", kv_heads,

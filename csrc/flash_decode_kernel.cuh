@@ -494,7 +494,13 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // two tiles) 7.9-8.0 -> 7.5-7.7 us; head 128 S = 1024 in 8 splits of two tiles 11.2-11.3 -> 10.4-10.7.
         end = p.seq_capacity;
         const bool two_tiles = start + tile_stride < end && start + 2 * tile_stride >= end;  // (the warp group alike)
-        if (start < end) load_tile(start, k_next, v_next);  // (a second warp group may have no tile)
+        // The first tile's loads are issued whether or not the warp group has a tile (rows clamp to the last one, and
+        // the capacity is at least 1: launch): behind a branch, ptxas hoisted the length's first use (set_rows' clamp)
+        // above them in every plain instance, so each warp waited for the length's round trip before it issued a
+        // single tile load, two DRAM round trips in series instead of one (SASS and ncu's stall samples, an H200,
+        // 2026-11-28: 59 of 894 samples on that clamp, 236 on the tile's data after it; without the branch head 64
+        // S = 256 took 8.06 -> 7.71 us, most short plain launches 0.1-0.5 us less, docs/perf-notes.md).
+        load_tile(start, k_next, v_next);
         if (two_tiles) load_tile(start + tile_stride, k_second, v_second);
         load_q();
         set_rows(__ldg(p.seqlens + b));

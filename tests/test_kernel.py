@@ -329,6 +329,26 @@ def test_explicit_splits_including_empty_ones(ext, merge, num_splits):
 
 
 @needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_caches_of_no_row_and_of_one_row(ext, merge, head_dim):
+    # A plain launch reads its first tile before the length, rows clamped to the cache's last one. With one row, every
+    # warp group and split but the first has no row of it and reads that row only; a cache without rows holds only
+    # empty sequences (every length clamps to 0), answered without a launch: zeros and lse -inf.
+    for splits in (0, 1, 3):
+        q, k, v, _ = make_inputs(3, 1, 32, 8, head_dim, torch.bfloat16, seed=head_dim + splits)
+        check_against_reference(ext, q, k, v, torch.tensor([1, 0, 1], dtype=torch.int32, device="cuda"),
+                                num_splits=splits, poison_past_lengths=True)
+    empty_k, empty_v = k[:, :0], v[:, :0]
+    for splits in (0, 3):
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+        ext.flash_decode(q, empty_k, empty_v, torch.tensor([0, 5, 0], dtype=torch.int32, device="cuda"), 0.125,
+                         num_splits=splits, out=out, lse=lse)
+        assert torch.count_nonzero(out) == 0
+        assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+
+
+@needs_cuda
 def test_strided_views_of_a_larger_cache(ext):
     # The model passes a batch slice of its [max_batch, max_seq, kv_heads, head_dim] cache and a q that
     # is a view of the fused QKV projection.
