@@ -169,11 +169,14 @@ def test_seeded_sampling_is_reproducible(gqa_checkpoint):
 PROBS = torch.tensor([0.06, 0.5, 0.04, 0.3, 0.1])  # sorted order: 1, 3, 4, 0, 2
 
 
+# Every top_p stays clear of the cumulative probabilities (0.5, 0.8, 0.9, 0.96): exactly on one, whether the next
+# token stays depends on the last bit of exp and cumsum, which differs between CPUs (top_p = 0.5 kept {1} on one CI
+# machine and {1, 3} on another, 2026-11-28).
 @pytest.mark.parametrize("top_k, top_p, allowed", [
     (None, None, {0, 1, 2, 3, 4}),
     (2, None, {1, 3}),
     (4, None, {0, 1, 3, 4}),
-    (None, 0.5, {1}),
+    (None, 0.45, {1}),
     (None, 0.75, {1, 3}),
     (None, 0.85, {1, 3, 4}),
     (None, 0.97, {0, 1, 3, 4, 2}),
