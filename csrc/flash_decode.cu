@@ -107,7 +107,7 @@ template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps maps, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, 2>;
     static_assert(Traits::kMaxBulkStages >= 2, "two stages a group");
-    auto* kernel = flash_decode_kernel<Element, kHeadDim, false, false, true, 2>;
+    auto* kernel = flash_decode_bulk_groups_kernel<Element, kHeadDim>;
     const int64_t tiles = ((int64_t)params.seq_capacity + Traits::kRowsPerBlockTile - 1) / Traits::kRowsPerBlockTile;
     const int64_t split_tiles = (tiles + params.num_splits - 1) / params.num_splits;
     maps.stages = (split_tiles + 1) / 2 <= kShortGroupTiles ? 2 : 1;

@@ -854,17 +854,24 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 
     // Each thread merges four elements of one head over the splits in one pass, rescaling as the log-sum-exps rise
     // (the splits' own online softmax, once more): every split's log-sum-exp and output are loaded together, one
-    // round trip to L2 for a workspace merge, where weights computed first took two.
+    // round trip to L2 for a workspace merge, where weights computed first took two. The workspace merge issues the
+    // loads of kMergeChunk splits before it uses the first: in a loop unrolled by 8, 16 splits took two round trips in
+    // series, and a count that is not a multiple of 8 one more per split of the rest (the compiler sank each load of
+    // the remainder behind its own exit test; hence the compiler barrier below). Measured on two H200s (2026-11-29,
+    // nine alternating rounds, us): batch 4 head 64 S = 16384 38.99 -> 38.27 and 38.66 -> 38.18, batch 1 head 64
+    // S = 16384 15.90 -> 15.52 and 15.81 -> 15.62, S = 65536 39.04 -> 38.46 and 38.78 -> 38.69. A cluster merge reads
+    // shared memory, where the chunk's predicated loads cost more than the round trips they save (head 64 S = 2048 in
+    // 8 splits 8.37 -> 8.61): it keeps the loop. So do the KV-head pairs, which merge splits only when forced (their
+    // automatic rule takes one split): the chunk's registers moved the pair instances' (bf16 111 -> 127) and batch 64
+    // head 64 S = 2048, one split, took 65.70 -> 66.82 and 66.82 -> 68.26 us.
     constexpr int kVecPerHead = kHeadDim / 4;
+    constexpr int kMergeChunk = 16;
     for (int i = merge_thread; i < g_count * kVecPerHead; i += kMergeThreads) {
         const int h = i / kVecPerHead, c = (i % kVecPerHead) * 4;
         const float4* src = reinterpret_cast<const float4*>(p.partial_out + (head_row0 + h * p.num_splits) * kHeadDim + c);
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
         float m_max = -INFINITY, sum = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < active_splits; ++s) {
-            const float lse2 = partial_lse2(h, s);
-            const float4 part = partial_o4(src, h, s, c);
+        auto add_split = [&](float lse2, const float4& part) {
             const float m_new = fmaxf(m_max, lse2), ref = safe_ref(m_new);
             const float rescale = exp2f(m_max - ref), w = exp2f(lse2 - ref);
             sum = fmaf(sum, rescale, w);
@@ -873,6 +880,27 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             o.z = fmaf(w, part.z, o.z * rescale);
             o.w = fmaf(w, part.w, o.w * rescale);
             m_max = m_new;
+        };
+        if constexpr (kClusterMerge || kHeadPairs) {
+#pragma unroll 8
+            for (int s = 0; s < active_splits; ++s) add_split(partial_lse2(h, s), partial_o4(src, h, s, c));
+        } else {
+            for (int s0 = 0; s0 < active_splits; s0 += kMergeChunk) {
+                float lse2[kMergeChunk];
+                float4 part[kMergeChunk];
+#pragma unroll
+                for (int j = 0; j < kMergeChunk; ++j) {
+                    const bool active = s0 + j < active_splits;
+                    lse2[j] = active ? partial_lse2(h, s0 + j) : 0.f;
+                    part[j] = active ? partial_o4(src, h, s0 + j, c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+                asm volatile("" ::: "memory");  // (every load above is issued before the first result is used)
+#pragma unroll
+                for (int j = 0; j < kMergeChunk; ++j) {
+                    if (s0 + j >= active_splits) break;
+                    add_split(lse2[j], part[j]);
+                }
+            }
         }
         const float inv_sum = 1.f / sum;
         const float o4[4] = {o.x * inv_sum, o.y * inv_sum, o.z * inv_sum, o.w * inv_sum};
@@ -882,12 +910,23 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     }
 }
 
-// The launched kernels: every instance but the KV-head pairs', and those (held to 128 registers a thread, so that two
-// blocks share an SM).
+// The launched kernels: every instance but the bulk variant's in two warp groups and the KV-head pairs', those in two
+// warp groups, and the pairs (held to 128 registers a thread, so that two blocks share an SM).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
     flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false>(p, maps);
+}
+
+// The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one
+// block, ptxas held the bf16 head-64 instance to 128 registers, and with the split merge's loads all in flight it then
+// spilled in the main loop; with it the four instances take 138-182 (no spills). On its own the bound was level or
+// faster (an H200, 2026-11-29, nine alternating rounds: batch 1 head 64 S = 32768 / 65536 24.29 -> 24.03 / 39.04 ->
+// 38.72 us, batch 4 S = 16384 38.99 -> 38.72, head 128 S = 65536 68.48 -> 68.58).
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, 2>::kThreads, 1)
+    flash_decode_bulk_groups_kernel(const Params p, const __grid_constant__ CacheMaps maps) {
+    flash_decode_block<Element, kHeadDim, false, false, true, 2, false>(p, maps);
 }
 
 template <typename Element, int kHeadDim>
