@@ -857,13 +857,13 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // round trip to L2 for a workspace merge, where weights computed first took two. The workspace merge issues the
     // loads of kMergeChunk splits before it uses the first: in a loop unrolled by 8, 16 splits took two round trips in
     // series, and a count that is not a multiple of 8 one more per split of the rest (the compiler sank each load of
-    // the remainder behind its own exit test; hence the compiler barrier below). Measured on two H200s (2026-11-29,
-    // nine alternating rounds, us): batch 4 head 64 S = 16384 38.99 -> 38.27 and 38.66 -> 38.18, batch 1 head 64
-    // S = 16384 15.90 -> 15.52 and 15.81 -> 15.62, S = 65536 39.04 -> 38.46 and 38.78 -> 38.69. A cluster merge reads
-    // shared memory, where the chunk's predicated loads cost more than the round trips they save (head 64 S = 2048 in
-    // 8 splits 8.37 -> 8.61): it keeps the loop. So do the KV-head pairs, which merge splits only when forced (their
-    // automatic rule takes one split): the chunk's registers moved the pair instances' (bf16 111 -> 127) and batch 64
-    // head 64 S = 2048, one split, took 65.70 -> 66.82 and 66.82 -> 68.26 us.
+    // the remainder behind its own exit test; hence the compiler barrier below). Measured on H200s (2026-11-29, four
+    // A/Bs in alternating rounds, us): batch 4 head 64 S = 16384 38.99 -> 38.27, 38.66 -> 38.18, 38.11 -> 37.47, 38.08
+    // -> 37.71; batch 1 head 64 S = 65536 39.04 -> 38.46, 38.78 -> 38.69, 38.24 -> 38.13, 38.22 -> 38.13. A cluster
+    // merge reads shared memory, where the chunk's predicated loads cost more than the round trips they save (head 64
+    // S = 2048 in 8 splits 8.37 -> 8.61): it keeps the loop. So do the KV-head pairs, which merge splits only when
+    // forced (their automatic rule takes one split), so that their code stays as it was (the chunk took their
+    // registers from 111 to 127).
     constexpr int kVecPerHead = kHeadDim / 4;
     constexpr int kMergeChunk = 16;
     for (int i = merge_thread; i < g_count * kVecPerHead; i += kMergeThreads) {
