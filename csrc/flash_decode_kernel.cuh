@@ -195,8 +195,9 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // kBulk (sm_90+, plain launches, no cluster merge): the tiles come through shared memory (see "Latency hiding").
 // kWarpGroups (plain launches, either pipeline): 2 gives the block a second group of four warps (see "Warp groups").
 // kHeadPairs (the bulk variant in two groups, Params::head_groups == 1): group g takes KV head 2 * (pair) + g, every
-// tile of the block's split, from stages that hold both heads (see "KV-head pairs"); launched as
-// flash_decode_pairs_kernel, the others as flash_decode_kernel (below).
+// tile of the block's split, from stages that hold both heads (see "KV-head pairs"). Launched as
+// flash_decode_pairs_kernel; the bulk variant in two warp groups as flash_decode_bulk_groups_kernel; every other
+// instance as flash_decode_kernel (below).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
           bool kHeadPairs>
 __device__ __forceinline__ void flash_decode_block(const Params& p,
@@ -910,8 +911,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     }
 }
 
-// The launched kernels: every instance but the bulk variant's in two warp groups and the KV-head pairs', those in two
-// warp groups, and the pairs (held to 128 registers a thread, so that two blocks share an SM).
+// The launched kernels: flash_decode_kernel for every instance but two kinds, which have kernels of their own below for
+// their register bounds: the bulk variant in two warp groups (one block an SM) and the KV-head pairs (two).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
@@ -920,9 +921,9 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
 
 // The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one
 // block, ptxas held the bf16 head-64 instance to 128 registers, and with the split merge's loads all in flight it then
-// spilled in the main loop; with it the four instances take 138-182 (no spills). On its own the bound was level or
-// faster (an H200, 2026-11-29, nine alternating rounds: batch 1 head 64 S = 32768 / 65536 24.29 -> 24.03 / 39.04 ->
-// 38.72 us, batch 4 S = 16384 38.99 -> 38.72, head 128 S = 65536 68.48 -> 68.58).
+// spilled in the main loop; with it the four instances take 138-182 (no spills). On its own the bound was faster or
+// within the rounds' spread (an H200, 2026-11-29, nine alternating rounds: batch 1 head 64 S = 32768 / 65536 24.29 ->
+// 24.03 / 39.04 -> 38.72 us, batch 4 S = 16384 38.99 -> 38.72, head 128 S = 65536 68.48 -> 68.58).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, 2>::kThreads, 1)
     flash_decode_bulk_groups_kernel(const Params p, const __grid_constant__ CacheMaps maps) {
