@@ -88,12 +88,13 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
                                                  params, NoCacheMaps{});
 }
 
-// The bulk variant in blocks of two warp groups (grids of at most one block an SM: uses_warp_groups), each group with a
-// ring of one stage: the same bytes in flight as one group's two stages, and each group computes while the other's
-// tile lands. Measured on an H100 (2026-11-27, 21:13 UTC, the best of three rounds), one group with two stages -> two
-// groups with one: batch 1 head 64 S = 16384 / 32768 / 65536 / 131072 20.1 / 30.7 / 52.1 / 96.1 -> 19.4 / 30.1 / 51.8 /
-// 94.9 us, head 128 S = 8192 / 65536 20.1 / 95.0 -> 19.9 / 94.2; batch 16 (one split) level: head 64 S = 2048 / 4096
-// 28.6 / 51.2 -> 28.7 / 51.5, head 128 50.5 / 92.3 -> 50.5 / 91.8.
+// The bulk variant in blocks of two warp groups (grids of at most one block an SM: uses_warp_groups), each group with
+// one tile in flight (a ring of one stage until the twenty-eighth session, now the staggered ring below): the same
+// bytes in flight as one group's two stages, and each group computes while the other's tile lands. Measured on an
+// H100 (2026-11-27, 21:13 UTC, the best of three rounds), one group with two stages -> two groups with one: batch 1
+// head 64 S = 16384 / 32768 / 65536 / 131072 20.1 / 30.7 / 52.1 / 96.1 -> 19.4 / 30.1 / 51.8 / 94.9 us, head 128
+// S = 8192 / 65536 20.1 / 95.0 -> 19.9 / 94.2; batch 16 (one split) level: head 64 S = 2048 / 4096 28.6 / 51.2 ->
+// 28.7 / 51.5, head 128 50.5 / 92.3 -> 50.5 / 91.8.
 //
 // A group of at most kShortGroupTiles tiles takes a ring of two stages instead: half its tiles or more are requested
 // before the length is read, where one stage waits a round trip for each. Two stages a group on H100s (2026-11-28,
@@ -102,6 +103,16 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
 // S = 16384, batch 16 head 64 S = 2048); slower with more (batch 1 head 64 S = 131072 94.0 -> 95.7, head 128 S = 65536
 // 92.2 -> 94.0, batch 16 head 128 S = 4096 91.0-91.4 -> 92.0-92.7). Three stages were slower everywhere (S = 16384:
 // 19.6).
+//
+// A longer group keeps one tile in flight, but in a staggered ring of two stages (CacheMaps::staggered): with one stage
+// every group's first tile landed together, 8 MB at batch 1, and the DRAM then waited a round trip for the refills that
+// reading them requested (in-kernel stamps, an H200, 2026-11-29: our last tiles landed about 3 us after those of a kernel
+// that only reads the bytes, which streams no faster once running). The second tile, requested once the length has
+// arrived, is on its way when the first lands. Measured on an H200 (2026-11-29, alternating rounds, medians, us; both
+// tiles at the start, then one in flight, was 0.7-1.5 us slower): batch 1 head 64 S = 32768 / 65536 / 131072 23.71 /
+// 38.64 / 69.01 -> 23.49 / 38.35 / 68.82, head 128 S = 65536 67.81 -> 67.55, batch 4 head 64 S = 16384 38.18 -> 37.66,
+// batch 16 head 128 S = 4096 66.27 -> 66.10 (docs/perf-notes.md, twenty-eighth session; as landed, the twenty-ninth
+// session: 0.1-0.6 us faster at the same shapes on three machines, level at S = 256).
 constexpr int kShortGroupTiles = 4;
 template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps maps, cudaStream_t stream) {
@@ -110,11 +121,11 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
     auto* kernel = flash_decode_bulk_groups_kernel<Element, kHeadDim>;
     const int64_t tiles = ((int64_t)params.seq_capacity + Traits::kRowsPerBlockTile - 1) / Traits::kRowsPerBlockTile;
     const int64_t split_tiles = (tiles + params.num_splits - 1) / params.num_splits;
-    maps.stages = (split_tiles + 1) / 2 <= kShortGroupTiles ? 2 : 1;
+    maps.stages = 2;
+    maps.staggered = (split_tiles + 1) / 2 > kShortGroupTiles;
     const size_t shared_bytes = Traits::bulk_shared_bytes(2 * maps.stages);  // (two rings)
     static const cudaError_t setup =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)Traits::bulk_shared_bytes(2 * 2));  // (the most: two rings of two stages)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
     if (setup != cudaSuccess) return setup;
     return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
 }
@@ -124,30 +135,40 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
 // (2026-11-27, 22:42 UTC, batch 64 head 64 bf16, best of three rounds), one head a block (two an SM, a stage of one
 // head's tile each) -> pairs with one stage: S = 2048 94.4 -> 93.7 us, S = 4096 181.9 -> 179.5, batch 128 S = 1024
 // 94.5 -> 93.8; pairs with two stages (one block an SM): 94.5, 181.6, 94.7.
+//
+// (Free `static` functions, as for the other instances: a static inside a class template's member function has vague
+// linkage, and g++ makes it one object for the whole process, across shared libraries. Two builds loaded into one
+// process, as the A/B scripts of docs/perf-notes.md do, then shared the flag of the setup below: the second build's
+// pair kernels never got their shared-memory limit raised, its occupancy query found no room for them, and it served
+// the pair shapes with one head a block.)
 template <typename Element, int kHeadDim>
-struct PairInstance {
+static cudaError_t setup_pairs() {
     using Traits = KernelTraits<Element, kHeadDim, 2>;
-    static constexpr auto kernel = flash_decode_pairs_kernel<Element, kHeadDim>;
-    static constexpr size_t shared_bytes = Traits::bulk_shared_bytes(2);  // (a stage of two heads' tiles)
-    static cudaError_t setup() {
-        static const cudaError_t err =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
-        return err;
-    }
-    static cudaError_t launch(const Params& params, dim3 grid, cudaStream_t stream) {
-        CacheMaps maps;
-        if (!encode_cache_maps(&maps, params, 2, Traits::kRowsPerBlockTile)) return cudaErrorNotSupported;
-        maps.stages = 1;
-        const cudaError_t err = setup();
-        if (err != cudaSuccess) return err;
-        return programmatic_launch::launch(kernel, grid, dim3(Traits::kThreads), shared_bytes, stream, params, maps);
-    }
-    static cudaError_t blocks_an_sm(int* blocks) {
-        const cudaError_t err = setup();
-        if (err != cudaSuccess) return err;
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, Traits::kThreads, shared_bytes);
-    }
-};
+    // (the shared memory of a stage of two heads' tiles)
+    static const cudaError_t err = cudaFuncSetAttribute(flash_decode_pairs_kernel<Element, kHeadDim>,
+                                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                        (int)Traits::bulk_shared_bytes(2));
+    return err;
+}
+template <typename Element, int kHeadDim>
+static cudaError_t launch_bulk_pairs(const Params& params, dim3 grid, cudaStream_t stream) {
+    using Traits = KernelTraits<Element, kHeadDim, 2>;
+    CacheMaps maps;
+    if (!encode_cache_maps(&maps, params, 2, Traits::kRowsPerBlockTile)) return cudaErrorNotSupported;
+    maps.stages = 1;
+    const cudaError_t err = setup_pairs<Element, kHeadDim>();
+    if (err != cudaSuccess) return err;
+    return programmatic_launch::launch(flash_decode_pairs_kernel<Element, kHeadDim>, grid, dim3(Traits::kThreads),
+                                       Traits::bulk_shared_bytes(2), stream, params, maps);
+}
+template <typename Element, int kHeadDim>
+static cudaError_t pair_blocks_an_sm(int* blocks) {
+    using Traits = KernelTraits<Element, kHeadDim, 2>;
+    const cudaError_t err = setup_pairs<Element, kHeadDim>();
+    if (err != cudaSuccess) return err;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, flash_decode_pairs_kernel<Element, kHeadDim>,
+                                                         Traits::kThreads, Traits::bulk_shared_bytes(2));
+}
 
 template <typename Element, int kHeadDim>
 static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num_sms, bool warp_groups,
@@ -206,8 +227,8 @@ static Variant make_variant() {
     Variant variant = {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>,
                        &launch_bulk_instance<Element, kHeadDim>, nullptr, nullptr};
     if constexpr (kHeadDim == 64) {
-        variant.launch_bulk_pairs = &PairInstance<Element, kHeadDim>::launch;
-        variant.pair_blocks_an_sm = &PairInstance<Element, kHeadDim>::blocks_an_sm;
+        variant.launch_bulk_pairs = &launch_bulk_pairs<Element, kHeadDim>;
+        variant.pair_blocks_an_sm = &pair_blocks_an_sm<Element, kHeadDim>;
     }
     return variant;
 }

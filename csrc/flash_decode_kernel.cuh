@@ -112,8 +112,12 @@ struct KernelTraits {
 struct CacheMaps {
     CUtensorMap k, v;
     // of each warp group's ring (KV-head pairs: of the block's one ring), 1 to KernelTraits::kMaxBulkStages; all filled
-    // before the length is read
+    // before the length is read, unless staggered
     int stages;
+    // (two warp groups, rings of two stages: launch_bulk_groups) a group's first tile is requested at the start, its
+    // second once the length has arrived, and from then on each tile read requests one more: one tile in flight, as
+    // with one stage, after a start at which the refills do not wait for the first tile to land
+    bool staggered = false;
 };
 struct NoCacheMaps {};
 
@@ -297,6 +301,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // kBulk: the warp group's ring (its first stage; maps.stages of them) and the thread that fills it
     int ring0 = 0;
     if constexpr (kBulk && !kHeadPairs) ring0 = warp_group * maps.stages;
+    // (a staggered ring: the two-group instances only; in the others the branches compile away, and with them any
+    // change to those instances' code and rounding)
+    bool staggered = false;
+    if constexpr (kBulk && kWarpGroups == 2 && !kHeadPairs) staggered = maps.staggered;
     const bool ring_filler = threadIdx.x % (32 * Traits::kTileWarps * (kHeadPairs ? 2 : 1)) == 0;
     auto set_rows = [&](int length) {
         seqlen = max(0, min(length, p.seq_capacity));
@@ -483,10 +491,12 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         }
         __syncthreads();
         if (ring_filler)
-            for (int i = 0; i < maps.stages; ++i)
+            for (int i = 0; i < (staggered ? 1 : maps.stages); ++i)
                 if (start + i * tile_stride < p.seq_capacity) bulk_issue(ring0 + i, start + i * tile_stride);
         load_q();
         set_rows(__ldg(p.seqlens + b));
+        // (staggered: the second tile, requested a round trip after the first and never past the length)
+        if (staggered && ring_filler && start + tile_stride < end) bulk_issue(ring0 + 1, start + tile_stride);
     } else {
         // The first tile's loads, and the second's where the split has just two (short sequences: all of it in one
         // round trip), go out together with the length's (rows up to the capacity). Once the length is known, K rows
@@ -530,10 +540,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     };
     auto write_final = [&](int h, int d, float value) { final_row(h)[d] = from_float<Element>(value); };
     // kBulk: a block must not leave while a copy into its shared memory is in flight: it waits for the stages filled
-    // at the start whose tiles it does not read (those at or past the length; refills stop at the length).
+    // at the start whose tiles it does not read (those at or past the length; refills, and a staggered ring's second
+    // tile, stop at the length).
     auto drain_unread_stages = [&]() {
         if constexpr (kBulk) {
-            for (int i = 0; i < maps.stages; ++i) {
+            for (int i = 0; i < (staggered ? 1 : maps.stages); ++i) {
                 const int tile = start + i * tile_stride;
                 if (tile >= end && tile < p.seq_capacity) {
                     mbarrier::wait(&bulk_k_full[ring0 + i], 0);
@@ -695,10 +706,22 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 bulk_read_v(slot, tile, v_cur);
                 __syncwarp();
                 if (lane == 0) mbarrier::arrive(&bulk_empty[slot]);
-                const int refill = tile + stages * tile_stride;
-                if (ring_filler && refill < end) {
-                    mbarrier::wait(&bulk_empty[slot], parity);
-                    bulk_issue(slot, refill);
+                if (staggered) {
+                    // tile 0 read: tile 2 into its stage; tile 1: nothing; tile n >= 2: tile n + 1, into the stage
+                    // that tile n - 1 left
+                    const int next = n == 0 ? 2 : n + 1;
+                    const int refill = start + next * tile_stride;
+                    if (ring_filler && n != 1 && refill < end) {
+                        const int refill_slot = ring0 + next % 2;
+                        mbarrier::wait(&bulk_empty[refill_slot], ((next - 2) / 2) & 1);
+                        bulk_issue(refill_slot, refill);
+                    }
+                } else {
+                    const int refill = tile + stages * tile_stride;
+                    if (ring_filler && refill < end) {
+                        mbarrier::wait(&bulk_empty[slot], parity);
+                        bulk_issue(slot, refill);
+                    }
                 }
                 if constexpr (!kHeadPairs) scores(tile, k_cur, sc);
                 accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY)));
@@ -921,7 +944,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
 
 // The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one
 // block, ptxas held the bf16 head-64 instance to 128 registers, and with the split merge's loads all in flight it then
-// spilled in the main loop; with it the four instances take 138-182 (no spills). On its own the bound was faster or
+// spilled in the main loop; with it the four instances take 144-184 (no spills). On its own the bound was faster or
 // within the rounds' spread (an H200, 2026-11-29, nine alternating rounds: batch 1 head 64 S = 32768 / 65536 24.29 ->
 // 24.03 / 39.04 -> 38.72 us, batch 4 S = 16384 38.99 -> 38.72, head 128 S = 65536 68.48 -> 68.58).
 template <typename Element, int kHeadDim>
