@@ -89,7 +89,7 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
 }
 
 // The bulk variant in blocks of two warp groups (grids of at most one block an SM: uses_warp_groups), each group with
-// one tile in flight (a ring of one stage until the twenty-eighth session, now the staggered ring below): the same
+// one tile in flight (a ring of one stage until the twenty-ninth session, now the staggered ring below): the same
 // bytes in flight as one group's two stages, and each group computes while the other's tile lands. Measured on an
 // H100 (2026-11-27, 21:13 UTC, the best of three rounds), one group with two stages -> two groups with one: batch 1
 // head 64 S = 16384 / 32768 / 65536 / 131072 20.1 / 30.7 / 52.1 / 96.1 -> 19.4 / 30.1 / 51.8 / 94.9 us, head 128
