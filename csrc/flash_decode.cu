@@ -141,13 +141,13 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
 // process, as the A/B scripts of docs/perf-notes.md do, then shared the flag of the setup below: the second build's
 // pair kernels never got their shared-memory limit raised, its occupancy query found no room for them, and it served
 // the pair shapes with one head a block.)
+template <typename Element, int kHeadDim>  // (a stage of two heads' tiles)
+constexpr size_t kPairSharedBytes = KernelTraits<Element, kHeadDim, 2>::bulk_shared_bytes(2);
 template <typename Element, int kHeadDim>
 static cudaError_t setup_pairs() {
-    using Traits = KernelTraits<Element, kHeadDim, 2>;
-    // (the shared memory of a stage of two heads' tiles)
     static const cudaError_t err = cudaFuncSetAttribute(flash_decode_pairs_kernel<Element, kHeadDim>,
                                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                        (int)Traits::bulk_shared_bytes(2));
+                                                        (int)kPairSharedBytes<Element, kHeadDim>);
     return err;
 }
 template <typename Element, int kHeadDim>
@@ -159,7 +159,7 @@ static cudaError_t launch_bulk_pairs(const Params& params, dim3 grid, cudaStream
     const cudaError_t err = setup_pairs<Element, kHeadDim>();
     if (err != cudaSuccess) return err;
     return programmatic_launch::launch(flash_decode_pairs_kernel<Element, kHeadDim>, grid, dim3(Traits::kThreads),
-                                       Traits::bulk_shared_bytes(2), stream, params, maps);
+                                       kPairSharedBytes<Element, kHeadDim>, stream, params, maps);
 }
 template <typename Element, int kHeadDim>
 static cudaError_t pair_blocks_an_sm(int* blocks) {
@@ -167,7 +167,7 @@ static cudaError_t pair_blocks_an_sm(int* blocks) {
     const cudaError_t err = setup_pairs<Element, kHeadDim>();
     if (err != cudaSuccess) return err;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, flash_decode_pairs_kernel<Element, kHeadDim>,
-                                                         Traits::kThreads, Traits::bulk_shared_bytes(2));
+                                                         Traits::kThreads, kPairSharedBytes<Element, kHeadDim>);
 }
 
 template <typename Element, int kHeadDim>
