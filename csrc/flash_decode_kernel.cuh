@@ -234,7 +234,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     float* const merge_o = reinterpret_cast<float*>(merge_buffer);         // [num_splits][kHeads][kHeadDim]
     float* const merge_lse2 = merge_o + p.num_splits * kHeads * kHeadDim;  // [num_splits][kHeads]
     // kBulk: the ring of stages in the dynamic shared memory instead, 1024-byte aligned for the swizzle, and its
-    // barriers: K full and V full (the stage's K or V bytes have landed) and empty (every warp has read it).
+    // barriers: K full and V full (the stage's K or V bytes have landed) and empty (every warp has read it; with
+    // KV-head pairs, its V: K's half has an empty barrier of its own, bulk_k_empty).
     // With two warp groups each group has a ring of its own (stages group * stages .. + stages - 1), which its first
     // thread fills.
     // (KV-head pairs: one ring for both groups, each stage both heads' tile)
@@ -243,6 +244,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     constexpr int kStageBytes = Traits::kBulkStageBytes * kHeadsPerStage;
     constexpr int kStageBoxBytes = Traits::kBoxBytes * kHeadsPerStage;
     __shared__ uint64_t bulk_k_full[kRingStages], bulk_v_full[kRingStages], bulk_empty[kRingStages];
+    __shared__ uint64_t bulk_k_empty[kHeadPairs ? kRingStages : 1];
     unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
         (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
 
@@ -350,9 +352,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         }
     };
     // kBulk: the ring's filler copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half,
-    // V's in its second; with KV-head pairs each box holds both heads, from the pair's first); rows past the cache's
-    // capacity arrive as zeros.
-    auto bulk_issue = [&](int slot, int tile) {
+    // V's in its second; with KV-head pairs each box holds both heads, from the pair's first; each half alone where
+    // only one is asked for); rows past the cache's capacity arrive as zeros.
+    auto bulk_issue = [&](int slot, int tile, bool k_half = true, bool v_half = true) {
         if constexpr (kBulk) {
             unsigned char* stage = bulk_ring + slot * kStageBytes;
             const int box_head = kv_head - (kHeadPairs ? warp_group : 0);
@@ -364,8 +366,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     mbarrier::tensor_copy_4d(half + box * kStageBoxBytes, map, box * Traits::kBoxColumns, box_head, tile, b,
                                              full);
             };
-            copy_half(&maps.k, &bulk_k_full[slot], stage);
-            copy_half(&maps.v, &bulk_v_full[slot], stage + kStageBytes / 2);
+            if (k_half) copy_half(&maps.k, &bulk_k_full[slot], stage);
+            if (v_half) copy_half(&maps.v, &bulk_v_full[slot], stage + kStageBytes / 2);
         }
     };
     // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
@@ -486,6 +488,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 mbarrier::init(&bulk_v_full[i], 1);
                 // every warp of the group (of the block, with KV-head pairs) has its fragments
                 mbarrier::init(&bulk_empty[i], kHeadPairs ? kWarps : Traits::kTileWarps);
+                if constexpr (kHeadPairs) mbarrier::init(&bulk_k_empty[i], kWarps);
             }
             mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
         }
@@ -690,7 +693,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             // `stages` tiles ahead), compute. K and V land on barriers of their own, and KV-head pairs take K's fragments
             // into the scores before they wait for V's: the pair instances run two blocks an SM, in at most 128 registers
             // a thread (with one barrier for both, the compiler read V's fragments early and the fp16 instance needed
-            // 146; now bf16 111, fp16 118. Split barriers alone, at every other instance, measured level on an H100,
+            // 146; now bf16 115, fp16 120. Split barriers alone, at every other instance, measured level on an H100,
             // 2026-11-28).
             const int stages = maps.stages;
             int n = 0;
@@ -701,7 +704,26 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 float sc[kSteps][4];
                 mbarrier::wait(&bulk_k_full[slot], parity);
                 bulk_read_k(slot, tile, k_cur);
-                if constexpr (kHeadPairs) scores(tile, k_cur, sc);
+                if constexpr (kHeadPairs) {
+                    // K's half is refilled as soon as every warp has its K fragments, while V's may still be landing:
+                    // the next tile's K goes out half a tile earlier than with one empty barrier for both halves
+                    // (H200s, 2026-11-29, A/Bs in alternating rounds on seven machines: batch 64 head 64 S = 2048
+                    // 0.07-0.5 us faster on each, e.g. 66.85 -> 66.59, fp16 0.25-0.8, batch 66 0.45-0.8, S = 4096 level
+                    // to 0.2; batch 128, two waves, 0.15-0.4 slower, also with this refill off there; outputs
+                    // bit-identical).
+                    // Refilled before the scores instead: no better. Both halves' refills cut in two by rows (four
+                    // barriers a kind), a ring of three half-stages (the warps' results then in the drained ring), or
+                    // the first tile's V requested after the length: no better or slower (docs/perf-notes.md, thirtieth
+                    // session).
+                    const int refill = tile + stages * tile_stride;
+                    __syncwarp();
+                    if (lane == 0) mbarrier::arrive(&bulk_k_empty[slot]);
+                    scores(tile, k_cur, sc);
+                    if (ring_filler && refill < end) {
+                        mbarrier::wait(&bulk_k_empty[slot], parity);
+                        bulk_issue(slot, refill, true, false);
+                    }
+                }
                 mbarrier::wait(&bulk_v_full[slot], parity);
                 bulk_read_v(slot, tile, v_cur);
                 __syncwarp();
@@ -720,7 +742,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     const int refill = tile + stages * tile_stride;
                     if (ring_filler && refill < end) {
                         mbarrier::wait(&bulk_empty[slot], parity);
-                        bulk_issue(slot, refill);
+                        bulk_issue(slot, refill, !kHeadPairs, true);
                     }
                 }
                 if constexpr (!kHeadPairs) scores(tile, k_cur, sc);
