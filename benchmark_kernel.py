@@ -18,7 +18,9 @@ CPU issues the start event and the launch; without that, a short kernel reads mo
 --dirty_flush zeroes the buffer instead (the method of the tables before 2026-11-27 18:00 UTC): L2 is
 then left full of dirty lines, and every kernel timed after it, ours and the peers', pays for writing
 some of them back (on an H100 6-11 us at 134-537 MB, 5 MB more DRAM writes in ncu). CUDA events around each
-launch; the median of --iters is reported (min/p90 with --verbose). --dont_flush_gpu_cache skips
+launch; the median of --iters is reported (min/p90 with --verbose). --rounds N (with --compare/--sweep) times
+every implementation N times, reversing their order each round, and reports the median of the rounds' medians: a
+short launch moves by up to about 1 us with what ran before it in the process. --dont_flush_gpu_cache skips
 the flush (warm L2), not the spin. Multi-kernel eager code (the PyTorch implementations) still
 counts the CPU time between its kernels, as it would in a model run without CUDA graphs.
 The script also prints the timing floor (a 1-element kernel timed the same way; about 3.8 us on
@@ -368,10 +370,11 @@ def check_impl(name, out, ref):
 class Timer:
     """Times zero-arg launches on one device; holds the L2 flush buffer and the run's ceilings."""
 
-    def __init__(self, device, iters, warmup, flush, dirty_flush=False):
+    def __init__(self, device, iters, warmup, flush, dirty_flush=False, rounds=1):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.iters = iters
+        self.rounds = rounds  # (for the printouts: run_impls times the rounds)
         self.warmup = warmup
         self.flush_buf = None
         self.dirty_flush = dirty_flush
@@ -471,8 +474,16 @@ def config_dict(inp):
             "sum_seqlens": sum(inp.seqlens), "dtype": str(inp.q.dtype).replace("torch.", "")}
 
 
-def run_one(name, inp, ref, timer, args):
-    """Build, warm up, check, then time one implementation; never raises for a refusal."""
+def record_error(rec, exc, args):
+    rec["status"], rec["note"] = "error", f"{type(exc).__name__}: {first_line(exc)}"
+    if args.verbose:
+        import traceback
+        traceback.print_exc()
+
+
+def prepare_one(name, inp, ref, timer, args):
+    """Build, warm up and check one implementation: its record and its launch (None where it cannot run); never
+    raises for a refusal."""
     desc, factory = IMPLEMENTATIONS[name]
     rec = {"impl": name, "description": desc, **config_dict(inp), "bytes": bytes_moved(inp),
            "status": None, "note": "", "rel_err": None, "time_us": None, "min_us": None,
@@ -484,20 +495,59 @@ def run_one(name, inp, ref, timer, args):
         timer.sync()
         rec["rel_err"], rec["status"] = check_impl(name, out, ref)
         del out
-        rec.update(summarize(timer.time_us(fn)))
     except Unavailable as exc:
         rec["status"], rec["note"] = exc.status, exc.reason
-        return rec
+        return rec, None
     except Exception as exc:  # e.g. out of memory, a kernel's own argument check
-        rec["status"], rec["note"] = "error", f"{type(exc).__name__}: {first_line(exc)}"
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        return rec
+        record_error(rec, exc, args)
+        return rec, None
+    return rec, fn
+
+
+def record_times(rec, round_times, timer):
+    """The record's time: the median of each round's median (one round: the median of its launches); min and p90
+    over every launch."""
+    rec.update(summarize([t for times in round_times for t in times]))
+    rec["time_us"] = statistics.median(statistics.median(times) for times in round_times)
     rec["gbps"] = rec["bytes"] / (rec["time_us"] * 1e3)
     if timer.copy_gbps:
         rec["pct_copy_bw"] = 100.0 * rec["gbps"] / timer.copy_gbps
-    return rec
+
+
+def run_impls(names, inp, ref, timer, args):
+    """Every implementation's record. One round: each built, checked and timed before the next is built. Several
+    (--rounds): all built and checked first, then timed round by round, every round in the reverse order of the one
+    before, so that none always runs first or right after the same neighbour (a short launch moves by up to about
+    1 us with what ran before it in the process: README, Results)."""
+    if args.rounds == 1:
+        recs = []
+        for name in names:
+            rec, fn = prepare_one(name, inp, ref, timer, args)
+            if fn is not None:
+                try:
+                    record_times(rec, [timer.time_us(fn)], timer)
+                except Exception as exc:
+                    record_error(rec, exc, args)
+            recs.append(rec)
+        return recs
+    prepared = [prepare_one(name, inp, ref, timer, args) for name in names]
+    round_times = [[] for _ in prepared]
+    order = [i for i, (_, fn) in enumerate(prepared) if fn is not None]
+    for r in range(args.rounds):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            rec, fn = prepared[i]
+            if fn is None:  # (failed in an earlier round)
+                continue
+            try:
+                round_times[i].append(timer.time_us(fn))
+            except Exception as exc:
+                record_error(rec, exc, args)
+                prepared[i] = (rec, None)
+                round_times[i] = []
+    for (rec, fn), times in zip(prepared, round_times):
+        if fn is not None and times:
+            record_times(rec, times, timer)
+    return [rec for rec, _ in prepared]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,8 +644,7 @@ def run_config(args, timer, batch, seq_n, impls):
     inp = build_inputs(batch, args.q_num_heads, args.kv_num_heads, args.head_size, seq_n,
                        DTYPES[args.dtype], args.device, args.seed, args.ragged)
     ref = reference_output(inp)
-    recs = [run_one(name, inp, ref, timer, args) for name in impls]
-    return inp, recs
+    return inp, run_impls(impls, inp, ref, timer, args)
 
 
 def free_memory(timer):
@@ -720,11 +769,14 @@ def write_sweep_markdown(args, timer, batch, seqs, impls, recs):
 
 
 def timer_note(timer):
+    median = (f"median of {timer.iters}" if timer.rounds == 1 else
+              f"median of the medians of {timer.rounds} rounds of {timer.iters}, the implementations' order reversed "
+              f"every round")
     if not timer.cuda:
-        return f"time.perf_counter on the CPU, median of {timer.iters}"
+        return f"time.perf_counter on the CPU, {median}"
     flush = {None: "L2 not flushed (--dont_flush_gpu_cache)", "read": "L2 flushed by a read",
              "zero": "L2 flushed by zeroing (dirty, --dirty_flush)"}[timer.flush_kind]
-    return f"{flush} + GPU kept busy before each launch, median of {timer.iters}"
+    return f"{flush} + GPU kept busy before each launch, {median}"
 
 
 def plot_sweep(args, timer, batch, impls, recs):
@@ -767,7 +819,7 @@ def write_json(args, timer, recs):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     meta = {"device": timer.device_name, "device_type": timer.device.type,
             "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "iters": timer.iters, "flush_l2": timer.flush_buf is not None,
+            "iters": timer.iters, "rounds": timer.rounds, "flush_l2": timer.flush_buf is not None,
             "flush": timer.flush_kind,
             "copy_gbps": timer.copy_gbps, "timing_floor_us": timer.floor_us,
             "command": [os.path.basename(sys.argv[0])] + sys.argv[1:]}
@@ -840,6 +892,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare/--sweep: time every implementation in this many rounds of --iters launches, "
+                        "each round in the reverse order of the one before; reported: the median of the rounds' "
+                        "medians (default 1: each implementation timed once, in --impls order)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu: --use_pytorch_kernel)")
     p.add_argument("--ragged", action="store_true", help="random sequence lengths in [1, seq_n]")
     p.add_argument("--compare", action="store_true",
@@ -866,6 +922,10 @@ def validate_args(p, args):
     for name in ("head_size", "q_num_heads", "kv_num_heads", "batch_size", "seq_n", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be positive")
+    if args.rounds < 1:
+        p.error("--rounds must be positive")
+    if args.rounds > 1 and not (args.compare or args.sweep):
+        p.error("--rounds alternates the implementations of --compare/--sweep: add one of them, or drop --rounds")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the warmup output is what gets checked)")
     if args.num_splits < 0:
@@ -913,7 +973,7 @@ def main(argv=None):
     if args.use_ncu:
         sys.exit(0 if run_ncu(args) else 1)
     timer = Timer(args.device, args.iters, args.warmup, flush=not args.dont_flush_gpu_cache,
-                  dirty_flush=args.dirty_flush)
+                  dirty_flush=args.dirty_flush, rounds=args.rounds)
     timer.measure_ceilings()
     recs = run_sweep(args, timer) if args.sweep else run_single_or_compare(args, timer)
     if args.json:

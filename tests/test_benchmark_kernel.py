@@ -69,6 +69,22 @@ def test_sweep_writes_markdown_and_json(tmp_path):
     assert (tmp_path / "kernel_sweep_h64_b1.md").exists()
 
 
+def test_compare_in_rounds(tmp_path):
+    # every implementation timed in each of three rounds (orders alternating): the record's time is the median of the
+    # rounds' medians, its min and p90 over all 3 x 3 launches
+    path = tmp_path / "r.json"
+    out = run(*TINY, "--compare", "--rounds", "3", "--impls", "pytorch,naive,custom", "--json", str(path)).stdout
+    assert "median of the medians of 3 rounds of 3" in out
+    data = json.loads(path.read_text())
+    assert data["meta"]["rounds"] == 3
+    by_impl = {r["impl"]: r for r in data["results"]}
+    for name in ("pytorch", "naive"):
+        rec = by_impl[name]
+        assert rec["status"] == "OK" and rec["rel_err"] < 1e-2
+        assert 0 < rec["min_us"] <= rec["time_us"] <= rec["p90_us"]
+    assert by_impl["custom"]["status"] == "unsupported" and by_impl["custom"]["time_us"] is None
+
+
 def test_impls_alone_picks_the_one_implementation_to_run():
     # (what --use_ncu profiles too: `--impls sdpa_cudnn --use_ncu` is cuDNN's kernel, not the custom one)
     out = run(*TINY, "--impls", "naive", "--head_size", "64").stdout
@@ -83,6 +99,8 @@ def test_impls_alone_picks_the_one_implementation_to_run():
     (["--q_num_heads", "6", "--kv_num_heads", "4", "--use_pytorch_kernel"], "must be a multiple"),
     ([], "--use_pytorch_kernel"),  # custom kernel asked for on the CPU
     (["--use_pytorch_kernel", "--dirty_flush", "--dont_flush_gpu_cache"], "give one"),
+    (["--use_pytorch_kernel", "--rounds", "3"], "--rounds alternates"),
+    (["--compare", "--rounds", "0"], "--rounds must be positive"),
 ])
 def test_bad_input_errors(args, message):
     proc = run("--device", "cpu", "--seq_n", "16", *args, check_rc=None)
