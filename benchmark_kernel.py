@@ -514,6 +514,15 @@ def record_times(rec, round_times, timer):
         rec["pct_copy_bw"] = 100.0 * rec["gbps"] / timer.copy_gbps
 
 
+def time_round(rec, fn, timer, args):
+    """One round's launch times of an implementation, or None where a launch failed (recorded as its error)."""
+    try:
+        return timer.time_us(fn)
+    except Exception as exc:
+        record_error(rec, exc, args)
+        return None
+
+
 def run_impls(names, inp, ref, timer, args):
     """Every implementation's record. One round: each built, checked and timed before the next is built. Several
     (--rounds): all built and checked first, then timed round by round, every round in the reverse order of the one
@@ -523,11 +532,9 @@ def run_impls(names, inp, ref, timer, args):
         recs = []
         for name in names:
             rec, fn = prepare_one(name, inp, ref, timer, args)
-            if fn is not None:
-                try:
-                    record_times(rec, [timer.time_us(fn)], timer)
-                except Exception as exc:
-                    record_error(rec, exc, args)
+            times = time_round(rec, fn, timer, args) if fn is not None else None
+            if times is not None:
+                record_times(rec, [times], timer)
             recs.append(rec)
         return recs
     prepared = [prepare_one(name, inp, ref, timer, args) for name in names]
@@ -538,12 +545,12 @@ def run_impls(names, inp, ref, timer, args):
             rec, fn = prepared[i]
             if fn is None:  # (failed in an earlier round)
                 continue
-            try:
-                round_times[i].append(timer.time_us(fn))
-            except Exception as exc:
-                record_error(rec, exc, args)
+            times = time_round(rec, fn, timer, args)
+            if times is None:
                 prepared[i] = (rec, None)
                 round_times[i] = []
+            else:
+                round_times[i].append(times)
     for (rec, fn), times in zip(prepared, round_times):
         if fn is not None and times:
             record_times(rec, times, timer)
