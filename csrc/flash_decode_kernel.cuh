@@ -258,7 +258,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             mbarrier::fence_init_for_cluster();
         }
         __syncwarp();  // (.aligned: the whole warp executes the arrival together)
-        mbarrier::cluster_arrive();
+        // Relaxed: the only write it publishes is the barrier's init, which fence_init_for_cluster releases (the PTX
+        // ISA's pattern). A release arrival made every thread of every block fence at GPU scope first (MEMBAR.ALL.GPU in
+        // the SASS) at the start of every cluster-merge launch: 0.1-0.3 us (an H200, 2026-11-29, head 64 S = 512-4096,
+        // head 128 S = 256-2048).
+        mbarrier::cluster_arrive_relaxed();
     }
 #endif
     // Plain launches read nothing before the wait; see below for early_cache_reads.
@@ -406,14 +410,23 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // registers the loop needs anyway
     uint4 k_second[kBulk ? 1 : kSteps][2][kKChunks], v_second[kBulk ? 1 : kSteps][4][kVChunks];
 
-    // q as the A fragment of S: head g, its elements in the order of the K loads; zero past the group. Loaded as
+    // q as the A fragment of S: head g, its elements in the order of the K loads (past the group: load_q). Loaded as
     // soon as the wait allows, beside the length and the cache rows, so that its round trip overlaps theirs
     // (issued after the length's, behind the branches that depend on it, it was a second round trip).
     uint32_t q_frag[kKChunks * 4];
     auto load_q = [&]() {
-        if (g < g_count) {
+        // The register pipeline's plain launches: lanes past the group (g >= g_count) load the group's last head
+        // again instead of zeros (their rows of S, P and O are never written out), so that no branch surrounds q's
+        // loads: ptxas hoisted the length's first use above such a branch, and q's loads (head 128) and a split's
+        // second tile's then waited for the length's round trip (an H200, 2026-11-29: head 64 S = 256-8192 0.1-0.8 us
+        // faster, head 128 S = 256-2048 0.1-0.5). The bulk variant keeps its zeros (with the duplicate heads it was
+        // 0.4-0.9 us slower at batch 1 head 64 S = 65536-131072, docs/perf-notes.md), and so do the decode steps'
+        // instances (the fp16 head-128 ones spilled without the branch).
+        constexpr bool kNoBranch = !kBulk && !kEarlyReads;
+        const int head = kNoBranch ? min(g, g_count - 1) : g;
+        if (kNoBranch || g < g_count) {
             const char* q_ptr = reinterpret_cast<const char*>(p.q) +
-                                (b * p.q_batch_stride + (int64_t)(q_head0 + g) * p.q_head_stride + 8 * t) * sizeof(Element);
+                                (b * p.q_batch_stride + (int64_t)(q_head0 + head) * p.q_head_stride + 8 * t) * sizeof(Element);
 #pragma unroll
             for (int c = 0; c < kKChunks; ++c) {
                 const uint4 u = __ldcg(reinterpret_cast<const uint4*>(q_ptr + c * kKChunkBytes));

@@ -1,4 +1,7 @@
-"""Tiny random Llama checkpoints written by transformers, shared by the whole session."""
+"""Tiny random Llama checkpoints written by transformers, shared by the whole session; the kernel tests'
+random inputs."""
+
+import os
 
 import pytest
 import torch
@@ -18,6 +21,24 @@ TINY_VARIANTS = {
     "llama3rope-mha-hd64-tied-sharded": (4, 4, 64, LLAMA3_ROPE, True, True),
     "defaultrope-gqa4-hd128-untied": (8, 2, 128, DEFAULT_ROPE, False, False),
 }
+
+
+# The kernel tests draw fresh random inputs every run: kernel_generator mixes this run's seed into each test's own.
+# pytest prints it (header and summary); KERNEL_TEST_SEED=<seed> repeats a run's inputs.
+KERNEL_TEST_SEED = int(os.environ.setdefault("KERNEL_TEST_SEED", str(int.from_bytes(os.urandom(4), "little"))))
+
+
+def pytest_report_header(config):
+    return f"kernel tests' random inputs: KERNEL_TEST_SEED={KERNEL_TEST_SEED} (set it to repeat them)"
+
+
+def pytest_terminal_summary(terminalreporter):  # (also under -q, which drops the header)
+    terminalreporter.write_line(f"kernel tests' random inputs: KERNEL_TEST_SEED={KERNEL_TEST_SEED}")
+
+
+def kernel_generator(seed: int = 0, device: str = "cuda") -> torch.Generator:
+    """A generator for a kernel test's random inputs: the test's own seed (so that its cases differ) and this run's."""
+    return torch.Generator(device=device).manual_seed(KERNEL_TEST_SEED * 1_000_003 + seed)
 
 
 def random_prompts(lengths, seed=0):

@@ -7,7 +7,7 @@ and the output by at most two (measured on an H100: 6 of 196608 RMSNorm outputs,
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_prompts
+from conftest import kernel_generator, random_prompts
 from transformers import LlamaForCausalLM
 
 import llama3
@@ -39,7 +39,7 @@ def assert_matches_rounding(ours, expected, dtype):
 @pytest.mark.parametrize("rows,dim", [(1, 2048), (3, 576), (64, 3072), (7, 4104), (2, 9000), (3, 1001)])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
-    g = torch.Generator(device="cuda").manual_seed(rows * dim)
+    g = kernel_generator(rows * dim)
     x = torch.randn(rows, dim, generator=g, device="cuda").to(dtype)
     residual = torch.randn(rows, dim, generator=g, device="cuda").to(dtype) if with_residual else None
     norm = llama3.RMSNorm(dim, 1e-5).cuda().to(dtype)
@@ -62,7 +62,7 @@ def test_rope_kv_write_matches_pytorch(ops, dtype, n_heads, n_kv_heads, head_dim
                               n_kv_heads=n_kv_heads, head_dim=head_dim, intermediate_size=8, norm_eps=1e-5,
                               rope_theta=500000.0, rope_scaling=None, tie_word_embeddings=False)
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
-    g = torch.Generator(device="cuda").manual_seed(n_heads + head_dim + tokens)
+    g = kernel_generator(n_heads + head_dim + tokens)
     qkv = torch.randn(batch * tokens, (n_heads + 2 * n_kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
     start = torch.tensor(start, device="cuda")
     k_cache = torch.full((max_batch, max_seq, n_kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype)
@@ -121,7 +121,7 @@ def test_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, norm, residu
     """Against llama3.gemv_reference (cuBLAS and the modules' rounding) and float64: the GEMV's error is at
     most one output rounding step (relative to the largest output) above cuBLAS's; the residual stream it
     writes is exact."""
-    g = torch.Generator(device="cuda").manual_seed(rows * k + n)
+    g = kernel_generator(rows * k + n)
     x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
     weight = (torch.randn(2 * n if silu else n, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
     res = torch.randn(rows, k, generator=g, device="cuda").to(dtype) if residual else None
@@ -141,7 +141,7 @@ def test_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, norm, residu
 @pytest.mark.parametrize("silu", [False, True])
 def test_tensor_core_gemv_matches_the_pytorch_reference(ops, dtype, rows, k, n, silu):
     """5 to 16 rows go through mma.m16n8k16 (no norm prologue); same bounds as the CUDA-core kernel."""
-    g = torch.Generator(device="cuda").manual_seed(rows * k + n + silu)
+    g = kernel_generator(rows * k + n + silu)
     x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
     weight = (torch.randn(2 * n if silu else n, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
     out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)  # poisoned
@@ -164,7 +164,7 @@ def test_gemv_with_rope_and_cache_write_matches_the_two_kernels_it_replaces(ops,
                               rope_scaling=None, tie_word_embeddings=False)
     max_batch, max_seq = 5, 300
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
-    g = torch.Generator(device="cuda").manual_seed(rows * head_dim + k)
+    g = kernel_generator(rows * head_dim + k)
     x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
     residual = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
     norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
@@ -195,7 +195,7 @@ def test_gemv_looks_the_tokens_embeddings_up_in_its_prologue(ops, dtype, rows, k
                               head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
                               rope_scaling=None, tie_word_embeddings=False)
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", dtype)
-    g = torch.Generator(device="cuda").manual_seed(rows * k)
+    g = kernel_generator(rows * k)
     table = torch.randn(vocab, k, generator=g, device="cuda").to(dtype)
     norm_weight = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).to(dtype)
     weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5).to(dtype)
@@ -237,7 +237,7 @@ def test_attention_right_after_the_cache_write_sees_the_new_row(ops, head_dim, b
                               head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
                               rope_scaling=None, tie_word_embeddings=False)
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(head_dim)
+    g = kernel_generator(head_dim)
     # a 12-25 MB weight: the GEMV runs several microseconds, long enough for the attention to start early
     weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5)
     weight = weight.to(torch.bfloat16)
@@ -278,7 +278,7 @@ def test_decode_steps_queued_back_to_back_see_the_sampled_tokens_and_new_lengths
                               head_dim=head_dim, intermediate_size=8, norm_eps=1e-5, rope_theta=500000.0,
                               rope_scaling=None, tie_word_embeddings=False)
     cos, sin = llama3.rope_cos_sin(config, max_seq, "cuda", torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(31)
+    g = kernel_generator(31)
     table = torch.randn(vocab, k, generator=g, device="cuda").to(torch.bfloat16)
     weight = (torch.randn((n_heads + 2 * n_kv_heads) * head_dim, k, generator=g, device="cuda") / k ** 0.5)
     weight = weight.to(torch.bfloat16)
@@ -355,7 +355,7 @@ def test_persistent_decode_layers_match_the_pytorch_modules(ops, decode_switches
     if reason is not None:
         pytest.skip(f"the persistent decode kernel does not run here: {reason}")
     model = random_model(dim, hidden, n_heads, n_kv_heads, head_dim, n_layers, dtype, prompt_len + 8, seed=prompt_len)
-    g = torch.Generator(device="cuda").manual_seed(prompt_len + dim)
+    g = kernel_generator(prompt_len + dim)
     prompt = torch.randint(3, 1000, (1, prompt_len), generator=g, device="cuda")
     fed = model.prefill(prompt, torch.tensor([prompt_len], device="cuda")).argmax(-1)
     for layer in model.layers:
@@ -382,7 +382,7 @@ def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, dec
     if ops.decode_layers_unsupported(2048, 8192, 32, 8, 64) is not None:
         pytest.skip("the persistent decode kernel does not run here")
     model = random_model(2048, 8192, 32, 8, 64, 2, torch.bfloat16, 700, seed=5)
-    prompt = torch.randint(3, 1000, (1, 600), generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+    prompt = torch.randint(3, 1000, (1, 600), generator=kernel_generator(5), device="cuda")
     fed = model.prefill(prompt, torch.tensor([600], device="cuda")).argmax(-1)
     positions = torch.tensor([600], device="cuda")
     llama3.USE_FUSED_DECODE_OPS = True
@@ -600,7 +600,7 @@ def mass_before(logits, temperature):
 @pytest.mark.parametrize("kernel", ["block", "cluster"])
 def test_fused_sampling_stays_in_the_top_p_set(ops, vocab, spread, top_p, dtype, kernel):
     ctas = ctas_per_row(ops, kernel, vocab)
-    g = torch.Generator(device="cuda").manual_seed(vocab + int(100 * spread))
+    g = kernel_generator(vocab + int(100 * spread))
     logits = (spread * torch.randn(3, vocab, generator=g, device="cuda")).to(dtype)
     logits[1, ::7] = float("-inf")  # masked logits (e.g. banned tokens) carry no mass and are never drawn
     copies = 300  # every row of the batch is an independent draw (the hash mixes the row index)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import KERNEL_TEST_SEED, kernel_generator
 from llama3 import decode_attention_naive, decode_attention_reference
 
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -108,7 +109,8 @@ def pipeline(request, ext):
 
 
 def make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    """Fresh random q, k, v for every run (conftest.kernel_generator); `seed` keeps a test's cases apart."""
+    gen = kernel_generator(seed)
     q = torch.randn(batch, q_heads, head_dim, generator=gen, device="cuda").to(dtype)
     k = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
     v = torch.randn(batch, seq, kv_heads, head_dim, generator=gen, device="cuda").to(dtype)
@@ -364,9 +366,10 @@ def test_strided_views_of_a_larger_cache(ext):
     # The model passes a batch slice of its [max_batch, max_seq, kv_heads, head_dim] cache and a q that
     # is a view of the fused QKV projection.
     max_batch, seq, q_heads, kv_heads, d = 6, 700, 32, 8, 128
-    full_k = torch.randn(max_batch, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
-    full_v = torch.randn(max_batch, seq, kv_heads, d, device="cuda", dtype=torch.bfloat16)
-    qkv = torch.randn(3, (q_heads + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
+    gen = kernel_generator()
+    full_k = torch.randn(max_batch, seq, kv_heads, d, generator=gen, device="cuda").to(torch.bfloat16)
+    full_v = torch.randn(max_batch, seq, kv_heads, d, generator=gen, device="cuda").to(torch.bfloat16)
+    qkv = torch.randn(3, (q_heads + 2 * kv_heads) * d, generator=gen, device="cuda").to(torch.bfloat16)
     q = qkv[:, : q_heads * d].view(3, q_heads, d)
     lens = torch.tensor([700, 5, 321], dtype=torch.int32, device="cuda")
     check_against_reference(ext, q, full_k[:3], full_v[:3], lens)
@@ -488,8 +491,7 @@ def xor_of_words(t):
 def test_kv_read_reads_exactly_the_valid_rows(ext, dtype, batch, seq, kv_heads, head_dim, rows):
     # Fresh random bits (any pattern, NaN included) in a cache with spare positions past `seq` and rows past `rows`
     # that must not be read: either would change the checksum.
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = kernel_generator(batch * seq + rows)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     shape = (batch, seq + 5, kv_heads, head_dim * itemsize // 4)  # in 32-bit words
     k_full, v_full = (torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device="cuda", dtype=torch.int32)
@@ -501,7 +503,7 @@ def test_kv_read_reads_exactly_the_valid_rows(ext, dtype, batch, seq, kv_heads, 
     ext.kv_read(k, v, rows, block_xor=block_xor)
     torch.cuda.synchronize()
     expected = xor_of_words(k[:, :rows]) ^ xor_of_words(v[:, :rows])
-    assert xor_of_words(block_xor) == expected, f"seed {seed}"
+    assert xor_of_words(block_xor) == expected, f"KERNEL_TEST_SEED={KERNEL_TEST_SEED}"
     assert torch.equal(ext.kv_read(k, v, rows), block_xor)  # its own output tensor: the same blocks, the same words
 
 
