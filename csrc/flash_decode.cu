@@ -489,6 +489,10 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     // (a plain launch reads its first tile's rows before the length, clamped to the capacity's last row: there must be
     // one; a cache without rows holds only empty sequences, which the caller answers without a launch)
     if (params.seq_capacity < 1) return cudaErrorInvalidValue;
+    // (rows below 4 GB apart: the register pipeline's plain launches address them with 32-bit offsets)
+    if (params.k_seq_stride < 0 || params.v_seq_stride < 0 || (uint64_t)params.k_seq_stride * 2 > UINT32_MAX ||
+        (uint64_t)params.v_seq_stride * 2 > UINT32_MAX)
+        return cudaErrorInvalidValue;
     Variant variant;
     if (!select_variant(dtype, params.head_dim, &variant)) return cudaErrorInvalidValue;
     const int units = params.batch * params.kv_heads * params.head_groups;

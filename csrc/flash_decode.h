@@ -25,33 +25,35 @@ constexpr int kHeadsPerBlock = 8;
 // Upper bound on splits of one sequence: bounds the combine's work and its shared memory.
 constexpr int kMaxSplits = 128;
 
+// (The field order matters for speed, not for meaning: a kernel reads its parameters through the constant cache, and
+// after the benchmarks' L2 flush each 64-byte line it touches first is a miss that stalls the warps. What a block reads
+// before its first cache loads therefore comes first, in three lines where it took five: an H200, 2026-11-29, head 64
+// S = 256 about 0.1 us, docs/perf-notes.md.)
 struct Params {
-    const void* q;
     const void* k;
     const void* v;
-    void* out;
-    float* lse;              // optional, nullptr when not requested
     const int* seqlens;
-
-    // Split-KV workspace, used only when num_splits > 1 and the merge is not a cluster's (uses_cluster_merge).
-    float* partial_out;      // [batch, q_heads, num_splits, head_dim]
-    float* partial_lse;      // [batch, q_heads, num_splits], log2 domain
-    int* split_counters;     // [batch * kv_heads * head_groups], zero between launches (self-resetting)
-
-    int64_t q_batch_stride, q_head_stride;
-    int64_t k_batch_stride, k_seq_stride, k_head_stride;
+    const void* q;
+    int64_t k_batch_stride, k_seq_stride, k_head_stride;  // (k_seq_stride and v_seq_stride: below 4 GB in bytes)
     int64_t v_batch_stride, v_seq_stride, v_head_stride;
-    int64_t out_batch_stride, out_head_stride;
-
     int batch, q_heads, kv_heads, head_dim, seq_capacity;
     int group_size;          // q_heads / kv_heads
     int head_groups;         // head_groups_for(group_size)
     int num_splits;          // blocks along the sequence, >= 1
+    int64_t q_batch_stride, q_head_stride;
     float scale_log2;        // softmax scale * log2(e): the kernel works with exp2
     // No kernel that may still run when this one starts (those launched since the last plain launch:
     // programmatic_launch.cuh) writes a length or a cache row except each sequence's newest (seqlens - 1),
     // as in a decode step: the kernel may then read the lengths and the older rows before they finish.
     bool early_cache_reads;
+
+    void* out;
+    float* lse;              // optional, nullptr when not requested
+    int64_t out_batch_stride, out_head_stride;
+    // Split-KV workspace, used only when num_splits > 1 and the merge is not a cluster's (uses_cluster_merge).
+    float* partial_out;      // [batch, q_heads, num_splits, head_dim]
+    float* partial_lse;      // [batch, q_heads, num_splits], log2 domain
+    int* split_counters;     // [batch * kv_heads * head_groups], zero between launches (self-resetting)
 };
 
 // The number of splits the launcher uses when the caller passes 0 (about two blocks per SM, no split

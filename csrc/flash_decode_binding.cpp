@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <stdexcept>
@@ -142,6 +143,10 @@ at::Tensor flash_decode_forward(const at::Tensor& q, const at::Tensor& k_cache, 
     check_rows_aligned(q, "q");
     check_rows_aligned(k_cache, "k_cache");
     check_rows_aligned(v_cache, "v_cache");
+    for (const at::Tensor* cache : {&k_cache, &v_cache})
+        FD_CHECK(cache->stride(1) * cache->element_size() < (int64_t(1) << 32), "flash_decode: the cache's rows are ",
+                 cache->stride(1) * cache->element_size(), " bytes apart (stride(1) = ", cache->stride(1),
+                 "); the kernel supports row strides below 4 GiB: store the cache [batch, seq, kv_heads, head_dim]");
 
     at::Tensor out;
     if (out_.has_value()) {

@@ -220,6 +220,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     constexpr int kVChunks = Traits::kVChunks;
     constexpr int kOutTiles = Traits::kOutTiles;
     constexpr int kRowsPerBlockTile = Traits::kRowsPerBlockTile;
+    // The register pipeline's plain launches (short lengths at batch 1): their time is mostly a chain of dependent
+    // instructions around one DRAM round trip, so their code is kept short where the other instances' may not change
+    // (the decode steps' spill at the margin, the bulk variant's long launches moved with ptxas's placement of the
+    // length's load: docs/perf-notes.md).
+    constexpr bool kPlainRegisters = !kBulk && !kEarlyReads;
 
     __shared__ float smem_acc[kWarps][kHeads][kHeadDim + 1];  // +1: lanes of different heads, other banks
     __shared__ float smem_m[kWarps][kHeads];
@@ -271,12 +276,21 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     const int split = blockIdx.x, unit = blockIdx.y;  // unit: (sequence, KV head, head group), or (sequence, KV-head pair)
     const int warp = threadIdx.x / 32;  // its partial result's slot in shared memory
     const int tile_warp = warp % Traits::kTileWarps, warp_group = warp / Traits::kTileWarps;
-    int idx = unit;
-    const int head_group = kHeadPairs ? 0 : idx % p.head_groups;
-    if constexpr (!kHeadPairs) idx /= p.head_groups;
     const int unit_heads = p.kv_heads / kHeadsPerStage;
-    const int kv_head = (idx % unit_heads) * kHeadsPerStage + (kHeadPairs ? warp_group : 0);
-    const int b = idx / unit_heads;
+    int head_group, kv_head, b;
+    if constexpr (kPlainRegisters) {
+        // (unsigned divisions: about 20 instructions fewer before the first load than signed ones)
+        const unsigned groups = p.head_groups, heads = unit_heads, sequence_head = (unsigned)unit / groups;
+        head_group = unit - sequence_head * groups;
+        b = sequence_head / heads;
+        kv_head = sequence_head - b * heads;
+    } else {
+        int idx = unit;
+        head_group = kHeadPairs ? 0 : idx % p.head_groups;
+        if constexpr (!kHeadPairs) idx /= p.head_groups;
+        kv_head = (idx % unit_heads) * kHeadsPerStage + (kHeadPairs ? warp_group : 0);
+        b = idx / unit_heads;
+    }
     // The threads that merge this warp's partial results with the other warps' and write them out: the block's, or
     // with KV-head pairs its warp group's (a head each).
     constexpr int kMergeWarps = kHeadPairs ? Traits::kTileWarps : kWarps;
@@ -326,6 +340,13 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     const int64_t k_row_bytes = p.k_seq_stride * sizeof(Element);
     const int64_t v_row_bytes = p.v_seq_stride * sizeof(Element);
     constexpr int kKChunkBytes = 32 * sizeof(Element), kVChunkBytes = 64 * sizeof(Element);
+    // Row `row` (0 <= row < seq_capacity) of a cache whose rows are row_bytes apart. Plain register launches multiply in
+    // 32 bits into the 64-bit address (one IMAD.WIDE.U32 a row: a row stride is below 4 GB, launch() checks it), where
+    // the signed 64-bit product took four or five instructions for each of a warp's 16-24 rows before its first load.
+    auto row_offset = [&](int row, int64_t row_bytes) -> int64_t {
+        if constexpr (kPlainRegisters) return (int64_t)((uint64_t)(uint32_t)row * (uint32_t)row_bytes);
+        return row * row_bytes;
+    };
 
     // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows, P V's
     // row i of lane (., t) and S's 8-row group nt of lane (g, .) (row_in_step; S's column n = g of group nt is P V's
@@ -343,13 +364,13 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
-                const char* row = k_base + min(k_row(tile, s, nt), end - 1) * k_row_bytes;
+                const char* row = k_base + row_offset(min(k_row(tile, s, nt), end - 1), k_row_bytes);
 #pragma unroll
                 for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = load_stream_16B(row + c * kKChunkBytes);
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const char* row = v_base + min(v_row(tile, s, i), end - 1) * v_row_bytes;
+                const char* row = v_base + row_offset(min(v_row(tile, s, i), end - 1), v_row_bytes);
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = load_stream_16B(row + c * kVChunkBytes);
             }
@@ -422,9 +443,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // faster, head 128 S = 256-2048 0.1-0.5). The bulk variant keeps its zeros (with the duplicate heads it was
         // 0.4-0.9 us slower at batch 1 head 64 S = 65536-131072, docs/perf-notes.md), and so do the decode steps'
         // instances (the fp16 head-128 ones spilled without the branch).
-        constexpr bool kNoBranch = !kBulk && !kEarlyReads;
-        const int head = kNoBranch ? min(g, g_count - 1) : g;
-        if (kNoBranch || g < g_count) {
+        const int head = kPlainRegisters ? min(g, g_count - 1) : g;
+        if (kPlainRegisters || g < g_count) {
             const char* q_ptr = reinterpret_cast<const char*>(p.q) +
                                 (b * p.q_batch_stride + (int64_t)(q_head0 + head) * p.q_head_stride + 8 * t) * sizeof(Element);
 #pragma unroll
@@ -627,19 +647,23 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             return so_far;
         };
         // The online softmax: head g's new running max (its 4 lanes agree on it), acc and l rescaled once; returns
-        // the reference point of the new weights.
-        auto rescale = [&](float tiles_max) {
-            float m_new = fmaxf(m, tiles_max);
+        // the reference point of the new weights. For the warp's first tiles (a constant at each call) there is nothing
+        // to rescale (m = -inf, l = 0, acc = 0): skipping it took 40-60 instructions a warp off short launches, and
+        // the first P V no longer waits for the correction's exp2 and multiplies (the result is the same to the bit).
+        auto rescale = [&](float tiles_max, bool first_tiles) {
+            float m_new = first_tiles ? tiles_max : fmaxf(m, tiles_max);
             m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
             m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
             const float ref = safe_ref(m_new);
-            const float correction = exp2f(m - ref);
+            if (!first_tiles) {
+                const float correction = exp2f(m - ref);
+                l *= correction;
+#pragma unroll
+                for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+                    for (int j = 0; j < kAccParts; ++j) acc[n][j] *= correction;
+            }
             m = m_new;
-            l *= correction;
-#pragma unroll
-            for (int n = 0; n < kOutTiles; ++n)
-#pragma unroll
-                for (int j = 0; j < kAccParts; ++j) acc[n][j] *= correction;
             return ref;
         };
         // O += P V, 16 rows per mma
@@ -681,10 +705,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             }
         };
         auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks],
-                                const uint4 (&v_cur)[kSteps][4][kVChunks]) {
+                                const uint4 (&v_cur)[kSteps][4][kVChunks], bool first_tile) {
             float sc[kSteps][4];
             scores(tile, k_cur, sc);
-            accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY)));
+            accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY), first_tile));
         };
         auto copy_tile = [&](uint4 (&k_to)[kSteps][2][kKChunks], uint4 (&v_to)[kSteps][4][kVChunks],
                              const uint4 (&k_from)[kSteps][2][kKChunks], const uint4 (&v_from)[kSteps][4][kVChunks]) {
@@ -759,7 +783,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     }
                 }
                 if constexpr (!kHeadPairs) scores(tile, k_cur, sc);
-                accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY)));
+                accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY), false));  // (the bulk variant's code unchanged)
             }
             drain_unread_stages();
         } else {
@@ -768,21 +792,26 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 float sc[kSteps][4], sc_second[kSteps][4];
                 scores(start, k_next, sc);
                 scores(start + tile_stride, k_second, sc_second);
-                const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)));
+                const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)), true);
                 accumulate(sc, v_next, ref);
                 accumulate(sc_second, v_second, ref);
                 first = end;
             } else if (kEarlyReads && second_tile_loaded) {  // the first two, read early: the first, then the loop
-                process_tile(start, k_next, v_next);
+                process_tile(start, k_next, v_next, true);
                 copy_tile(k_next, v_next, k_second, v_second);
                 first = start + tile_stride;
+            } else if (first_tile_loaded && start + tile_stride >= end) {
+                // the warp group's only tile, loaded: straight from the registers it landed in (through the loop below it
+                // was copied to the loop's registers first, 64-96 moves a warp) and with nothing to rescale
+                process_tile(start, k_next, v_next, true);
+                first = end;
             }
             if (!first_tile_loaded && start < end) load_tile(start, k_next, v_next);
             for (int tile = first; tile < end; tile += tile_stride) {
                 uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
                 copy_tile(k_cur, v_cur, k_next, v_next);
                 if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
-                process_tile(tile, k_cur, v_cur);
+                process_tile(tile, k_cur, v_cur, false);
             }
         }
 

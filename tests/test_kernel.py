@@ -470,6 +470,10 @@ def test_bad_inputs_give_clear_errors(ext):
         ext.flash_decode(q, k, v, lens, 0.1, out=torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q))
     with pytest.raises(ValueError, match="out stride 65 of dimension 1"):
         ext.flash_decode(q, k, v, lens, 0.1, out=torch.empty(2, 8, 65, device="cuda", dtype=q.dtype)[..., :64])
+    # rows 4 GiB or more apart (one row of capacity: the view needs no such storage)
+    far = torch.zeros(2, 1, 2, 64, device="cuda", dtype=q.dtype).as_strided((2, 1, 2, 64), (128, 1 << 31, 64, 1))
+    with pytest.raises(ValueError, match="row strides below 4 GiB"):
+        ext.flash_decode(q, far, far, torch.ones(2, dtype=torch.int32, device="cuda"), 0.1)
 
 
 # ------------------------------------------------------------------------------------------------
