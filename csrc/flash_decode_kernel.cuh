@@ -802,7 +802,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 first = start + tile_stride;
             } else if (first_tile_loaded && start + tile_stride >= end) {
                 // the warp group's only tile, loaded: straight from the registers it landed in (through the loop below it
-                // was copied to the loop's registers first, 64-96 moves a warp) and with nothing to rescale
+                // was copied to the loop's registers first, 64 moves a thread) and with nothing to rescale
                 process_tile(start, k_next, v_next, true);
                 first = end;
             }
