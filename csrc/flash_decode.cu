@@ -353,13 +353,27 @@ static int warp_group_clusters_at_once(int device, int size) {
     return clusters;
 }
 
+// The most tiles one of `num_splits` splits of a `seq_capacity`-row cache has (splits take interleaved tiles).
+static int64_t split_tiles_of(int seq_capacity, int rows_per_tile, int num_splits) {
+    const int64_t tiles = ((int64_t)seq_capacity + rows_per_tile - 1) / rows_per_tile;
+    return (tiles + num_splits - 1) / std::max(num_splits, 1);
+}
+
 // uses_warp_groups for a plain launch whose pipeline is known (bulk: uses_bulk_pipeline's answer), on `device` with
-// `num_sms` SMs: the rule itself, shared by uses_warp_groups and launch (which has asked for both already).
-static bool warp_groups_for(int units, int num_splits, bool bulk, int device, int num_sms) {
+// `num_sms` SMs, whose splits have at most `split_tiles` tiles: the rule itself, shared by uses_warp_groups and launch
+// (which has asked for both already).
+static bool warp_groups_for(int units, int num_splits, int64_t split_tiles, bool bulk, int device, int num_sms) {
     const WarpGroups mode = warp_groups_mode();
     if (mode != WarpGroups::kAuto) return mode == WarpGroups::kAlways;
     if ((int64_t)units * num_splits > num_sms) return false;
     if (bulk) return true;  // (a workspace merge)
+    // The second group takes a split's second, fourth, ... tiles: with one tile a split it has nothing to do, and its
+    // warps only cost the block issue slots (their prologue and loads) and the warps' merge four more rows to read. On
+    // an H200 (2026-11-29, alternating rounds, us), two groups -> four warps where a split has one tile: head 128 S =
+    // 256 / 512 / 1024 7.17 / 7.12 / 8.86 -> 6.86 / 6.75 / 8.61, head 64 S = 512 / 1024 6.88 / 7.20 -> 6.66 / 6.85, fp16
+    // head 128 S = 256 6.72 -> 6.46; with two tiles a split level (head 64 S = 256 6.59 / 6.50, S = 2048 7.71 / 7.68),
+    // with four much slower (head 128 S = 2048 8.93 / 10.18).
+    if (split_tiles < 2) return false;
     // A cluster merge's grid must fit at once, or its last clusters wait for a second wave (H100, 2026-11-27: batch 4
     // head 64 S = 2048 in 32 clusters of 4, 17.1-18.2 us against 14.6-15.8 with four warps, two blocks an SM).
     return !uses_cluster_merge(num_splits) || units <= warp_group_clusters_at_once(device, num_splits);
@@ -372,7 +386,11 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
     int device = 0;
     DeviceInfo info;
     if (current_device_info(DType::kBFloat16, 64, &device, &info) != cudaSuccess) return false;
-    return warp_groups_for(units, num_splits, uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
+    Variant variant;
+    // (the tile rows are the same for both dtypes)
+    if (!select_variant(DType::kBFloat16, head_dim, &variant)) return false;
+    return warp_groups_for(units, num_splits, split_tiles_of(seq_capacity, variant.rows_per_block_tile, num_splits),
+                           uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
 }
 
 KvHeadPairs& kv_head_pairs_mode() {
@@ -505,7 +523,10 @@ cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream) {
     DeviceInfo info;
     cudaError_t err = current_device_info(dtype, params.head_dim, &device, &info);
     if (err != cudaSuccess) return err;
-    const bool warp_groups = warp_groups_for(units, params.num_splits, bulk, device, info.num_sms);
+    const bool warp_groups =
+        warp_groups_for(units, params.num_splits, split_tiles_of(params.seq_capacity, variant.rows_per_block_tile,
+                                                                 params.num_splits),
+                        bulk, device, info.num_sms);
     if (bulk) {
         if (variant.launch_bulk_pairs != nullptr &&
             kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {

@@ -108,12 +108,14 @@ bool uses_bulk_pipeline(int units, int head_dim, int seq_capacity, bool early_ca
 // Plain launches (not a decode step's) in blocks of two groups of four warps (flash_decode_kernel.cuh, "Warp groups";
 // the bulk variant's: launch_bulk_groups in flash_decode.cu). Process-wide mode: kAuto (the default) where the grid
 // runs at once with one block an SM (blocks of eight warps need an SM's registers; a cluster merge's clusters must fit
-// the GPCs too); kAlways for every such launch (tests, comparisons); kOff never. The split counts are
-// default_num_splits's either way: a block of two groups with half the splits was slower at head 64 S = 512 / 1024 (8.1 /
-// 8.4 us against 7.4 / 7.8 with four warps). Measured on an H100 (2026-11-27, 21:00 UTC, benchmark_kernel.py's
-// method, the best of four rounds), four warps -> two groups: batch 1 head 128 S = 2048 12.7 -> 10.8 us, S = 4096 15.2 ->
-// 14.5; head 64 S = 4096 12.2 -> 10.4, S = 8192 15.4 -> 14.0; batch 8 head 64 S = 1024 14.1 -> 13.0; S = 256 to 1024
-// level within the rounds' spread (0.5-1 us).
+// the GPCs too) and, in the register pipeline, a split has at least two tiles (else the second group is idle); kAlways
+// for every such launch (tests, comparisons); kOff never. The split counts are default_num_splits's either way: a block
+// of two groups with half the splits was slower at head 64 S = 512 / 1024 (8.1 / 8.4 us against 7.4 / 7.8 with four
+// warps). Measured on an H100 (2026-11-27, 21:00 UTC, benchmark_kernel.py's method, the best of four rounds), four
+// warps -> two groups: batch 1 head 128 S = 2048 12.7 -> 10.8 us, S = 4096 15.2 -> 14.5; head 64 S = 4096 12.2 -> 10.4,
+// S = 8192 15.4 -> 14.0; batch 8 head 64 S = 1024 14.1 -> 13.0; S = 256 to 1024 level within the rounds' spread (0.5-1
+// us); on an H200 (2026-11-29) four warps were 0.2-0.4 us faster wherever a split has one tile (flash_decode.cu,
+// warp_groups_for).
 enum class WarpGroups { kOff, kAuto, kAlways };
 WarpGroups& warp_groups_mode();
 // units: batch x kv_heads x head_groups (the blocks of one split); on the current device, for the register pipeline or

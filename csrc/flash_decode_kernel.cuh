@@ -44,12 +44,13 @@
 // DRAM, not the SM, sets the pace, and what helped was the order of the reads (interleaved split tiles).
 // A 4-stage cp.async pipeline through shared memory had not helped either version.
 //
-// Warp groups: a short launch is a chain of latencies (length and tiles in one DRAM round trip, then each warp's
-// mma / softmax chain over its rows, the warps' merge, the split merge), and four warps leave one warp per SM
-// sub-partition, with nobody to issue while it waits. Plain launches whose grid runs at once with one block an SM
-// (flash_decode.h, uses_warp_groups) therefore run two groups of four warps: group 1 takes the block's second, fourth,
-// ... tiles, as if it were another split, and the eight warps' results merge in shared memory as the four's do. The
-// tile, and so the split granularity, is unchanged. In the bulk variant each group has its own ring of stages.
+// Warp groups: a short launch is a chain of latencies (length and tiles in one DRAM round trip, then each warp's mma /
+// softmax chain over its rows, the warps' merge, the split merge), and four warps leave one warp per SM sub-partition,
+// with nobody to issue while it waits. Plain launches whose grid runs at once with one block an SM, and whose splits
+// have two tiles or more (flash_decode.h, uses_warp_groups), therefore run two groups of four warps: group 1 takes the
+// block's second, fourth, ... tiles, as if it were another split, and the eight warps' results merge in shared memory
+// as the four's do. The tile, and so the split granularity, is unchanged. In the bulk variant each group has its own
+// ring of stages.
 //
 // KV-head pairs (kHeadPairs, the bulk variant at head 64 where the batch alone fills the GPU: flash_decode.h,
 // uses_kv_head_pairs): a block takes two adjacent KV heads, one per warp group, and each tensor copy brings both heads'

@@ -243,10 +243,13 @@ def test_warp_groups_serve_grids_of_one_block_an_sm(ext):
     # "auto": plain launches whose grid runs at once with one block an SM, never a decode step's
     # (early cache reads)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for head_dim, rows in ((64, 2048), (64, 131072)):  # (the register pipeline, the bulk variant)
+    for head_dim, rows in ((64, 4096), (64, 131072)):  # (the register pipeline, the bulk variant)
         assert ext.uses_warp_groups(1, 32, 8, head_dim, rows, sms // 8)
         assert not ext.uses_warp_groups(1, 32, 8, head_dim, rows, sms // 8 + 1)
     assert not ext.uses_warp_groups(1, 32, 8, 64, 2048, 1, early_cache_reads=True)
+    # the register pipeline: not where a split has one tile (the second group would have none)
+    assert ext.uses_warp_groups(1, 32, 8, 64, 1024, 4) and not ext.uses_warp_groups(1, 32, 8, 64, 1024, 8)
+    assert not ext.uses_warp_groups(1, 32, 8, 128, 256, 4) and ext.uses_warp_groups(1, 32, 8, 128, 256, 2)
     if sms == 132 and ext.uses_cluster_merge(4):
         # an H100's GPCs hold 30 clusters of 4 blocks of one an SM, not 33: 32 such clusters would take two waves
         assert ext.uses_warp_groups(1, 32, 8, 64, 2048, 8) and not ext.uses_warp_groups(4, 32, 8, 64, 2048, 4)
