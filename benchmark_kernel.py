@@ -891,7 +891,8 @@ def parse_args(argv=None):
                         "register pipeline")
     p.add_argument("--warp_groups", choices=["auto", "always", "off"], default="auto",
                    help="blocks of two groups of four warps for the custom kernel: auto = where the grid runs at "
-                        "once with one block an SM (the default), always, or off = four warps")
+                        "once with one block an SM and each group has a tile (the default), always, or off = four "
+                        "warps")
     p.add_argument("--kv_head_pairs", choices=["auto", "always", "off"], default="auto",
                    help="blocks of two adjacent KV heads in the custom kernel's bulk variant at head 64 (tensor "
                         "copies of both heads' rows): auto = for one-split launches whose pair blocks fill their "
