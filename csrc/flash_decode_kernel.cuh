@@ -649,7 +649,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         };
         // The online softmax: head g's new running max (its 4 lanes agree on it), acc and l rescaled once; returns
         // the reference point of the new weights. For the warp's first tiles (a constant at each call) there is nothing
-        // to rescale (m = -inf, l = 0, acc = 0): skipping it took 40-60 instructions a warp off short launches, and
+        // to rescale (m = -inf, l = 0, acc = 0): skipping it takes about 35 instructions a warp off short launches, and
         // the first P V no longer waits for the correction's exp2 and multiplies (the result is the same to the bit).
         auto rescale = [&](float tiles_max, bool first_tiles) {
             float m_new = first_tiles ? tiles_max : fmaxf(m, tiles_max);
