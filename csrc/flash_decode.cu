@@ -88,6 +88,12 @@ static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t
                                                  params, NoCacheMaps{});
 }
 
+// The most tiles one of `num_splits` splits of a `seq_capacity`-row cache has (splits take interleaved tiles).
+static int64_t split_tiles_of(int seq_capacity, int rows_per_tile, int num_splits) {
+    const int64_t tiles = ((int64_t)seq_capacity + rows_per_tile - 1) / rows_per_tile;
+    return (tiles + num_splits - 1) / std::max(num_splits, 1);
+}
+
 // The bulk variant in blocks of two warp groups (grids of at most one block an SM: uses_warp_groups), each group with
 // one tile in flight (a ring of one stage until the twenty-ninth session, now the staggered ring below): the same
 // bytes in flight as one group's two stages, and each group computes while the other's tile lands. Measured on an
@@ -119,8 +125,7 @@ static cudaError_t launch_bulk_groups(const Params& params, dim3 grid, CacheMaps
     using Traits = KernelTraits<Element, kHeadDim, 2>;
     static_assert(Traits::kMaxBulkStages >= 2, "two stages a group");
     auto* kernel = flash_decode_bulk_groups_kernel<Element, kHeadDim>;
-    const int64_t tiles = ((int64_t)params.seq_capacity + Traits::kRowsPerBlockTile - 1) / Traits::kRowsPerBlockTile;
-    const int64_t split_tiles = (tiles + params.num_splits - 1) / params.num_splits;
+    const int64_t split_tiles = split_tiles_of(params.seq_capacity, Traits::kRowsPerBlockTile, params.num_splits);
     maps.stages = 2;
     maps.staggered = (split_tiles + 1) / 2 > kShortGroupTiles;
     const size_t shared_bytes = Traits::bulk_shared_bytes(2 * maps.stages);  // (two rings)
@@ -351,12 +356,6 @@ static int warp_group_clusters_at_once(int device, int size) {
     }
     cache[key] = clusters;
     return clusters;
-}
-
-// The most tiles one of `num_splits` splits of a `seq_capacity`-row cache has (splits take interleaved tiles).
-static int64_t split_tiles_of(int seq_capacity, int rows_per_tile, int num_splits) {
-    const int64_t tiles = ((int64_t)seq_capacity + rows_per_tile - 1) / rows_per_tile;
-    return (tiles + num_splits - 1) / std::max(num_splits, 1);
 }
 
 // uses_warp_groups for a plain launch whose pipeline is known (bulk: uses_bulk_pipeline's answer), on `device` with
