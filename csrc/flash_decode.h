@@ -36,7 +36,10 @@ struct Params {
     const void* q;
     int64_t k_batch_stride, k_seq_stride, k_head_stride;  // (k_seq_stride and v_seq_stride: below 4 GB in bytes)
     int64_t v_batch_stride, v_seq_stride, v_head_stride;
-    int batch, q_heads, kv_heads, head_dim, seq_capacity;
+    // Set by launch(), not by the caller: head_groups' and kv_heads' FastDivisor (below), the shifts in bits 0-7 and
+    // 8-15 of divisor_shifts, for the block's decode of its unit.
+    uint32_t head_groups_magic, kv_heads_magic, divisor_shifts;
+    int kv_heads, seq_capacity;
     int group_size;          // q_heads / kv_heads
     int head_groups;         // head_groups_for(group_size)
     int num_splits;          // blocks along the sequence, >= 1
@@ -46,6 +49,7 @@ struct Params {
     // programmatic_launch.cuh) writes a length or a cache row except each sequence's newest (seqlens - 1),
     // as in a decode step: the kernel may then read the lengths and the older rows before they finish.
     bool early_cache_reads;
+    int batch, q_heads, head_dim;
 
     void* out;
     float* lse;              // optional, nullptr when not requested
@@ -55,6 +59,19 @@ struct Params {
     float* partial_lse;      // [batch, q_heads, num_splits], log2 domain
     int* split_counters;     // [batch * kv_heads * head_groups], zero between launches (self-resetting)
 };
+
+// Unsigned division by a divisor fixed for a launch, as a multiply-high, an add and a shift (Granlund and Montgomery's
+// round-up method), where the hardware's integer division is a dependent chain of about 20 instructions: for 1 <= d
+// and n < 2^31, n / d == (umulhi(n, magic) + n) >> shift.
+struct FastDivisor {
+    uint32_t magic, shift;
+};
+inline FastDivisor fast_divisor(uint32_t d) {
+    uint32_t shift = 0;
+    while (shift < 31 && (1u << shift) < d) ++shift;
+    const uint64_t magic = ((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1;
+    return {(uint32_t)magic, shift};
+}
 
 // The number of splits the launcher uses when the caller passes 0 (about two blocks per SM, no split
 // shorter than one tile of rows; early_cache_reads: the launch's Params::early_cache_reads). *error

@@ -279,12 +279,19 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     const int tile_warp = warp % Traits::kTileWarps, warp_group = warp / Traits::kTileWarps;
     const int unit_heads = p.kv_heads / kHeadsPerStage;
     int head_group, kv_head, b;
-    if constexpr (kPlainRegisters) {
-        // (unsigned divisions: about 20 instructions fewer before the first load than signed ones)
-        const unsigned groups = p.head_groups, heads = unit_heads, sequence_head = (unsigned)unit / groups;
-        head_group = unit - sequence_head * groups;
-        b = sequence_head / heads;
-        kv_head = sequence_head - b * heads;
+    if constexpr (!kEarlyReads && !kHeadPairs) {
+        // Plain launches: multiply-high divisions by the host's FastDivisor, a few instructions where unsigned
+        // divisions took about 45 before the first load and signed ones about 65 before the first tensor copy. Two
+        // H200s (2026-11-29, alternating rounds, us; the second with the V-zeroing skip below): head 64 S = 256 6.88 ->
+        // 6.66 and 6.82 -> 6.74, head 128 S = 65536 68.35 -> 67.95 and 68.05 -> 67.70, batch 16 head 128 S = 4096 66.19
+        // -> 65.82 and 66.66 -> 66.42, level elsewhere (head 64 S = 1024 0.1 slower in both). The decode steps'
+        // instances keep their signed divisions (with these the fp16 head-128 cluster instance spilled on sm_80), and
+        // the KV-head pairs theirs (their unit's heads are pairs).
+        auto divide = [](unsigned n, unsigned magic, unsigned shift) { return (__umulhi(n, magic) + n) >> shift; };
+        const unsigned sequence_head = divide(unit, p.head_groups_magic, p.divisor_shifts & 0xff);
+        head_group = unit - sequence_head * p.head_groups;
+        b = divide(sequence_head, p.kv_heads_magic, p.divisor_shifts >> 8);
+        kv_head = sequence_head - b * unit_heads;
     } else {
         int idx = unit;
         head_group = kHeadPairs ? 0 : idx % p.head_groups;
@@ -553,6 +560,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         load_q();
         set_rows(__ldg(p.seqlens + b));
         auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][4][kVChunks]) {
+            // (a warp's rows all before the end, as in every tile but a sequence's last: none to zero, and no select a
+            // register, 32-64 a lane, between the data's arrival and the first mma; an H200, 2026-11-29: level to 0.2
+            // us faster, head 128 S = 512 / 1024 7.42 / 8.26 -> 7.23 / 8.06)
+            if (step_row0(tile, 0) + Traits::kRowsPerWarpTile <= end) return;
 #pragma unroll
             for (int s = 0; s < kSteps; ++s)
 #pragma unroll

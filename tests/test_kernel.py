@@ -26,6 +26,15 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # Build check: nvcc only, no GPU
 # ------------------------------------------------------------------------------------------------
 
+def find_nvcc():
+    nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not Path(nvcc).exists():
+        if os.environ.get("REQUIRE_NVCC"):
+            pytest.fail("REQUIRE_NVCC is set but nvcc was not found on PATH or in CUDA_HOME")
+        pytest.skip("nvcc not found")
+    return str(nvcc)
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 # flash_decode: 2 dtypes x 2 head dims x (early cache reads on/off x cluster merge on/off, + plain launches in two warp
 # groups with/without the cluster merge, + the bulk variant in blocks of four warps or two groups) + the bulk variant in
@@ -36,12 +45,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 34), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16), ("kv_read.cu", 1)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
-    nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
-    if not Path(nvcc).exists():
-        if os.environ.get("REQUIRE_NVCC"):
-            pytest.fail("REQUIRE_NVCC is set but nvcc was not found on PATH or in CUDA_HOME")
-        pytest.skip("nvcc not found")
-    cmd = [str(nvcc), "-O3", "-std=c++17", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v",
+    cmd = [find_nvcc(), "-O3", "-std=c++17", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v",
            "-c", str(REPO_DIR / "csrc" / source), "-o", str(tmp_path / "kernels.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr}"
@@ -62,6 +66,49 @@ def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_cou
         shared = [line for line in symbols.stdout.splitlines()
                   if " u " in line and "programmatic_launch::enabled()" not in line]
         assert not shared, "process-wide statics:\n" + "\n".join(shared)
+
+
+FAST_DIVISOR_CHECK = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "flash_decode.h"
+// The kernel's division, (umulhi(n, magic) + n) >> shift, against n / d: every divisor up to 4096 and a few beyond,
+// numerators below 2^20 and random ones below 2^31 (the grid's unit indices stay below 2^31).
+static unsigned divide(unsigned n, flash_decode::FastDivisor f) {
+    return (unsigned)((((unsigned long long)n * f.magic) >> 32) + n) >> f.shift;
+}
+int main(int argc, char** argv) {
+    unsigned long long state = strtoull(argv[1], nullptr, 10) | 1;
+    auto next = [&]() { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state; };
+    const unsigned big[] = {65535u, 65536u, 65537u, 1u << 20, 1000003u, 0x7ffffffeu, 0x7fffffffu};
+    for (unsigned d = 1; d <= 4096 + 7; ++d) {
+        const unsigned divisor = d <= 4096 ? d : big[d - 4097];
+        const flash_decode::FastDivisor f = flash_decode::fast_divisor(divisor);
+        for (unsigned i = 0; i < 2000; ++i) {
+            const unsigned n = i < 1000 ? i * 1049u % (1u << 20) : (unsigned)(next() & 0x7fffffffu);
+            if (divide(n, f) != n / divisor) {
+                printf("%u / %u: %u, expected %u\n", n, divisor, divide(n, f), n / divisor);
+                return 1;
+            }
+        }
+        if (divide(0x7fffffffu, f) != 0x7fffffffu / divisor) return 1;
+    }
+    puts("ok");
+    return 0;
+}
+"""
+
+
+def test_fast_divisor_divides_like_the_hardware(tmp_path):
+    """flash_decode.h's FastDivisor (the kernel's decode of its block index): host code, built with nvcc as a plain
+    C++ program, since the header includes the CUDA runtime's."""
+    source = tmp_path / "fast_divisor_check.cu"
+    source.write_text(FAST_DIVISOR_CHECK)
+    binary = tmp_path / "fast_divisor_check"
+    subprocess.run([find_nvcc(), "-O2", "-std=c++17", "-I", str(REPO_DIR / "csrc"), str(source), "-o", str(binary)],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([str(binary), str(KERNEL_TEST_SEED)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
