@@ -378,7 +378,10 @@ def test_persistent_decode_layers_match_the_pytorch_modules(ops, decode_switches
 
 def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, decode_switches):
     """The same step through the persistent kernel and through gemv.cu + flash_decode: the same roundings and,
-    except down_proj's split k and the attention, the same summation orders, so nearly every logit is equal."""
+    except down_proj's split k and the attention, the same summation orders. The two steps agree to the bit unless one
+    rounding somewhere lands the other way, which the random weights (x4) then carry to the logits: on an H200
+    (2026-11-29, 24 random inputs) 15 steps were identical and the other 9 3e-4 to 1e-2 apart, 17-97% of their logits
+    still equal, each time as close to the PyTorch modules' step as the per-projection one (within 1.26x)."""
     if ops.decode_layers_unsupported(2048, 8192, 32, 8, 64) is not None:
         pytest.skip("the persistent decode kernel does not run here")
     model = random_model(2048, 8192, 32, 8, 64, 2, torch.bfloat16, 700, seed=5)
@@ -391,8 +394,10 @@ def test_persistent_decode_layers_agree_with_the_per_projection_kernels(ops, dec
     llama3.USE_PERSISTENT_DECODE = True
     persistent = model.forward_decode(fed, positions)
     assert model._decode_layers is not None
-    assert relative_error(persistent, per_projection) < 2e-3
-    assert (persistent == per_projection).float().mean() > 0.5
+    llama3.USE_FUSED_DECODE_OPS = llama3.USE_PERSISTENT_DECODE = False
+    modules = model.forward_decode(fed, positions)
+    assert relative_error(persistent, per_projection) < 2e-2
+    assert relative_error(persistent, modules) < 1.5 * relative_error(per_projection, modules) + 1e-3
 
 
 def test_persistent_decode_generation_in_a_graph_equals_eager_and_transformers(ops, gqa_checkpoint, decode_switches):
