@@ -82,8 +82,9 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
 // Thread blocks per (sequence, KV head) along the query heads of its group.
 inline int head_groups_for(int group_size) { return (group_size + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 
-// Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued). seq_capacity must be at
-// least 1 (cudaErrorInvalidValue otherwise): a cache without rows holds only empty sequences, whose output is zeros.
+// Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued). seq_capacity, kv_heads and
+// head_groups must be at least 1 (cudaErrorInvalidValue otherwise; a cache without rows holds only empty sequences,
+// whose output is zeros), and the row strides below 4 GB. launch() fills in the Params fields it sets (the divisors).
 cudaError_t launch(const Params& params, DType dtype, cudaStream_t stream);
 
 // Split results are merged inside a thread-block cluster (distributed shared memory, sm_90+) when there are

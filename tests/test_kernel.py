@@ -73,7 +73,7 @@ FAST_DIVISOR_CHECK = r"""
 #include <cstdlib>
 #include "flash_decode.h"
 // The kernel's division, (umulhi(n, magic) + n) >> shift, against n / d: every divisor up to 4096 and a few beyond,
-// numerators below 2^20 and random ones below 2^31 (the grid's unit indices stay below 2^31).
+// every numerator below 2^16 (a grid's y index: its units) and random ones below 2^31 (where the method holds).
 static unsigned divide(unsigned n, flash_decode::FastDivisor f) {
     return (unsigned)((((unsigned long long)n * f.magic) >> 32) + n) >> f.shift;
 }
@@ -84,8 +84,8 @@ int main(int argc, char** argv) {
     for (unsigned d = 1; d <= 4096 + 7; ++d) {
         const unsigned divisor = d <= 4096 ? d : big[d - 4097];
         const flash_decode::FastDivisor f = flash_decode::fast_divisor(divisor);
-        for (unsigned i = 0; i < 2000; ++i) {
-            const unsigned n = i < 1000 ? i * 1049u % (1u << 20) : (unsigned)(next() & 0x7fffffffu);
+        for (unsigned i = 0; i < (1u << 16) + 1000; ++i) {
+            const unsigned n = i < (1u << 16) ? i : (unsigned)(next() & 0x7fffffffu);
             if (divide(n, f) != n / divisor) {
                 printf("%u / %u: %u, expected %u\n", n, divisor, divide(n, f), n / divisor);
                 return 1;
