@@ -530,10 +530,8 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
     DeviceInfo info;
     cudaError_t err = current_device_info(dtype, params.head_dim, &device, &info);
     if (err != cudaSuccess) return err;
-    const bool warp_groups =
-        warp_groups_for(units, params.num_splits, split_tiles_of(params.seq_capacity, variant.rows_per_block_tile,
-                                                                 params.num_splits),
-                        bulk, device, info.num_sms);
+    const int64_t split_tiles = split_tiles_of(params.seq_capacity, variant.rows_per_block_tile, params.num_splits);
+    const bool warp_groups = warp_groups_for(units, params.num_splits, split_tiles, bulk, device, info.num_sms);
     if (bulk) {
         if (variant.launch_bulk_pairs != nullptr &&
             kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
