@@ -14,7 +14,8 @@ namespace flash_decode {
 // One compiled variant of the kernel.
 struct Variant {
     int rows_per_block_tile;  // the split granularity
-    cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, bool warp_groups, cudaStream_t);
+    // one_tile: every warp group has at most one tile (plain launches only)
+    cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, bool warp_groups, bool one_tile, cudaStream_t);
     // cudaErrorNotSupported: no tensor maps
     cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, bool warp_groups, cudaStream_t);
     // the same in blocks of a KV-head pair (grid: splits x half the units), and how many such blocks an SM of the
@@ -67,10 +68,10 @@ static bool encode_cache_maps(CacheMaps* maps, const Params& p, int box_heads, i
            encode_cache_map(&maps->v, p.v, p, p.v_seq_stride, p.v_head_stride, p.v_batch_stride, box_heads, box_rows);
 }
 
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, int kWarpGroups>
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, int kWarpGroups, bool kOneTile = false>
 static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, kWarpGroups>;
-    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge, false, kWarpGroups>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge, false, kWarpGroups, kOneTile>;
     const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;
     if (cluster > 8) {  // beyond the portable cluster size: an opt-in per kernel (H100: up to 16)
         static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -213,11 +214,22 @@ static cudaError_t launch_bulk_instance(const Params& params, dim3 grid, int num
 }
 
 template <typename Element, int kHeadDim>
-static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_merge, bool warp_groups,
+static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_merge, bool warp_groups, bool one_tile,
                                   cudaStream_t stream) {
     if (params.early_cache_reads)
         return cluster_merge ? launch_instance<Element, kHeadDim, true, true, 1>(params, grid, stream)
                              : launch_instance<Element, kHeadDim, true, false, 1>(params, grid, stream);
+    // Warp groups of one tile at most: the one-tile instances (flash_decode_kernel.cuh), but for head 128 in two groups
+    // merged through the workspace (one split of two tiles, S <= 128 at batch 1), whose bf16 one-tile instance spilled
+    // 16-20 bytes (sm_80 and sm_90); the general instance serves it.
+    if (one_tile) {
+        if (warp_groups && cluster_merge) return launch_instance<Element, kHeadDim, false, true, 2, true>(params, grid, stream);
+        if constexpr (kHeadDim != 128)
+            if (warp_groups) return launch_instance<Element, kHeadDim, false, false, 2, true>(params, grid, stream);
+        if (!warp_groups)
+            return cluster_merge ? launch_instance<Element, kHeadDim, false, true, 1, true>(params, grid, stream)
+                                 : launch_instance<Element, kHeadDim, false, false, 1, true>(params, grid, stream);
+    }
     if (warp_groups)
         return cluster_merge ? launch_instance<Element, kHeadDim, false, true, 2>(params, grid, stream)
                              : launch_instance<Element, kHeadDim, false, false, 2>(params, grid, stream);
@@ -523,7 +535,7 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
     const int units = params.batch * params.kv_heads * params.head_groups;
     const dim3 grid(params.num_splits, units);
     if (params.early_cache_reads)  // (a decode step: the register pipeline in four warps)
-        return variant.launch(params, grid, uses_cluster_merge(params.num_splits, true), false, stream);
+        return variant.launch(params, grid, uses_cluster_merge(params.num_splits, true), false, false, stream);
     // A plain launch: the pipeline, and the SM count that the bulk variant's layout and the warp groups' rule need
     const bool bulk = uses_bulk_pipeline(units, params.head_dim, params.seq_capacity);
     int device = 0;
@@ -532,6 +544,8 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
     if (err != cudaSuccess) return err;
     const int64_t split_tiles = split_tiles_of(params.seq_capacity, variant.rows_per_block_tile, params.num_splits);
     const bool warp_groups = warp_groups_for(units, params.num_splits, split_tiles, bulk, device, info.num_sms);
+    // (the register pipeline: a warp group takes every second of its split's tiles with two groups, every one with one)
+    const bool one_tile = split_tiles <= (warp_groups ? 2 : 1);
     if (bulk) {
         if (variant.launch_bulk_pairs != nullptr &&
             kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
@@ -542,9 +556,9 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
         // no tensor map for these tensors: the register pipeline, which then merges through the workspace as well
         // (the caller allocated it for the bulk variant), in as many warp groups (no cluster to fit)
         if (err != cudaErrorNotSupported) return err;
-        return variant.launch(params, grid, false, warp_groups, stream);
+        return variant.launch(params, grid, false, warp_groups, one_tile, stream);
     }
-    return variant.launch(params, grid, uses_cluster_merge(params.num_splits), warp_groups, stream);
+    return variant.launch(params, grid, uses_cluster_merge(params.num_splits), warp_groups, one_tile, stream);
 }
 
 }  // namespace flash_decode

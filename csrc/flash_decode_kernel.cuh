@@ -204,12 +204,13 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // flash_decode_pairs_kernel; the bulk variant in two warp groups as flash_decode_bulk_groups_kernel; every other
 // instance as flash_decode_kernel (below).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
-          bool kHeadPairs>
+          bool kHeadPairs, bool kOneTile = false>
 __device__ __forceinline__ void flash_decode_block(const Params& p,
                                                    const std::conditional_t<kBulk, CacheMaps, NoCacheMaps>& maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
     static_assert(kWarpGroups == 1 || !kEarlyReads, "warp groups serve plain launches");
     static_assert(!kHeadPairs || (kBulk && kWarpGroups == 2), "KV-head pairs: the bulk variant, a warp group a head");
+    static_assert(!kOneTile || (!kBulk && !kEarlyReads), "one-tile instances: the register pipeline's plain launches");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
 #endif
@@ -548,7 +549,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // P V. Measured on an H100 (2026-11-27, batch 1, benchmark_kernel.py's method): head 64 S = 256 (one split of
         // two tiles) 7.9-8.0 -> 7.5-7.7 us; head 128 S = 1024 in 8 splits of two tiles 11.2-11.3 -> 10.4-10.7.
         end = p.seq_capacity;
-        const bool two_tiles = start + tile_stride < end && start + 2 * tile_stride >= end;  // (the warp group alike)
+        const bool two_tiles = !kOneTile && start + tile_stride < end && start + 2 * tile_stride >= end;  // (group-wide)
         // The first tile's loads are issued whether or not the warp group has a tile (rows clamp to the last one, and
         // the capacity is at least 1: launch): behind a branch, ptxas hoisted the length's first use (set_rows' clamp)
         // above them in every plain instance, so each warp waited for the length's round trip before it issued a
@@ -798,6 +799,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY), false));  // (the bulk variant's code unchanged)
             }
             drain_unread_stages();
+        } else if constexpr (kOneTile) {
+            // A warp group's one tile at most (launch_variant), loaded with the length: the code falls from the prologue
+            // through the tile into the warps' merge, where the general instance jumps over the two-tile path and the loop
+            // (6-7 KB of code each way, cold after the benchmarks' flush).
+            if (first_tile_loaded) process_tile(start, k_next, v_next, true);
         } else {
             int first = start;
             if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, both loaded
@@ -1012,10 +1018,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 
 // The launched kernels: flash_decode_kernel for every instance but two kinds, which have kernels of their own below for
 // their register bounds: the bulk variant in two warp groups (one block an SM) and the KV-head pairs (two).
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups>
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
+          bool kOneTile = false>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
-    flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false>(p, maps);
+    flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false, kOneTile>(p, maps);
 }
 
 // The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one
