@@ -639,19 +639,25 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 for (int nt = 0; nt < 2; ++nt) {
                     // Two chains of dependent mma (even and odd 16-element chunks of head_dim), added at the end:
                     // the chain's latency lies between K's arrival and the softmax. H200, 2026-11-29, against one
-                    // chain: head 128 S = 256 / 1024 / 2048 0.04-0.08 us faster on one machine, level on another; head
-                    // 64 S = 16384 16.45 -> 15.98 us, S = 65536 38.11 -> 37.97, batch 16 S = 4096 36.42 -> 36.30; the
-                    // rest level.
-                    float c0[2] = {}, c1[2] = {};
+                    // chain: head 64 S = 16384 16.45 / 16.08 -> 15.98 / 15.68 us (two machines), batch 16 head 128 S =
+                    // 4096 65.71 / 65.54 -> 65.26 / 65.34; head 128 S = 256-2048 0.04-0.08 faster on one machine,
+                    // level on two; the rest level, but the KV-head pairs (batch 64 head 64 S = 2048) 0.06-0.08 slower
+                    // on two machines: they keep one chain.
+                    constexpr int kChains = kHeadPairs ? 1 : 2;
+                    float c0[kChains] = {}, c1[kChains] = {};
 #pragma unroll
                     for (int kk = 0; kk < kHeadDim / 16; ++kk) {  // 16 elements of head_dim per mma
                         const uint4& kv = k_cur[s][nt][kk / 2];
-                        tensor_core::mma_16x8x16_top_rows<Element>(c0[kk % 2], c1[kk % 2], q_frag[2 * kk],
+                        tensor_core::mma_16x8x16_top_rows<Element>(c0[kk % kChains], c1[kk % kChains], q_frag[2 * kk],
                                                                    q_frag[2 * kk + 1], word(kv, 2 * (kk % 2)),
                                                                    word(kv, 2 * (kk % 2) + 1));
                     }
-                    sc[s][2 * nt] = (c0[0] + c0[1]) * p.scale_log2;
-                    sc[s][2 * nt + 1] = (c1[0] + c1[1]) * p.scale_log2;
+                    if constexpr (kChains == 2) {
+                        c0[0] += c0[1];
+                        c1[0] += c1[1];
+                    }
+                    sc[s][2 * nt] = c0[0] * p.scale_log2;
+                    sc[s][2 * nt + 1] = c1[0] * p.scale_log2;
                 }
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
