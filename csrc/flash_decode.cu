@@ -223,13 +223,12 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
     // merged through the workspace (one split of two tiles, S <= 128 at batch 1), whose bf16 one-tile instance spilled
     // 16-20 bytes (sm_80 and sm_90); the general instance serves it.
     if (one_tile) {
-        if (warp_groups && cluster_merge)
-            return launch_instance<Element, kHeadDim, false, true, 2, true>(params, grid, stream);
-        if constexpr (kHeadDim != 128)
-            if (warp_groups) return launch_instance<Element, kHeadDim, false, false, 2, true>(params, grid, stream);
         if (!warp_groups)
             return cluster_merge ? launch_instance<Element, kHeadDim, false, true, 1, true>(params, grid, stream)
                                  : launch_instance<Element, kHeadDim, false, false, 1, true>(params, grid, stream);
+        if (cluster_merge) return launch_instance<Element, kHeadDim, false, true, 2, true>(params, grid, stream);
+        if constexpr (kHeadDim != 128)
+            return launch_instance<Element, kHeadDim, false, false, 2, true>(params, grid, stream);
     }
     if (warp_groups)
         return cluster_merge ? launch_instance<Element, kHeadDim, false, true, 2>(params, grid, stream)
