@@ -515,13 +515,18 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     return std::max(1, std::min({kMaxSplits, tiles, splits}));
 }
 
+// The divisors of a block's decode of its unit (Params::head_groups_magic ...): units of unit_heads heads a sequence.
+static void set_unit_divisors(Params* params, int unit_heads) {
+    const FastDivisor head_groups = fast_divisor(params->head_groups), heads = fast_divisor(unit_heads);
+    params->head_groups_magic = head_groups.magic;
+    params->unit_heads_magic = heads.magic;
+    params->divisor_shifts = head_groups.shift | heads.shift << 8;
+}
+
 cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream) {
     if (caller_params.head_groups < 1 || caller_params.kv_heads < 1) return cudaErrorInvalidValue;
     Params params = caller_params;  // (with the divisors filled in)
-    const FastDivisor head_groups = fast_divisor(params.head_groups), kv_heads = fast_divisor(params.kv_heads);
-    params.head_groups_magic = head_groups.magic;
-    params.kv_heads_magic = kv_heads.magic;
-    params.divisor_shifts = head_groups.shift | kv_heads.shift << 8;
+    set_unit_divisors(&params, params.kv_heads);
     if (params.num_splits < 1 || params.num_splits > kMaxSplits) return cudaErrorInvalidValue;
     // (a plain launch reads its first tile's rows before the length, clamped to the capacity's last row: there must be
     // one; a cache without rows holds only empty sequences, which the caller answers without a launch)
@@ -549,7 +554,9 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
     if (bulk) {
         if (variant.launch_bulk_pairs != nullptr &&
             kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {
-            err = variant.launch_bulk_pairs(params, dim3(params.num_splits, units / 2), stream);
+            Params pair_params = params;  // (a unit of two KV heads)
+            set_unit_divisors(&pair_params, params.kv_heads / 2);
+            err = variant.launch_bulk_pairs(pair_params, dim3(params.num_splits, units / 2), stream);
             if (err != cudaErrorNotSupported) return err;  // (else one head a block, below)
         }
         err = variant.launch_bulk(params, grid, info.num_sms, warp_groups, stream);

@@ -36,9 +36,10 @@ struct Params {
     const void* q;
     int64_t k_batch_stride, k_seq_stride, k_head_stride;  // (k_seq_stride and v_seq_stride: below 4 GB in bytes)
     int64_t v_batch_stride, v_seq_stride, v_head_stride;
-    // Set by launch(), not by the caller: head_groups' and kv_heads' FastDivisor (below), the shifts in bits 0-7 and
-    // 8-15 of divisor_shifts, for the block's decode of its unit.
-    uint32_t head_groups_magic, kv_heads_magic, divisor_shifts;
+    // Set by launch(), not by the caller: the FastDivisor (below) of head_groups and of the units' heads a sequence
+    // (kv_heads; the KV-head pair kernel's: kv_heads / 2), the shifts in bits 0-7 and 8-15 of divisor_shifts, for the
+    // block's decode of its unit.
+    uint32_t head_groups_magic, unit_heads_magic, divisor_shifts;
     int kv_heads, seq_capacity;
     int group_size;          // q_heads / kv_heads
     int head_groups;         // head_groups_for(group_size)

@@ -280,24 +280,26 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     const int tile_warp = warp % Traits::kTileWarps, warp_group = warp / Traits::kTileWarps;
     const int unit_heads = p.kv_heads / kHeadsPerStage;
     int head_group, kv_head, b;
-    if constexpr (!kEarlyReads && !kHeadPairs) {
+    if constexpr (!kEarlyReads) {
         // Plain launches: multiply-high divisions by the host's FastDivisor, a few instructions where unsigned
         // divisions took about 45 before the first load and signed ones about 65 before the first tensor copy. Two
         // H200s (2026-11-29, alternating rounds, us; the second with the V-zeroing skip below): head 64 S = 256 6.88 ->
         // 6.66 and 6.82 -> 6.74, head 128 S = 65536 68.35 -> 67.95 and 68.05 -> 67.70, batch 16 head 128 S = 4096 66.19
-        // -> 65.82 and 66.66 -> 66.42, level elsewhere (head 64 S = 1024 0.1 slower in both). The decode steps'
-        // instances keep their signed divisions (with these the fp16 head-128 cluster instance spilled on sm_80), and
-        // the KV-head pairs theirs (their unit's heads are pairs).
+        // -> 65.82 and 66.66 -> 66.42, level elsewhere (head 64 S = 1024 0.1 slower in both). The KV-head pairs' unit
+        // is (sequence, pair) (head_groups is 1 there), and launch() gives them the divisor of the pairs a sequence:
+        // their first tensor copy moved from instruction 127 to 104, and batch 64 head 64 S = 2048 took 65.63 -> 65.38
+        // us, fp16 65.57 -> 65.22, S = 4096 124.14 -> 124.00 (an H200, 2026-11-29). The decode steps' instances keep
+        // their signed divisions (with these the fp16 head-128 cluster instance spilled on sm_80).
         auto divide = [](unsigned n, unsigned magic, unsigned shift) { return (__umulhi(n, magic) + n) >> shift; };
-        const unsigned sequence_head = divide(unit, p.head_groups_magic, p.divisor_shifts & 0xff);
-        head_group = unit - sequence_head * p.head_groups;
-        b = divide(sequence_head, p.kv_heads_magic, p.divisor_shifts >> 8);
-        kv_head = sequence_head - b * unit_heads;
+        const unsigned sequence_head = kHeadPairs ? unit : divide(unit, p.head_groups_magic, p.divisor_shifts & 0xff);
+        head_group = kHeadPairs ? 0 : unit - sequence_head * p.head_groups;
+        b = divide(sequence_head, p.unit_heads_magic, p.divisor_shifts >> 8);
+        kv_head = (sequence_head - b * unit_heads) * kHeadsPerStage + (kHeadPairs ? warp_group : 0);
     } else {
         int idx = unit;
-        head_group = kHeadPairs ? 0 : idx % p.head_groups;
-        if constexpr (!kHeadPairs) idx /= p.head_groups;
-        kv_head = (idx % unit_heads) * kHeadsPerStage + (kHeadPairs ? warp_group : 0);
+        head_group = idx % p.head_groups;
+        idx /= p.head_groups;
+        kv_head = idx % unit_heads;
         b = idx / unit_heads;
     }
     // The threads that merge this warp's partial results with the other warps' and write them out: the block's, or
@@ -524,6 +526,18 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // Every stage of the ring is filled at once, before the length is known (rows up to the capacity; the tensor
         // copy zeroes rows past it): a short split's tiles all arrive in one round trip. Stages whose tile turns out
         // to lie past the length are waited for before the block leaves (drain_unread_stages).
+        // Thread 0 sets up the barriers. In the KV-head pair kernel it is also the ring's one filler, and it requests
+        // the first tiles right away: the block's barrier then only has to come before the other threads' first use of
+        // the barriers. H200s (2026-11-29, alternating rounds, two machines, us): batch 64 head 64 S = 2048 65.38 ->
+        // 65.31 and 65.89 -> 65.47, fp16 65.22 -> 65.12 and 65.65 -> 65.41, S = 4096 124.00 -> 123.92 and 124.51 ->
+        // 124.19, batch 66 67.81 -> 67.42. The bulk variant in four warps was level to 0.2 slower that way (batch 64
+        // head 128 S = 2048 122.88 -> 123.07), and the two-group kernel's second filler needs thread 0's barriers: both
+        // request their first tiles after the block's barrier.
+        constexpr bool kFillBeforeBarrier = kHeadPairs;
+        auto request_first_tiles = [&]() {
+            for (int i = 0; i < (staggered ? 1 : maps.stages); ++i)
+                if (start + i * tile_stride < p.seq_capacity) bulk_issue(ring0 + i, start + i * tile_stride);
+        };
         if (threadIdx.x == 0) {
             for (int i = 0; i < kRingStages; ++i) {
                 mbarrier::init(&bulk_k_full[i], 1);                   // the issuing thread's arrival, plus the bytes
@@ -533,15 +547,17 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 if constexpr (kHeadPairs) mbarrier::init(&bulk_k_empty[i], kWarps);
             }
             mbarrier::fence_init_for_cluster();  // (visible to the tensor copies' completions too)
+            if (kFillBeforeBarrier) request_first_tiles();
         }
-        __syncthreads();
-        if (ring_filler)
-            for (int i = 0; i < (staggered ? 1 : maps.stages); ++i)
-                if (start + i * tile_stride < p.seq_capacity) bulk_issue(ring0 + i, start + i * tile_stride);
+        if (!kFillBeforeBarrier) {
+            __syncthreads();
+            if (ring_filler) request_first_tiles();
+        }
         load_q();
         set_rows(__ldg(p.seqlens + b));
         // (staggered: the second tile, requested a round trip after the first and never past the length)
         if (staggered && ring_filler && start + tile_stride < end) bulk_issue(ring0 + 1, start + tile_stride);
+        if (kFillBeforeBarrier) __syncthreads();
     } else {
         // The first tile's loads, and the second's where the split has just two (short sequences: all of it in one
         // round trip), go out together with the length's (rows up to the capacity). Once the length is known, K rows
