@@ -395,12 +395,9 @@ bool uses_warp_groups(int units, int num_splits, int head_dim, int seq_capacity,
     if (mode == WarpGroups::kOff || early_cache_reads) return false;
     if (mode == WarpGroups::kAlways) return true;
     int device = 0;
-    DeviceInfo info;
-    if (current_device_info(DType::kBFloat16, 64, &device, &info) != cudaSuccess) return false;
-    Variant variant;
-    // (the tile rows are the same for both dtypes)
-    if (!select_variant(DType::kBFloat16, head_dim, &variant)) return false;
-    return warp_groups_for(units, num_splits, split_tiles_of(seq_capacity, variant.rows_per_block_tile, num_splits),
+    DeviceInfo info;  // (the tile rows are the same for both dtypes; an unsupported head_dim fails here)
+    if (current_device_info(DType::kBFloat16, head_dim, &device, &info) != cudaSuccess) return false;
+    return warp_groups_for(units, num_splits, split_tiles_of(seq_capacity, info.rows_per_block_tile, num_splits),
                            uses_bulk_pipeline(units, head_dim, seq_capacity), device, info.num_sms);
 }
 
