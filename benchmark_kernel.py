@@ -195,6 +195,7 @@ def make_custom(inp, args):
     mod.set_bulk_pipeline(args.bulk_pipeline)
     mod.set_warp_groups(args.warp_groups)  # (before default_num_splits, which follows it)
     mod.set_kv_head_pairs(args.kv_head_pairs)
+    mod.set_narrow_tiles(not args.no_narrow_tiles)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
@@ -211,6 +212,8 @@ def make_custom(inp, args):
             groups = ", KV-head pairs"  # (a warp group a head)
         note += ", bulk copies" + groups + (", workspace merge" if splits_used > 1 else "")
     else:
+        if mod.uses_narrow_tiles(batch, q_heads, kv_heads, head_size, seq_n, splits_used):
+            groups = ", narrow tiles"
         note += groups + (", cluster merge" if mod.uses_cluster_merge(splits_used) else "")
     out = torch.empty_like(inp.q)
 
@@ -897,6 +900,9 @@ def parse_args(argv=None):
                    help="blocks of two adjacent KV heads in the custom kernel's bulk variant at head 64 (tensor "
                         "copies of both heads' rows): auto = for one-split launches whose pair blocks fill their "
                         "waves of two an SM to 15/16 (the default), always, or off")
+    p.add_argument("--no_narrow_tiles", action="store_true",
+                   help="keep the custom kernel's standard tile at short lengths (by default a split of at most 32 "
+                        "rows runs in narrow tiles of 8 rows a warp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")

@@ -16,6 +16,8 @@ struct Variant {
     int rows_per_block_tile;  // the split granularity
     // one_tile: every warp group has at most one tile (plain launches only)
     cudaError_t (*launch)(const Params&, dim3, bool cluster_merge, bool warp_groups, bool one_tile, cudaStream_t);
+    // narrow tiles (narrow_tiles_for), one split or a cluster merge
+    cudaError_t (*launch_narrow)(const Params&, dim3, cudaStream_t);
     // cudaErrorNotSupported: no tensor maps
     cudaError_t (*launch_bulk)(const Params&, dim3, int num_sms, bool warp_groups, cudaStream_t);
     // the same in blocks of a KV-head pair (grid: splits x half the units), and how many such blocks an SM of the
@@ -68,10 +70,11 @@ static bool encode_cache_maps(CacheMaps* maps, const Params& p, int box_heads, i
            encode_cache_map(&maps->v, p.v, p, p.v_seq_stride, p.v_head_stride, p.v_batch_stride, box_heads, box_rows);
 }
 
-template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, int kWarpGroups, bool kOneTile = false>
+template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, int kWarpGroups, bool kOneTile = false,
+          bool kNarrow = false>
 static cudaError_t launch_instance(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = KernelTraits<Element, kHeadDim, kWarpGroups>;
-    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge, false, kWarpGroups, kOneTile>;
+    auto* kernel = flash_decode_kernel<Element, kHeadDim, kEarlyReads, kClusterMerge, false, kWarpGroups, kOneTile, kNarrow>;
     const unsigned cluster = kClusterMerge ? (unsigned)params.num_splits : 1u;
     if (cluster > 8) {  // beyond the portable cluster size: an opt-in per kernel (H100: up to 16)
         static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -238,11 +241,18 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
 }
 
 template <typename Element, int kHeadDim>
+static cudaError_t launch_narrow(const Params& params, dim3 grid, cudaStream_t stream) {
+    return params.num_splits > 1 ? launch_instance<Element, kHeadDim, false, true, 1, true, true>(params, grid, stream)
+                                 : launch_instance<Element, kHeadDim, false, false, 1, true, true>(params, grid, stream);
+}
+
+template <typename Element, int kHeadDim>
 static Variant make_variant() {
     // KV-head pairs at head 64 only: at head 128 (one head's row is 256 bytes already) the probe read pairs no faster
     // (batch 16 S = 2048: 47.7-48.0 us against 47.4-48.5)
+    static_assert(KernelTraits<Element, kHeadDim, 1, true>::kRowsPerBlockTile == kNarrowRowsPerBlockTile, "narrow tile");
     Variant variant = {KernelTraits<Element, kHeadDim>::kRowsPerBlockTile, &launch_variant<Element, kHeadDim>,
-                       &launch_bulk_instance<Element, kHeadDim>, nullptr, nullptr};
+                       &launch_narrow<Element, kHeadDim>, &launch_bulk_instance<Element, kHeadDim>, nullptr, nullptr};
     if constexpr (kHeadDim == 64) {
         variant.launch_bulk_pairs = &launch_bulk_pairs<Element, kHeadDim>;
         variant.pair_blocks_an_sm = &pair_blocks_an_sm<Element, kHeadDim>;
@@ -434,6 +444,26 @@ bool uses_kv_head_pairs(int batch, int q_heads, int kv_heads, int head_dim, int 
     return kv_head_pairs_for(batch, kv_heads, head_groups, num_splits, bulk, info);
 }
 
+bool& narrow_tiles_enabled() {
+    static bool on = true;
+    return on;
+}
+
+// uses_narrow_tiles for a plain launch whose pipeline and warp groups are known: every split at most one narrow tile,
+// in one block or merged in a cluster, blocks of four warps (two groups keep the standard tile)
+static bool narrow_tiles_for(int num_splits, int seq_capacity, bool bulk, bool warp_groups) {
+    return narrow_tiles_enabled() && !bulk && !warp_groups &&
+           (int64_t)num_splits * kNarrowRowsPerBlockTile >= seq_capacity &&
+           (num_splits == 1 || uses_cluster_merge(num_splits));
+}
+
+bool uses_narrow_tiles(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads) {
+    if (early_cache_reads || !narrow_tiles_enabled()) return false;
+    const bool bulk = uses_bulk_pipeline(units, head_dim, seq_capacity);
+    return narrow_tiles_for(num_splits, seq_capacity, bulk,
+                            uses_warp_groups(units, num_splits, head_dim, seq_capacity));
+}
+
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
     return cluster_merge_enabled() && num_splits >= 2 &&
            num_splits <= (early_cache_reads ? kMaxDecodeClusterSplits : kMaxClusterSplits) &&
@@ -456,6 +486,20 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // (Two splits merged in a cluster, each in four warps, on an H200, 2026-11-29: batch 1 head 64 S = 256 6.66-6.69
     // against 6.74-6.85 us, fp16 level to 0.2 faster, but batch 4 0.2 slower; not taken.)
     const int tiles = (max_seqlen + rows_per_tile - 1) / rows_per_tile;
+    // Narrow tiles (flash_decode_kernel.cuh) for a plain launch of one split either way (at most 32 rows), or where the
+    // standard tile would give one split of two tiles in two warp groups (head 64: 129-256 rows, head 128: 65-128): a
+    // split a narrow tile then, merged in a cluster, while the grid is one wave. Two H200s (2026-11-29, alternating
+    // rounds, us, standard -> narrow): batch 1 head 64 S = 256 6.27 -> 5.98 and 6.53 -> 6.18 (fp16 6.32 -> 5.92, 6.50
+    // -> 6.06), S = 32 5.58 -> 5.18 and 5.66 -> 5.36, head 128 S = 128 6.69 -> 6.27 and 6.80 -> 6.45, batch 2 head 64 S
+    // = 256 6.03 -> 5.86 and 6.27 -> 6.14. Where the standard launch is one block of four warps (head 64 S = 128, head
+    // 128 S = 64) narrow clusters were 0.2 us slower, where it is four splits already (head 128 S = 200-256) level, and
+    // at batch 2 head 128 S = 256 (128 blocks in clusters of 8 instead of 64 in clusters of 4) 0.5-0.6 slower.
+    const int narrow_tiles = (max_seqlen + kNarrowRowsPerBlockTile - 1) / kNarrowRowsPerBlockTile;
+    if (!early_cache_reads && narrow_tiles_enabled() && (narrow_tiles == 1 || tiles == 2) &&
+        narrow_tiles <= kMaxClusterSplits && base_blocks * narrow_tiles <= info.num_sms &&
+        (narrow_tiles == 1 || uses_cluster_merge(narrow_tiles)) && !uses_bulk_pipeline(base_blocks, head_dim, max_seqlen) &&
+        warp_groups_mode() != WarpGroups::kAlways)
+        return narrow_tiles;
     if (tiles <= 2) return 1;
     // Inside a decode step each block reads its first two tiles before the programmatic-launch wait: with
     // splits of at most two tiles, everything the sequence needs is in flight before the previous kernel ends,
@@ -548,6 +592,8 @@ cudaError_t launch(const Params& caller_params, DType dtype, cudaStream_t stream
     const bool warp_groups = warp_groups_for(units, params.num_splits, split_tiles, bulk, device, info.num_sms);
     // (the register pipeline: a warp group takes every second of its split's tiles with two groups, every one with one)
     const bool one_tile = split_tiles <= (warp_groups ? 2 : 1);
+    if (narrow_tiles_for(params.num_splits, params.seq_capacity, bulk, warp_groups))
+        return variant.launch_narrow(params, grid, stream);
     if (bulk) {
         if (variant.launch_bulk_pairs != nullptr &&
             kv_head_pairs_for(params.batch, params.kv_heads, params.head_groups, params.num_splits, true, info)) {

@@ -103,6 +103,15 @@ constexpr int kMaxDecodeClusterSplits = 12;
 bool& cluster_merge_enabled();
 bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 
+// Narrow tiles (flash_decode_kernel.cuh): plain launches of the register pipeline in which every split has at most one
+// tile of kNarrowRowsPerBlockTile rows (8 a warp, where the standard tile gives a warp 32 rows at head 64 and 16 at head
+// 128), in one block or merged in a cluster, in blocks of four warps, while this process-wide switch is on (the default).
+// default_num_splits takes them for plain launches of one wave while they fit a cluster (batch 1: S <= 256).
+constexpr int kNarrowRowsPerBlockTile = 32;
+bool& narrow_tiles_enabled();
+// units: batch x kv_heads x head_groups; on the current device
+bool uses_narrow_tiles(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads = false);
+
 // The bulk variant (flash_decode_kernel.cuh) streams the cache through shared memory with the tensor memory
 // accelerator; it serves plain launches (not early_cache_reads) on sm_90+, merging several splits through the
 // workspace (it takes precedence over the cluster merge), where the driver accepts the caches as tensor maps (else

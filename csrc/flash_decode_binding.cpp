@@ -846,6 +846,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU "
           "(early_cache_reads, a decode step: clusters of up to 16 blocks, else 8).",
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
+    m.def("set_narrow_tiles", [](bool enabled) { flash_decode::narrow_tiles_enabled() = enabled; },
+          "Narrow tiles (8 cache rows a warp, 32 a block) for flash_decode's short plain launches in which every split "
+          "has at most one such tile (one block, or up to 8 merged in a cluster; on by default): a warp then issues "
+          "a quarter (head 64) or half (head 128) of the loads. False keeps the standard tile, for comparison.",
+          py::arg("enabled"));
+    m.def("uses_narrow_tiles",
+          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
+             int64_t num_splits, bool early_cache_reads) {
+              const int units = units_of("uses_narrow_tiles", batch, q_heads, kv_heads);
+              return flash_decode::uses_narrow_tiles(units, (int)num_splits, (int)head_dim, (int)seq_capacity,
+                                                     early_cache_reads);
+          },
+          "Whether a flash_decode launch of this shape and split count runs narrow tiles on the current GPU.",
+          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
+          py::arg("num_splits"), py::arg("early_cache_reads") = false);
     def_mode_setter(m, "set_bulk_pipeline", &flash_decode::bulk_pipeline_mode,
                     "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared "
                     "memory with the tensor memory accelerator (the bulk variant) for large launches, where it was "

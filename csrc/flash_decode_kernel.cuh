@@ -52,6 +52,16 @@
 // as the four's do. The tile, and so the split granularity, is unchanged. In the bulk variant each group has its own
 // ring of stages.
 //
+// Narrow tiles (kNarrow: plain one-tile launches of four warps, where every split has at most 32 rows; flash_decode.cu,
+// default_num_splits): a warp takes 8 rows instead of 32 (head 64) or 16 (head 128), so a lane issues 4 or 8 cache loads
+// instead of 16 before its first use, and P V runs as mma m16n8k8 over the 8 rows. A probe that only issues the loads
+// of one tile the way these warps do (an H200, 2026-11-29, 1 MB at head 128, 0.5 MB at head 64, alternating rounds)
+// took 4.86 us in 32 blocks of four 16-row warps against 4.22 in 64 blocks of four 8-row warps (the timing floor 3.71),
+// and at head 64 5.09 in 8 blocks of eight 32-row warps against 4.06 in 64 blocks of four 8-row warps; reading 1 MB
+// with all of a thread's 16-byte loads issued at once took 4.50 us with 1-4 loads a thread, 4.93 with 8 and 5.41 with
+// 16, whatever the block count. More splits cost a merge, so the rule takes them only where the standard launch would
+// be one block of two warp groups, or one block anyway.
+//
 // KV-head pairs (kHeadPairs, the bulk variant at head 64 where the batch alone fills the GPU: flash_decode.h,
 // uses_kv_head_pairs): a block takes two adjacent KV heads, one per warp group, and each tensor copy brings both heads'
 // rows (a box of 64 columns x 2 heads x the tile's rows), so that the DRAM sees 256 contiguous bytes of a cache row
@@ -75,8 +85,8 @@
 namespace flash_decode {
 
 // kWarpGroups: groups of kTileWarps warps in a block, each taking every kWarpGroups-th of the block's tiles (see
-// "Warp groups" above).
-template <typename Element, int kHeadDim, int kWarpGroups = 1>
+// "Warp groups" above). kNarrow: warp tiles of 8 rows (see "Narrow tiles" above).
+template <typename Element, int kHeadDim, int kWarpGroups = 1, bool kNarrow = false>
 struct KernelTraits {
     static_assert(kHeadDim == 64 || kHeadDim == 128, "head_dim must be 64 or 128");
     static_assert(kWarpGroups == 1 || kWarpGroups == 2, "one or two warp groups");
@@ -87,11 +97,14 @@ struct KernelTraits {
     static constexpr int kKChunks = kHeadDim / 32;    // 16-byte K loads per lane per cache row it loads
     static constexpr int kVChunks = kHeadDim / 64;    // 16-byte V loads per lane per cache row it loads
     static constexpr int kOutTiles = kHeadDim / 8;    // 8-column n-tiles of O
-    // 16-row steps per warp tile: 128 (head 64) or 64 (head 128) bytes per lane in flight per buffer.
+    // Steps of 16 rows (narrow: 8) per warp tile: 128 (head 64) or 64 (head 128) bytes per lane in flight per buffer.
     // Head 64 with one step was 1-2% slower at long lengths, 1-2 us faster at 1024 rows (H100, 2026-11-26);
     // head 128 with two steps spills.
-    static constexpr int kSteps = kHeadDim == 64 ? 2 : 1;
-    static constexpr int kRowsPerWarpTile = 16 * kSteps;
+    static constexpr int kStepRows = kNarrow ? 8 : 16;
+    static constexpr int kSteps = kHeadDim == 64 && !kNarrow ? 2 : 1;
+    static constexpr int kRowsPerWarpTile = kStepRows * kSteps;
+    static constexpr int kKGroups = kStepRows / 8;  // S's 8-row groups (n-tiles) a step
+    static constexpr int kVRows = kStepRows / 4;    // the rows of a step whose V a lane holds (P V's k / 4)
     static constexpr int kRowsPerBlockTile = kRowsPerWarpTile * kTileWarps;  // head 64: 128; head 128: 64
     // Dynamic shared memory of a cluster-merge launch: every split's partial output and log-sum-exp per head.
     static constexpr size_t cluster_merge_bytes(int num_splits) {
@@ -180,11 +193,15 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 // In a KV-head pair's stage the rows of the two heads alternate (stage row 2r + head), so the swizzle sees bits 0-1 of
 // r in its bits 1-2: there lanes g and g + 1 take rows that differ in bit 1, and the rows of t = 0..3 differ in bits 0
 // and 1 (StageRows::kHeadPair).
-enum class StageRows { kRegisters, kOneHead, kHeadPair };
+//
+// A narrow step (8 rows) has one 8-row group in S and P V's k of 8 (mma m16n8k8, whose B fragment b0 is B[2t, 2t+1][g]):
+// lane (., t) holds rows 2t and 2t + 1, and S's column n is row n (StageRows::kNarrow).
+enum class StageRows { kRegisters, kOneHead, kHeadPair, kNarrow };
 template <StageRows kOrder>
 __device__ __forceinline__ int row_in_step(int t, int i) {
     if constexpr (kOrder == StageRows::kOneHead) return 8 * (i & 1) + ((2 * t + (i >> 1)) ^ (4 * (i & 1)));
     if constexpr (kOrder == StageRows::kHeadPair) return 4 * i + (t ^ (2 * (i & 1)));
+    if constexpr (kOrder == StageRows::kNarrow) return 2 * t + i;
     return 4 * t + i;
 }
 
@@ -204,20 +221,23 @@ __device__ __forceinline__ int row_in_step(int t, int i) {
 // flash_decode_pairs_kernel; the bulk variant in two warp groups as flash_decode_bulk_groups_kernel; every other
 // instance as flash_decode_kernel (below).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
-          bool kHeadPairs, bool kOneTile = false>
+          bool kHeadPairs, bool kOneTile = false, bool kNarrow = false>
 __device__ __forceinline__ void flash_decode_block(const Params& p,
                                                    const std::conditional_t<kBulk, CacheMaps, NoCacheMaps>& maps) {
     static_assert(!kBulk || (!kEarlyReads && !kClusterMerge), "the bulk variant serves plain launches, merged in memory");
     static_assert(kWarpGroups == 1 || !kEarlyReads, "warp groups serve plain launches");
     static_assert(!kHeadPairs || (kBulk && kWarpGroups == 2), "KV-head pairs: the bulk variant, a warp group a head");
     static_assert(!kOneTile || (!kBulk && !kEarlyReads), "one-tile instances: the register pipeline's plain launches");
+    static_assert(!kNarrow || (kOneTile && kWarpGroups == 1), "narrow tiles: one-tile instances of four warps");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
     if constexpr (kBulk) __trap();  // launched only on sm_90+ (uses_bulk_pipeline); compiled everywhere
 #endif
-    using Traits = KernelTraits<Element, kHeadDim, kWarpGroups>;
+    using Traits = KernelTraits<Element, kHeadDim, kWarpGroups, kNarrow>;
     constexpr int kWarps = Traits::kWarps;
     constexpr int kHeads = Traits::kHeads;
     constexpr int kSteps = Traits::kSteps;
+    constexpr int kKGroups = Traits::kKGroups;
+    constexpr int kVRows = Traits::kVRows;
     constexpr int kKChunks = Traits::kKChunks;
     constexpr int kVChunks = Traits::kVChunks;
     constexpr int kOutTiles = Traits::kOutTiles;
@@ -362,25 +382,27 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // Cache rows of this lane's loads in the tile starting at `tile`: step s of the warp's 16 x kSteps rows, P V's
     // row i of lane (., t) and S's 8-row group nt of lane (g, .) (row_in_step; S's column n = g of group nt is P V's
     // row 2nt + n % 2 of lane (., n / 2), the C fragment -> A fragment identity above).
-    auto step_row0 = [&](int tile, int s) { return tile + tile_warp * Traits::kRowsPerWarpTile + 16 * s; };
-    constexpr StageRows kRowOrder = !kBulk ? StageRows::kRegisters : kHeadPairs ? StageRows::kHeadPair : StageRows::kOneHead;
+    auto step_row0 = [&](int tile, int s) { return tile + tile_warp * Traits::kRowsPerWarpTile + Traits::kStepRows * s; };
+    constexpr StageRows kRowOrder = kNarrow ? StageRows::kNarrow
+                                    : !kBulk ? StageRows::kRegisters
+                                    : kHeadPairs ? StageRows::kHeadPair : StageRows::kOneHead;
     auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kRowOrder>(g >> 1, 2 * nt + (g & 1)); };
     auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kRowOrder>(t, i); };
 
     // Rows past `end` re-read the last valid row (a finite value, never memory past the sequence) and are
     // masked out of the softmax. (A plain launch's first tile is the exception: it is loaded before the
     // length is known, see below.)
-    auto load_tile = [&](int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
+    auto load_tile = [&](int tile, uint4 (&kt)[kSteps][kKGroups][kKChunks], uint4 (&vt)[kSteps][kVRows][kVChunks]) {
 #pragma unroll
         for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
+            for (int nt = 0; nt < kKGroups; ++nt) {
                 const char* row = k_base + row_offset(min(k_row(tile, s, nt), end - 1), k_row_bytes);
 #pragma unroll
                 for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = load_stream_16B(row + c * kKChunkBytes);
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < kVRows; ++i) {
                 const char* row = v_base + row_offset(min(v_row(tile, s, i), end - 1), v_row_bytes);
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = load_stream_16B(row + c * kVChunkBytes);
@@ -416,31 +438,31 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         return *reinterpret_cast<const uint4*>(stage + (p16 / 8) * kStageBoxBytes + box_row * kRowBytes +
                                                (((p16 % 8) ^ (box_row % 8)) << 4));
     };
-    auto bulk_read_k = [&](int slot, int tile, uint4 (&kt)[kSteps][2][kKChunks]) {
+    auto bulk_read_k = [&](int slot, int tile, uint4 (&kt)[kSteps][kKGroups][kKChunks]) {
         const unsigned char* k_stage = bulk_ring + slot * kStageBytes;
 #pragma unroll
         for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
+            for (int nt = 0; nt < kKGroups; ++nt)
 #pragma unroll
                 for (int c = 0; c < kKChunks; ++c) kt[s][nt][c] = stage_piece(k_stage, k_row(tile, s, nt) - tile, 4 * c + t);
     };
-    auto bulk_read_v = [&](int slot, int tile, uint4 (&vt)[kSteps][4][kVChunks]) {
+    auto bulk_read_v = [&](int slot, int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
         const unsigned char* v_stage = bulk_ring + slot * kStageBytes + kStageBytes / 2;
 #pragma unroll
         for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < kVRows; ++i) {
                 const bool valid = v_row(tile, s, i) < end;
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c)
                     vt[s][i][c] = valid ? stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g) : make_uint4(0u, 0u, 0u, 0u);
             }
     };
-    uint4 k_next[kSteps][2][kKChunks], v_next[kSteps][4][kVChunks];
+    uint4 k_next[kSteps][kKGroups][kKChunks], v_next[kSteps][kVRows][kVChunks];
     // The block's second tile, where it is read before the length (plain launches) or the wait (early_cache_reads);
     // registers the loop needs anyway
-    uint4 k_second[kBulk ? 1 : kSteps][2][kKChunks], v_second[kBulk ? 1 : kSteps][4][kVChunks];
+    uint4 k_second[kBulk ? 1 : kSteps][kKGroups][kKChunks], v_second[kBulk ? 1 : kSteps][kVRows][kVChunks];
 
     // q as the A fragment of S: head g, its elements in the order of the K loads (past the group: load_q). Loaded as
     // soon as the wait allows, beside the length and the cache rows, so that its round trip overlaps theirs
@@ -504,14 +526,14 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                 for (int c = 0; c < chunks; ++c)
                     pieces[c] = __ldcg(reinterpret_cast<const uint4*>(base + (seqlen - 1) * row_bytes + c * chunk_bytes));
             };
-            auto reload_tile_newest = [&](int tile, uint4 (&kt)[kSteps][2][kKChunks], uint4 (&vt)[kSteps][4][kVChunks]) {
+            auto reload_tile_newest = [&](int tile, uint4 (&kt)[kSteps][kKGroups][kKChunks], uint4 (&vt)[kSteps][kVRows][kVChunks]) {
 #pragma unroll
                 for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
+                    for (int nt = 0; nt < kKGroups; ++nt)
                         reload_newest(kt[s][nt], kKChunks, k_base, k_row_bytes, kKChunkBytes, k_row(tile, s, nt));
 #pragma unroll
-                    for (int i = 0; i < 4; ++i)
+                    for (int i = 0; i < kVRows; ++i)
                         reload_newest(vt[s][i], kVChunks, v_base, v_row_bytes, kVChunkBytes, v_row(tile, s, i));
                 }
             };
@@ -576,7 +598,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if (two_tiles) load_tile(start + tile_stride, k_second, v_second);
         load_q();
         set_rows(__ldg(p.seqlens + b));
-        auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][4][kVChunks]) {
+        auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
             // (a warp's rows all before the end, as in every tile but a sequence's last: none to zero, and no select a
             // register, 32-64 a lane, between the data's arrival and the first mma; an H200, 2026-11-29: level to 0.2
             // us faster, head 128 S = 512 / 1024 7.42 / 8.26 -> 7.23 / 8.06)
@@ -584,7 +606,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #pragma unroll
             for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < kVRows; ++i)
                     if (v_row(tile, s, i) >= end)
 #pragma unroll
                         for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
@@ -648,11 +670,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // A tile of rows from registers, in phases: S, the online softmax's rescale, O += P V. Two tiles already in
         // registers (a decode step's splits, flash_decode.cu) share one rescale, and their products overlap.
         // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain), -inf past the end.
-        auto scores = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks], float (&sc)[kSteps][4]) {
+        auto scores = [&](int tile, const uint4 (&k_cur)[kSteps][kKGroups][kKChunks], float (&sc)[kSteps][kVRows]) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
+                for (int nt = 0; nt < kKGroups; ++nt) {
                     // Two chains of dependent mma (even and odd 16-element chunks of head_dim), added at the end:
                     // the chain's latency lies between K's arrival and the softmax. H200, 2026-11-29, against one
                     // chain: head 64 S = 16384 16.45 / 16.08 -> 15.98 / 15.68 us (two machines), batch 16 head 128 S =
@@ -676,15 +698,15 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     sc[s][2 * nt + 1] = c1[0] * p.scale_log2;
                 }
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < kVRows; ++i)
                     if (v_row(tile, s, i) >= end) sc[s][i] = -INFINITY;
             }
         };
-        auto max_score = [&](const float (&sc)[kSteps][4], float so_far) {
+        auto max_score = [&](const float (&sc)[kSteps][kVRows], float so_far) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) so_far = fmaxf(so_far, sc[s][i]);
+                for (int i = 0; i < kVRows; ++i) so_far = fmaxf(so_far, sc[s][i]);
             return so_far;
         };
         // The online softmax: head g's new running max (its 4 lanes agree on it), acc and l rescaled once; returns
@@ -708,59 +730,83 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             return ref;
         };
         // O += P V, 16 rows per mma
-        auto accumulate = [&](const float (&sc)[kSteps][4], const uint4 (&v_cur)[kSteps][4][kVChunks], float ref) {
+        auto accumulate = [&](const float (&sc)[kSteps][kVRows], const uint4 (&v_cur)[kSteps][kVRows][kVChunks], float ref) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
-                float pw[4];
+                float pw[kVRows];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
+                for (int i = 0; i < kVRows; ++i) {
                     pw[i] = exp2f(sc[s][i] - ref);
                     l += pw[i];
                 }
-                const uint32_t a0 = tensor_core::pack2<Element>(pw[0], pw[1]);
-                const uint32_t a2 = tensor_core::pack2<Element>(pw[2], pw[3]);
-                // bf16 keeps 8 bits of P: its rounding error goes through the same mma as A's rows 8..15 (unused: a
-                // block has at most 8 heads; see acc for where those rows' results go), so P V is exact to ~16 bits,
-                // as the float32 FMAs of the CUDA-core version were (a bf16-only P put the model's logits 1.05% off
-                // the PyTorch path after 17 decode steps; fp16's 11 bits are enough). A second mma for the error, as
-                // before, made a batch-1 decode step of Llama-3.2-1B about 1% slower (H100, 2026-11-27).
-                uint32_t a0_lo = 0u, a2_lo = 0u;
-                if constexpr (kSplitP) {
-                    const float2 hi0 = tensor_core::unpack2<Element>(a0), hi2 = tensor_core::unpack2<Element>(a2);
-                    a0_lo = tensor_core::pack2<Element>(pw[0] - hi0.x, pw[1] - hi0.y);
-                    a2_lo = tensor_core::pack2<Element>(pw[2] - hi2.x, pw[3] - hi2.y);
-                }
+                if constexpr (kNarrow) {
+                    // k = 8 rows: mma m16n8k8, whose A fragment a0 (a1: rows 8..15) is exactly S's C fragment c0, c1
+                    // and whose B fragment b0 is rows 2t, 2t + 1 of V; bf16 P's rounding error rides in rows 8..15 as
+                    // below
+                    const uint32_t a0 = tensor_core::pack2<Element>(pw[0], pw[1]);
+                    uint32_t a0_lo = 0u;
+                    if constexpr (kSplitP) {
+                        const float2 hi0 = tensor_core::unpack2<Element>(a0);
+                        a0_lo = tensor_core::pack2<Element>(pw[0] - hi0.x, pw[1] - hi0.y);
+                    }
 #pragma unroll
-                for (int n = 0; n < kOutTiles; ++n) {
-                    const int c = n / 8, e = n % 8;  // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
-                    const bool high = e % 2;
-                    const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
-                    const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
-                    if constexpr (kAccParts == 4)
-                        tensor_core::mma_16x8x16<Element>(acc[n], a0, a0_lo, a2, a2_lo, b0, b1);
-                    else if constexpr (kSplitP)
-                        tensor_core::mma_16x8x16_fold_rows<Element>(acc[n][0], acc[n][1], a0, a0_lo, a2, a2_lo, b0, b1);
-                    else
-                        tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0, a2, b0, b1);
+                    for (int n = 0; n < kOutTiles; ++n) {
+                        const int c = n / 8, e = n % 8;
+                        const uint32_t b0 =
+                            tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), e % 2);
+                        if constexpr (kAccParts == 4)
+                            tensor_core::mma_16x8x8<Element>(acc[n], a0, a0_lo, b0);
+                        else if constexpr (kSplitP)
+                            tensor_core::mma_16x8x8_fold_rows<Element>(acc[n][0], acc[n][1], a0, a0_lo, b0);
+                        else
+                            tensor_core::mma_16x8x8_top_rows<Element>(acc[n][0], acc[n][1], a0, b0);
+                    }
+                } else {
+                    const uint32_t a0 = tensor_core::pack2<Element>(pw[0], pw[1]);
+                    const uint32_t a2 = tensor_core::pack2<Element>(pw[2], pw[3]);
+                    // bf16 keeps 8 bits of P: its rounding error goes through the same mma as A's rows 8..15 (unused: a
+                    // block has at most 8 heads; see acc for where those rows' results go), so P V is exact to ~16 bits,
+                    // as the float32 FMAs of the CUDA-core version were (a bf16-only P put the model's logits 1.05% off
+                    // the PyTorch path after 17 decode steps; fp16's 11 bits are enough). A second mma for the error, as
+                    // before, made a batch-1 decode step of Llama-3.2-1B about 1% slower (H100, 2026-11-27).
+                    uint32_t a0_lo = 0u, a2_lo = 0u;
+                    if constexpr (kSplitP) {
+                        const float2 hi0 = tensor_core::unpack2<Element>(a0), hi2 = tensor_core::unpack2<Element>(a2);
+                        a0_lo = tensor_core::pack2<Element>(pw[0] - hi0.x, pw[1] - hi0.y);
+                        a2_lo = tensor_core::pack2<Element>(pw[2] - hi2.x, pw[3] - hi2.y);
+                    }
+#pragma unroll
+                    for (int n = 0; n < kOutTiles; ++n) {
+                        const int c = n / 8, e = n % 8;  // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
+                        const bool high = e % 2;
+                        const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
+                        const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
+                        if constexpr (kAccParts == 4)
+                            tensor_core::mma_16x8x16<Element>(acc[n], a0, a0_lo, a2, a2_lo, b0, b1);
+                        else if constexpr (kSplitP)
+                            tensor_core::mma_16x8x16_fold_rows<Element>(acc[n][0], acc[n][1], a0, a0_lo, a2, a2_lo, b0, b1);
+                        else
+                            tensor_core::mma_16x8x16_top_rows<Element>(acc[n][0], acc[n][1], a0, a2, b0, b1);
+                    }
                 }
             }
         };
-        auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][2][kKChunks],
-                                const uint4 (&v_cur)[kSteps][4][kVChunks], bool first_tile) {
-            float sc[kSteps][4];
+        auto process_tile = [&](int tile, const uint4 (&k_cur)[kSteps][kKGroups][kKChunks],
+                                const uint4 (&v_cur)[kSteps][kVRows][kVChunks], bool first_tile) {
+            float sc[kSteps][kVRows];
             scores(tile, k_cur, sc);
             accumulate(sc, v_cur, rescale(max_score(sc, -INFINITY), first_tile));
         };
-        auto copy_tile = [&](uint4 (&k_to)[kSteps][2][kKChunks], uint4 (&v_to)[kSteps][4][kVChunks],
-                             const uint4 (&k_from)[kSteps][2][kKChunks], const uint4 (&v_from)[kSteps][4][kVChunks]) {
+        auto copy_tile = [&](uint4 (&k_to)[kSteps][kKGroups][kKChunks], uint4 (&v_to)[kSteps][kVRows][kVChunks],
+                             const uint4 (&k_from)[kSteps][kKGroups][kKChunks], const uint4 (&v_from)[kSteps][kVRows][kVChunks]) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt)
+                for (int nt = 0; nt < kKGroups; ++nt)
 #pragma unroll
                     for (int c = 0; c < kKChunks; ++c) k_to[s][nt][c] = k_from[s][nt][c];
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < kVRows; ++i)
 #pragma unroll
                     for (int c = 0; c < kVChunks; ++c) v_to[s][i][c] = v_from[s][i][c];
             }
@@ -778,8 +824,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
                 const int slot = ring0 + (stages == 1 ? 0 : n % stages);
                 const unsigned parity = (stages == 1 ? n : n / stages) & 1;
-                uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
-                float sc[kSteps][4];
+                uint4 k_cur[kSteps][kKGroups][kKChunks], v_cur[kSteps][kVRows][kVChunks];
+                float sc[kSteps][kVRows];
                 mbarrier::wait(&bulk_k_full[slot], parity);
                 bulk_read_k(slot, tile, k_cur);
                 if constexpr (kHeadPairs) {
@@ -835,7 +881,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         } else {
             int first = start;
             if (second_tile_loaded && start + 2 * tile_stride >= end) {  // the block's only two tiles, both loaded
-                float sc[kSteps][4], sc_second[kSteps][4];
+                float sc[kSteps][kVRows], sc_second[kSteps][kVRows];
                 scores(start, k_next, sc);
                 scores(start + tile_stride, k_second, sc_second);
                 const float ref = rescale(max_score(sc_second, max_score(sc, -INFINITY)), true);
@@ -854,7 +900,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             }
             if (!first_tile_loaded && start < end) load_tile(start, k_next, v_next);
             for (int tile = first; tile < end; tile += tile_stride) {
-                uint4 k_cur[kSteps][2][kKChunks], v_cur[kSteps][4][kVChunks];
+                uint4 k_cur[kSteps][kKGroups][kKChunks], v_cur[kSteps][kVRows][kVChunks];
                 copy_tile(k_cur, v_cur, k_next, v_next);
                 if (tile + tile_stride < end) load_tile(tile + tile_stride, k_next, v_next);
                 process_tile(tile, k_cur, v_cur, false);
@@ -1047,10 +1093,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 // The launched kernels: flash_decode_kernel for every instance but two kinds, which have kernels of their own below for
 // their register bounds: the bulk variant in two warp groups (one block an SM) and the KV-head pairs (two).
 template <typename Element, int kHeadDim, bool kEarlyReads, bool kClusterMerge, bool kBulk, int kWarpGroups,
-          bool kOneTile = false>
+          bool kOneTile = false, bool kNarrow = false>
 __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::kThreads)
     flash_decode_kernel(const Params p, const __grid_constant__ std::conditional_t<kBulk, CacheMaps, NoCacheMaps> maps) {
-    flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false, kOneTile>(p, maps);
+    flash_decode_block<Element, kHeadDim, kEarlyReads, kClusterMerge, kBulk, kWarpGroups, false, kOneTile, kNarrow>(p,
+                                                                                                                maps);
 }
 
 // The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one

@@ -1,5 +1,5 @@
-// The one tensor-core instruction the kernels use: mma.sync m16n8k16, 16-bit inputs, float32 accumulators
-// (sm_80 and newer). Fragment layout (PTX ISA), lane = 4 g + t:
+// The tensor-core instruction the kernels use: mma.sync m16n8k16 (and m16n8k8, below), 16-bit inputs, float32
+// accumulators (sm_80 and newer). Fragment layout (PTX ISA), lane = 4 g + t:
 //   A (16 x 16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
 //   B (16 x 8, k x n):      b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
 //   C (16 x 8, float):      c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
@@ -75,6 +75,59 @@ __device__ __forceinline__ void mma_16x8x16_fold_rows(float& c0, float& c1, uint
 #endif
 }
 #undef TENSOR_CORE_MMA
+
+// mma.sync m16n8k8 (the narrow tiles' P V: 8 rows a warp), fragments (PTX ISA), lane = 4 g + t:
+//   A (16 x 8, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1]
+//   B (8 x 8, k x n):      b0 = B[2t, 2t+1][g]
+//   C as m16n8k16's. bf16 inputs need sm_80, f16 sm_75.
+#define TENSOR_CORE_MMA_K8(TYPE) "mma.sync.aligned.m16n8k8.row.col.f32." TYPE "." TYPE ".f32 "
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MMA_ASM(TYPE)                                                                                  \
+    asm volatile(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"               \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
+                 : "r"(a0), "r"(a1), "r"(b0))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
+#endif
+}
+
+// m16n8k8 with A's rows 8..15 zero (mma_16x8x16_top_rows' counterpart)
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x8_top_rows(float& c0, float& c1, uint32_t a0, uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float unused2, unused3;
+#define MMA_ASM(TYPE)                                                                                  \
+    asm(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%6}, {%5}, {%0,%1,%7,%7};"                        \
+        : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)                                             \
+        : "r"(a0), "r"(b0), "r"(0u), "f"(0.f))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
+    (void)unused2;
+    (void)unused3;
+#endif
+}
+
+// m16n8k8 with rows 8..15 folded into rows 0..7 of the result (mma_16x8x16_fold_rows' counterpart)
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x8_fold_rows(float& c0, float& c1, uint32_t a0, uint32_t a1, uint32_t b0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float bottom2, bottom3;
+#define MMA_ASM(TYPE)                                                                                  \
+    asm(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%7,%7};"                        \
+        : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)                                             \
+        : "r"(a0), "r"(a1), "r"(b0), "f"(0.f))
+    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
+    else MMA_ASM("f16");
+#undef MMA_ASM
+    c0 += bottom2;
+    c1 += bottom3;
+#endif
+}
+#undef TENSOR_CORE_MMA_K8
 
 // Two floats rounded into one register of 16-bit elements (lo in the low half), an mma operand.
 template <typename Element>

@@ -43,7 +43,7 @@ def find_nvcc():
 # x 2 dtypes; gemv: 2 dtypes x (4 row counts x (with/without RMSNorm prologue x with/without SiLU epilogue, + RMSNorm
 # with RoPE epilogue) + 2 tensor-core variants); sampling: 3 logits dtypes x (block, cluster); decode_layers: 2 dtypes x
 # 2 head dims x 4 GQA group sizes; kv_read: one (the benchmarks' bound)
-@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 48), ("fused_ops.cu", 18), ("gemv.cu", 44),
+@pytest.mark.parametrize("source,kernel_count", [("flash_decode.cu", 56), ("fused_ops.cu", 18), ("gemv.cu", 44),
                                                  ("sampling.cu", 6), ("decode_layers.cu", 16), ("kv_read.cu", 1)])
 def test_kernels_compile_with_plain_nvcc_without_spills(arch, source, kernel_count, tmp_path):
     cmd = [find_nvcc(), "-O3", "-std=c++17", "--use_fast_math", f"-arch={arch}", "-Xptxas", "-v",
@@ -413,6 +413,55 @@ def test_caches_of_no_row_and_of_one_row(ext, merge, head_dim):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_narrow_tiles_against_the_reference(ext, merge, dtype, head_dim):
+    # Short launches in tiles of 8 rows a warp (mma m16n8k8 for P V): one split, or up to 8 merged in a cluster; odd and
+    # ragged lengths, rows past them poisoned, GQA ratios 4, 3 (SmolLM2) and 16 (two head groups); the same launches
+    # with narrow tiles off against the reference too.
+    cases = [(1, 1, 32, 8), (1, 31, 32, 8), (1, 32, 32, 8), (1, 33, 32, 8), (1, 200, 32, 8), (1, 256, 32, 8),
+             (2, 255, 32, 8), (3, 97, 9, 3), (1, 129, 32, 2)]
+    used = 0
+    for trial, (batch, seq, q_heads, kv_heads) in enumerate(cases):
+        q, k, v, gen = make_inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed=100 + trial)
+        lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        lens[0] = seq
+        for splits in (0, 8):
+            narrow = ext.uses_narrow_tiles(batch, q_heads, kv_heads, head_dim, seq, splits or
+                                           ext.default_num_splits(batch, q_heads, kv_heads, head_dim, seq))
+            used += narrow
+            try:
+                for enabled in (True, False):
+                    ext.set_narrow_tiles(enabled)
+                    check_against_reference(ext, q, k.clone(), v.clone(), lens, num_splits=splits,
+                                            poison_past_lengths=True)
+            finally:
+                ext.set_narrow_tiles(True)
+    assert used >= (len(cases) if merge == "cluster" else 2)  # (one split: S <= 32)
+
+
+@needs_cuda
+def test_narrow_tiles_serve_short_plain_launches(ext):
+    # every split at most one 32-row tile, one block or a cluster merge, four warps; never a decode step's, never with
+    # two warp groups forced, never when switched off
+    assert ext.uses_narrow_tiles(1, 32, 8, 64, 32, 1) and ext.uses_narrow_tiles(3, 32, 8, 128, 20, 1)
+    assert not ext.uses_narrow_tiles(1, 32, 8, 64, 33, 1)
+    assert not ext.uses_narrow_tiles(1, 32, 8, 64, 32, 1, early_cache_reads=True)
+    if ext.uses_cluster_merge(8):
+        assert ext.uses_narrow_tiles(1, 32, 8, 64, 256, 8) and ext.uses_narrow_tiles(1, 32, 8, 128, 100, 4)
+        assert not ext.uses_narrow_tiles(1, 32, 8, 64, 257, 8) and not ext.uses_narrow_tiles(1, 32, 8, 64, 512, 16)
+    try:
+        ext.set_warp_groups("always")
+        assert not ext.uses_narrow_tiles(1, 32, 8, 64, 32, 1)
+        ext.set_warp_groups("auto")
+        ext.set_narrow_tiles(False)
+        assert not ext.uses_narrow_tiles(1, 32, 8, 64, 32, 1)
+    finally:
+        ext.set_warp_groups("auto")
+        ext.set_narrow_tiles(True)
+
+
+@needs_cuda
 def test_strided_views_of_a_larger_cache(ext):
     # The model passes a batch slice of its [max_batch, max_seq, kv_heads, head_dim] cache and a q that
     # is a view of the fused QKV projection.
@@ -468,8 +517,21 @@ def test_default_num_splits_fills_the_gpu(ext):
     finally:
         ext.set_bulk_pipeline("auto")
     assert 8 * long_single >= sms, "batch 1 long context must cover every SM"
-    assert ext.default_num_splits(1, 32, 8, 64, 64) == 1  # one tile: nothing to split
-    assert ext.default_num_splits(1, 32, 8, 64, 256) == 1  # two tiles: cheaper than a merge
+    try:
+        ext.set_narrow_tiles(False)
+        assert ext.default_num_splits(1, 32, 8, 64, 64) == 1  # one tile: nothing to split
+        assert ext.default_num_splits(1, 32, 8, 64, 256) == 1  # two tiles: cheaper than a merge
+    finally:
+        ext.set_narrow_tiles(True)
+    # short plain launches of one wave where the standard tile gives one split of two tiles: a split a narrow tile
+    # (32 rows), merged in a cluster
+    assert ext.default_num_splits(1, 32, 8, 64, 32) == 1
+    if ext.uses_cluster_merge(2):
+        assert [ext.default_num_splits(1, 32, 8, 64, rows) for rows in (33, 128, 129, 200, 256)] == [1, 1, 5, 7, 8]
+        assert [ext.default_num_splits(1, 32, 8, 128, rows) for rows in (64, 65, 128, 256)] == [1, 3, 4, 4]
+        assert ext.default_num_splits(2, 32, 8, 64, 256) == (8 if sms >= 128 else 1)  # (one wave: 128 blocks)
+        assert ext.default_num_splits(4, 32, 8, 64, 256) == 1
+        assert ext.default_num_splits(1, 32, 8, 64, 256, early_cache_reads=True) == 1  # (not in a decode step)
     assert ext.default_num_splits(1, 32, 8, 64, 1024) > 1
     assert ext.default_num_splits(16, 32, 8, 64, 2048) == 1  # a block for every other SM is enough
     # ... but inside a decode step two splits give twice the tiles read before the programmatic-launch wait
