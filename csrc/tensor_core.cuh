@@ -85,47 +85,31 @@ template <typename Element>
 __device__ __forceinline__ void mma_16x8x8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define MMA_ASM(TYPE)                                                                                  \
-    asm volatile(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"               \
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
-                 : "r"(a0), "r"(a1), "r"(b0))
+    asm(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"                        \
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                               \
+        : "r"(a0), "r"(a1), "r"(b0))
     if constexpr (is_bf16<Element>) MMA_ASM("bf16");
     else MMA_ASM("f16");
 #undef MMA_ASM
 #endif
 }
 
-// m16n8k8 with A's rows 8..15 zero (mma_16x8x16_top_rows' counterpart)
+// m16n8k8 with A's rows 8..15 zero (mma_16x8x16_top_rows' counterpart; rows 8..15 of the result are dead)
 template <typename Element>
 __device__ __forceinline__ void mma_16x8x8_top_rows(float& c0, float& c1, uint32_t a0, uint32_t b0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    float unused2, unused3;
-#define MMA_ASM(TYPE)                                                                                  \
-    asm(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%6}, {%5}, {%0,%1,%7,%7};"                        \
-        : "+f"(c0), "+f"(c1), "=f"(unused2), "=f"(unused3)                                             \
-        : "r"(a0), "r"(b0), "r"(0u), "f"(0.f))
-    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
-    else MMA_ASM("f16");
-#undef MMA_ASM
-    (void)unused2;
-    (void)unused3;
-#endif
+    float c[4] = {c0, c1, 0.f, 0.f};
+    mma_16x8x8<Element>(c, a0, 0u, b0);
+    c0 = c[0];
+    c1 = c[1];
 }
 
 // m16n8k8 with rows 8..15 folded into rows 0..7 of the result (mma_16x8x16_fold_rows' counterpart)
 template <typename Element>
 __device__ __forceinline__ void mma_16x8x8_fold_rows(float& c0, float& c1, uint32_t a0, uint32_t a1, uint32_t b0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    float bottom2, bottom3;
-#define MMA_ASM(TYPE)                                                                                  \
-    asm(TENSOR_CORE_MMA_K8(TYPE) "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%7,%7};"                        \
-        : "+f"(c0), "+f"(c1), "=f"(bottom2), "=f"(bottom3)                                             \
-        : "r"(a0), "r"(a1), "r"(b0), "f"(0.f))
-    if constexpr (is_bf16<Element>) MMA_ASM("bf16");
-    else MMA_ASM("f16");
-#undef MMA_ASM
-    c0 += bottom2;
-    c1 += bottom3;
-#endif
+    float c[4] = {c0, c1, 0.f, 0.f};
+    mma_16x8x8<Element>(c, a0, a1, b0);
+    c0 = c[0] + c[2];
+    c1 = c[1] + c[3];
 }
 #undef TENSOR_CORE_MMA_K8
 
