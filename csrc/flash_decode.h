@@ -106,7 +106,8 @@ bool uses_cluster_merge(int num_splits, bool early_cache_reads = false);
 // Narrow tiles (flash_decode_kernel.cuh): plain launches of the register pipeline in which every split has at most one
 // tile of kNarrowRowsPerBlockTile rows (8 a warp, where the standard tile gives a warp 32 rows at head 64 and 16 at head
 // 128), in one block or merged in a cluster, in blocks of four warps, while this process-wide switch is on (the default).
-// default_num_splits takes them for plain launches of one wave while they fit a cluster (batch 1: S <= 256).
+// default_num_splits gives a plain launch of one wave a split a narrow tile where the standard tile would give it one
+// block (at most 32 rows) or one split of two tiles in two warp groups (head 64: 129-256 rows, head 128: 65-128).
 constexpr int kNarrowRowsPerBlockTile = 32;
 bool& narrow_tiles_enabled();
 // units: batch x kv_heads x head_groups; on the current device
