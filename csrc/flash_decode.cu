@@ -494,11 +494,12 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // = 256 6.03 -> 5.86 and 6.27 -> 6.14. Where the standard launch is one block of four warps (head 64 S = 128, head
     // 128 S = 64) narrow clusters were 0.2 us slower, where it is four splits already (head 128 S = 200-256) level, and
     // at batch 2 head 128 S = 256 (128 blocks in clusters of 8 instead of 64 in clusters of 4) 0.5-0.6 slower.
+    // (Those splits run narrow tiles in launch() by the same narrow_tiles_for; the warp groups' automatic rule gives them
+    // four warps, a split having at most one standard tile.)
     const int narrow_tiles = (max_seqlen + kNarrowRowsPerBlockTile - 1) / kNarrowRowsPerBlockTile;
-    if (!early_cache_reads && narrow_tiles_enabled() && (narrow_tiles == 1 || tiles == 2) &&
-        narrow_tiles <= kMaxClusterSplits && base_blocks * narrow_tiles <= info.num_sms &&
-        (narrow_tiles == 1 || uses_cluster_merge(narrow_tiles)) && !uses_bulk_pipeline(base_blocks, head_dim, max_seqlen) &&
-        warp_groups_mode() != WarpGroups::kAlways)
+    if (!early_cache_reads && (narrow_tiles == 1 || tiles == 2) && base_blocks * narrow_tiles <= info.num_sms &&
+        narrow_tiles_for(narrow_tiles, max_seqlen, uses_bulk_pipeline(base_blocks, head_dim, max_seqlen),
+                         warp_groups_mode() == WarpGroups::kAlways))
         return narrow_tiles;
     if (tiles <= 2) return 1;
     // Inside a decode step each block reads its first two tiles before the programmatic-launch wait: with

@@ -777,6 +777,11 @@ void def_mode_setter(py::module& m, const char* name, Mode& (*mode)(), const cha
         py::arg("mode"));
 }
 
+// Defines `name`(enabled) on the module: sets the process-wide switch that `flag` returns.
+void def_switch_setter(py::module& m, const char* name, bool& (*flag)(), const char* doc) {
+    m.def(name, [flag](bool enabled) { flag() = enabled; }, doc, py::arg("enabled"));
+}
+
 // The blocks of one split of a launch (flash_decode's units: batch x kv_heads x head groups).
 int units_of(const char* caller, int64_t batch, int64_t q_heads, int64_t kv_heads) {
     FD_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, caller, ": q_heads ", q_heads, " is not a multiple of kv_heads ",
@@ -834,11 +839,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("norm_weight"), py::arg("eps"),
           py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("q_heads"), py::arg("token_ids") = py::none());
-    m.def("set_cluster_merge", [](bool enabled) { flash_decode::cluster_merge_enabled() = enabled; },
-          "Merge flash_decode's splits inside a thread-block cluster through distributed shared memory (sm_90+, "
-          "2 to 8 splits; on by default); False merges them through a float32 workspace in global memory, for "
-          "comparison.",
-          py::arg("enabled"));
+    def_switch_setter(m, "set_cluster_merge", &flash_decode::cluster_merge_enabled,
+                      "Merge flash_decode's splits inside a thread-block cluster through distributed shared memory "
+                      "(sm_90+, 2 to 8 splits; on by default); False merges them through a float32 workspace in global "
+                      "memory, for comparison.");
     m.def("uses_cluster_merge",
           [](int64_t num_splits, bool early_cache_reads) {
               return flash_decode::uses_cluster_merge((int)num_splits, early_cache_reads);
@@ -846,11 +850,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "Whether flash_decode with this many splits merges them in a thread-block cluster on the current GPU "
           "(early_cache_reads, a decode step: clusters of up to 16 blocks, else 8).",
           py::arg("num_splits"), py::arg("early_cache_reads") = false);
-    m.def("set_narrow_tiles", [](bool enabled) { flash_decode::narrow_tiles_enabled() = enabled; },
-          "Narrow tiles (8 cache rows a warp, 32 a block) for flash_decode's short plain launches in which every split "
-          "has at most one such tile (one block, or up to 8 merged in a cluster; on by default): a warp then issues "
-          "a quarter (head 64) or half (head 128) of the loads. False keeps the standard tile, for comparison.",
-          py::arg("enabled"));
+    def_switch_setter(m, "set_narrow_tiles", &flash_decode::narrow_tiles_enabled,
+                      "Narrow tiles (8 cache rows a warp, 32 a block) for flash_decode's short plain launches in which "
+                      "every split has at most one such tile (one block, or up to 8 merged in a cluster; on by "
+                      "default): a warp then issues a quarter (head 64) or half (head 128) of the loads. False keeps "
+                      "the standard tile, for comparison.");
     m.def("uses_narrow_tiles",
           [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
              int64_t num_splits, bool early_cache_reads) {
