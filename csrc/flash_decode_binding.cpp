@@ -789,6 +789,20 @@ int units_of(const char* caller, int64_t batch, int64_t q_heads, int64_t kv_head
     return (int)(batch * kv_heads * flash_decode::head_groups_for((int)(q_heads / kv_heads)));
 }
 
+// Defines `name`(batch, q_heads, kv_heads, head_dim, seq_capacity, num_splits, early_cache_reads) on the module: what
+// `query` answers for a launch of that shape and split count on the current GPU.
+void def_launch_query(py::module& m, const char* name, bool (*query)(int, int, int, int, bool), const char* doc) {
+    m.def(
+        name,
+        [name, query](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
+                      int64_t num_splits, bool early_cache_reads) {
+            const int units = units_of(name, batch, q_heads, kv_heads);
+            return query(units, (int)num_splits, (int)head_dim, (int)seq_capacity, early_cache_reads);
+        },
+        doc, py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
+        py::arg("num_splits"), py::arg("early_cache_reads") = false);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -855,16 +869,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "every split has at most one such tile (one block, or up to 8 merged in a cluster; on by "
                       "default): a warp then issues a quarter (head 64) or half (head 128) of the loads. False keeps "
                       "the standard tile, for comparison.");
-    m.def("uses_narrow_tiles",
-          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
-             int64_t num_splits, bool early_cache_reads) {
-              const int units = units_of("uses_narrow_tiles", batch, q_heads, kv_heads);
-              return flash_decode::uses_narrow_tiles(units, (int)num_splits, (int)head_dim, (int)seq_capacity,
-                                                     early_cache_reads);
-          },
-          "Whether a flash_decode launch of this shape and split count runs narrow tiles on the current GPU.",
-          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
-          py::arg("num_splits"), py::arg("early_cache_reads") = false);
+    def_launch_query(m, "uses_narrow_tiles", &flash_decode::uses_narrow_tiles,
+                     "Whether a flash_decode launch of this shape and split count runs narrow tiles on the current "
+                     "GPU.");
     def_mode_setter(m, "set_bulk_pipeline", &flash_decode::bulk_pipeline_mode,
                     "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared "
                     "memory with the tensor memory accelerator (the bulk variant) for large launches, where it was "
@@ -884,17 +891,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     "Blocks of two groups of four warps for flash_decode's plain launches: 'auto' (the default) where "
                     "the grid runs at once with one block an SM; 'always' for every plain launch; 'off' never (four "
                     "warps), for comparison.");
-    m.def("uses_warp_groups",
-          [](int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t seq_capacity,
-             int64_t num_splits, bool early_cache_reads) {
-              const int units = units_of("uses_warp_groups", batch, q_heads, kv_heads);
-              return flash_decode::uses_warp_groups(units, (int)num_splits, (int)head_dim, (int)seq_capacity,
-                                                    early_cache_reads);
-          },
-          "Whether a flash_decode launch of this shape and split count runs blocks of two warp groups on the current "
-          "GPU (the register pipeline's or the bulk variant's: uses_bulk_pipeline).",
-          py::arg("batch"), py::arg("q_heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("seq_capacity"),
-          py::arg("num_splits"), py::arg("early_cache_reads") = false);
+    def_launch_query(m, "uses_warp_groups", &flash_decode::uses_warp_groups,
+                     "Whether a flash_decode launch of this shape and split count runs blocks of two warp groups on "
+                     "the current GPU (the register pipeline's or the bulk variant's: uses_bulk_pipeline).");
     def_mode_setter(m, "set_kv_head_pairs", &flash_decode::kv_head_pairs_mode,
                     "Blocks of two adjacent KV heads, whose tensor copies bring both heads' rows, for flash_decode's "
                     "bulk variant at head 64: 'auto' (the default) for launches of one split whose pair blocks fill "
