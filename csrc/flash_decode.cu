@@ -7,6 +7,7 @@
 
 #include "flash_decode.h"
 #include "flash_decode_kernel.cuh"
+#include "flash_decode_short.cuh"
 #include "programmatic_launch.cuh"
 
 namespace flash_decode {
@@ -240,8 +241,28 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
                          : launch_instance<Element, kHeadDim, false, false, 1>(params, grid, stream);
 }
 
+// The short-launch kernel (flash_decode_short.cuh): one split, or 2 to 8 merged in a cluster.
+template <typename Element>
+static cudaError_t launch_short(const Params& params, dim3 grid, cudaStream_t stream) {
+    using Traits = ShortTraits;
+    if (params.num_splits == 1)
+        return programmatic_launch::launch(flash_decode_short_kernel<Element, false>, grid, dim3(Traits::kThreads), 0,
+                                           stream, params);
+    auto* kernel = flash_decode_short_kernel<Element, true>;
+    // (static shared memory and the largest cluster's merge buffer: past the 48 KB that needs no opt-in)
+    static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                           (int)Traits::merge_bytes(Traits::kMaxSplits));
+    if (opt_in != cudaSuccess) return opt_in;
+    return programmatic_launch::launch_clustered(kernel, grid, dim3(Traits::kThreads),
+                                                 Traits::merge_bytes(params.num_splits), stream,
+                                                 (unsigned)params.num_splits, params);
+}
+
 template <typename Element, int kHeadDim>
 static cudaError_t launch_narrow(const Params& params, dim3 grid, cudaStream_t stream) {
+    if constexpr (kHeadDim == ShortTraits::kHeadDim)
+        if (short_kernel_enabled() && params.num_splits <= ShortTraits::kMaxSplits)
+            return launch_short<Element>(params, grid, stream);
     return params.num_splits > 1 ? launch_instance<Element, kHeadDim, false, true, 1, true, true>(params, grid, stream)
                                  : launch_instance<Element, kHeadDim, false, false, 1, true, true>(params, grid, stream);
 }
@@ -449,6 +470,11 @@ bool& narrow_tiles_enabled() {
     return on;
 }
 
+bool& short_kernel_enabled() {
+    static bool on = true;
+    return on;
+}
+
 // uses_narrow_tiles for a plain launch whose pipeline and warp groups are known: every split at most one narrow tile,
 // in one block or merged in a cluster, blocks of four warps (two groups keep the standard tile)
 static bool narrow_tiles_for(int num_splits, int seq_capacity, bool bulk, bool warp_groups) {
@@ -496,8 +522,15 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // at batch 2 head 128 S = 256 (128 blocks in clusters of 8 instead of 64 in clusters of 4) 0.5-0.6 slower.
     // (Those splits run narrow tiles in launch() by the same narrow_tiles_for; the warp groups' automatic rule gives them
     // four warps, a split having at most one standard tile.)
+    // The short-launch kernel at head 128 (flash_decode_short.cuh) takes narrow splits up to a full cluster where they
+    // make at most half an SM count of blocks: a probe of it at batch 1 S = 256 (8 splits, 64 blocks; an H200,
+    // 2026-11-29) was 0.5 us faster than the standard tile's 4 splits. (Batch 2 S = 256, 128 blocks, was not measured
+    // with it: the narrow one-tile instance lost 0.5 us there.)
     const int narrow_tiles = (max_seqlen + kNarrowRowsPerBlockTile - 1) / kNarrowRowsPerBlockTile;
-    if (!early_cache_reads && (narrow_tiles == 1 || tiles == 2) && base_blocks * narrow_tiles <= info.num_sms &&
+    const bool short_kernel = head_dim == ShortTraits::kHeadDim && short_kernel_enabled() &&
+                              narrow_tiles <= ShortTraits::kMaxSplits && 2 * base_blocks * narrow_tiles <= info.num_sms;
+    if (!early_cache_reads && (narrow_tiles == 1 || tiles == 2 || (short_kernel && tiles >= 3)) &&
+        base_blocks * narrow_tiles <= info.num_sms &&
         narrow_tiles_for(narrow_tiles, max_seqlen, uses_bulk_pipeline(base_blocks, head_dim, max_seqlen),
                          warp_groups_mode() == WarpGroups::kAlways))
         return narrow_tiles;

@@ -113,6 +113,12 @@ bool& narrow_tiles_enabled();
 // units: batch x kv_heads x head_groups; on the current device
 bool uses_narrow_tiles(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads = false);
 
+// The short-launch kernel (flash_decode_short.cuh): the narrow tiles' launches at head 128 run in blocks of eight warps,
+// a warp pair per 8 rows (each half of head_dim), with every loop unrolled over compile-time bounds, while this
+// process-wide switch is on (the default); off, the narrow one-tile instance of flash_decode_kernel.cuh serves them.
+// default_num_splits gives head 128 narrow splits wherever they fit one cluster and half an SM count of blocks.
+bool& short_kernel_enabled();
+
 // The bulk variant (flash_decode_kernel.cuh) streams the cache through shared memory with the tensor memory
 // accelerator; it serves plain launches (not early_cache_reads) on sm_90+, merging several splits through the
 // workspace (it takes precedence over the cluster merge), where the driver accepts the caches as tensor maps (else

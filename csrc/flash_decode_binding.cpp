@@ -869,6 +869,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "every split has at most one such tile (one block, or up to 8 merged in a cluster; on by "
                       "default): a warp then issues a quarter (head 64) or half (head 128) of the loads. False keeps "
                       "the standard tile, for comparison.");
+    def_switch_setter(m, "set_short_kernel", &flash_decode::short_kernel_enabled,
+                      "The short-launch kernel for flash_decode's narrow-tile launches at head 128 (eight warps, a pair "
+                      "per 8 rows each taking half of head_dim, every loop unrolled; on by default). False runs them "
+                      "in the narrow one-tile instance of the general kernel, for comparison.");
     def_launch_query(m, "uses_narrow_tiles", &flash_decode::uses_narrow_tiles,
                      "Whether a flash_decode launch of this shape and split count runs narrow tiles on the current "
                      "GPU.");

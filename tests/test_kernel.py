@@ -441,6 +441,36 @@ def test_narrow_tiles_against_the_reference(ext, merge, dtype, head_dim):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_short_kernel_against_the_reference(ext, merge, dtype):
+    # The short-launch kernel (head 128, narrow launches: a warp pair per 8 rows, each half of head_dim): one split or 2
+    # to 8 merged in a cluster; odd, ragged and empty lengths, rows past them poisoned, GQA 1, 3, 4, 8 and 16 (two head
+    # groups), batches of 1-3; and the same launches in the general kernel's narrow instance (switched off).
+    cases = [(1, 1, 32, 8, (0, 1)), (1, 32, 32, 8, (0, 1)), (1, 33, 32, 8, (0, 2, 8)), (1, 100, 32, 8, (0, 4, 7)),
+             (1, 256, 32, 8, (0, 8)), (2, 255, 24, 8, (0, 8)), (3, 97, 9, 3, (0, 4)), (1, 200, 64, 8, (0, 8)),
+             (2, 129, 32, 2, (0, 5)), (1, 64, 8, 8, (0, 2))]
+    served = 0
+    for trial, (batch, seq, q_heads, kv_heads, split_counts) in enumerate(cases):
+        q, k, v, gen = make_inputs(batch, seq, q_heads, kv_heads, 128, dtype, seed=300 + trial)
+        lens = torch.randint(1, seq + 1, (batch,), generator=gen, device="cuda", dtype=torch.int32)
+        lens[0] = seq
+        if batch == 3:
+            lens[1] = 0  # an empty sequence: zeros, lse -inf
+        for splits in split_counts:
+            served += ext.uses_narrow_tiles(batch, q_heads, kv_heads, 128, seq, splits or
+                                            ext.default_num_splits(batch, q_heads, kv_heads, 128, seq))
+            try:
+                for enabled in (True, False):
+                    ext.set_short_kernel(enabled)
+                    out = check_against_reference(ext, q, k.clone(), v.clone(), lens, num_splits=splits,
+                                                  poison_past_lengths=True)
+                    assert torch.count_nonzero(out[lens == 0]) == 0
+            finally:
+                ext.set_short_kernel(True)
+    assert served >= (17 if merge == "cluster" else 4)  # (19 on 128+ SMs; no cluster: one split, S <= 32)
+
+
+@needs_cuda
 def test_narrow_tiles_serve_short_plain_launches(ext):
     # every split at most one 32-row tile, one block or a cluster merge, four warps; never a decode step's, never with
     # two warp groups forced, never when switched off
@@ -528,7 +558,14 @@ def test_default_num_splits_fills_the_gpu(ext):
     assert ext.default_num_splits(1, 32, 8, 64, 32) == 1
     if ext.uses_cluster_merge(2):
         assert [ext.default_num_splits(1, 32, 8, 64, rows) for rows in (33, 128, 129, 200, 256)] == [1, 1, 5, 7, 8]
-        assert [ext.default_num_splits(1, 32, 8, 128, rows) for rows in (64, 65, 128, 256)] == [1, 3, 4, 4]
+        # (head 128 S = 256: the short-launch kernel's 8 splits where 64 blocks are at most half the SMs, else 4)
+        assert [ext.default_num_splits(1, 32, 8, 128, rows) for rows in (64, 65, 128, 256)] == [
+            1, 3, 4, 8 if 128 <= sms else 4]
+        try:
+            ext.set_short_kernel(False)
+            assert ext.default_num_splits(1, 32, 8, 128, 256) == 4
+        finally:
+            ext.set_short_kernel(True)
         assert ext.default_num_splits(2, 32, 8, 64, 256) == (8 if sms >= 128 else 1)  # (one wave: 128 blocks)
         assert ext.default_num_splits(4, 32, 8, 64, 256) == 1
         assert ext.default_num_splits(1, 32, 8, 64, 256, early_cache_reads=True) == 1  # (not in a decode step)
