@@ -242,20 +242,26 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
 }
 
 // The short-launch kernel (flash_decode_short.cuh): one split, or 2 to 8 merged in a cluster.
-template <typename Element>
-static cudaError_t launch_short(const Params& params, dim3 grid, cudaStream_t stream) {
+template <typename Element, int kGroup>
+static cudaError_t launch_short_group(const Params& params, dim3 grid, cudaStream_t stream) {
     using Traits = ShortTraits;
     if (params.num_splits == 1)
-        return programmatic_launch::launch(flash_decode_short_kernel<Element, false>, grid, dim3(Traits::kThreads), 0,
-                                           stream, params);
-    auto* kernel = flash_decode_short_kernel<Element, true>;
-    // (static shared memory and the largest cluster's merge buffer: past the 48 KB that needs no opt-in)
-    static const cudaError_t opt_in = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                           (int)Traits::merge_bytes(Traits::kMaxSplits));
+        return programmatic_launch::launch(flash_decode_short_kernel<Element, false, kGroup>, grid, dim3(Traits::kThreads),
+                                           0, stream, params);
+    auto* kernel = flash_decode_short_kernel<Element, true, kGroup>;
+    // (static shared memory and the merge buffer: past the 48 KB that needs no opt-in for kGroup 0)
+    const size_t merge_bytes = Traits::merge_bytes(kGroup);
+    static const cudaError_t opt_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)merge_bytes);
     if (opt_in != cudaSuccess) return opt_in;
-    return programmatic_launch::launch_clustered(kernel, grid, dim3(Traits::kThreads),
-                                                 Traits::merge_bytes(params.num_splits), stream,
+    return programmatic_launch::launch_clustered(kernel, grid, dim3(Traits::kThreads), merge_bytes, stream,
                                                  (unsigned)params.num_splits, params);
+}
+
+template <typename Element>
+static cudaError_t launch_short(const Params& params, dim3 grid, cudaStream_t stream) {
+    return params.group_size == 4 ? launch_short_group<Element, 4>(params, grid, stream)
+                                  : launch_short_group<Element, 0>(params, grid, stream);
 }
 
 template <typename Element, int kHeadDim>

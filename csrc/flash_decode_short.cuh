@@ -46,27 +46,30 @@ struct ShortTraits {
     static constexpr int kThreads = 32 * kWarps;
     static constexpr int kRows = 8 * kRowWarps;  // a split's rows
     static constexpr int kMaxSplits = kMaxClusterSplits;
-    static constexpr int kHeads = kHeadsPerBlock;
-    static constexpr int kPairs = kHeads * kHalf / kThreads;  // element pairs a thread merges at most (2)
-    // the first block's buffer: every split's partial output and log2-sum-exp per head
-    static constexpr size_t merge_bytes(int num_splits) {
-        return (size_t)num_splits * kHeads * (kHeadDim + 1) * sizeof(float);
+    // the query heads a block serves: exactly kGroup (a compile-time group, one head group), or up to kHeadsPerBlock
+    __host__ __device__ static constexpr int heads(int group) { return group != 0 ? group : kHeadsPerBlock; }
+    // the first block's buffer: every split slot's partial output and log2-sum-exp per head (all kMaxSplits slots, so
+    // that the merge reads a fixed set of them without a branch a split)
+    static constexpr size_t merge_bytes(int group) {
+        return (size_t)kMaxSplits * heads(group) * (kHeadDim + 1) * sizeof(float);
     }
 };
 static_assert(ShortTraits::kRows == kNarrowRowsPerBlockTile, "the narrow rule's tile");
-static_assert(ShortTraits::kPairs * ShortTraits::kThreads == ShortTraits::kHeads * ShortTraits::kHalf, "pairs");
 
 // kCluster: 2 to ShortTraits::kMaxSplits splits merged in one cluster (sm_90+); else one split.
-template <typename Element, bool kCluster>
+// kGroup: 4 serves exactly a group of 4 query heads (Llama 3 8B's and 1B's GQA) with every head loop's bound known;
+// 0 serves any group, up to kHeadsPerBlock heads a block (head_groups beyond).
+template <typename Element, bool kCluster, int kGroup>
 __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_kernel(const __grid_constant__ Params p) {
     using T = ShortTraits;
-    constexpr int kD = T::kHeadDim, kHalf = T::kHalf, kHeads = T::kHeads;
+    constexpr int kD = T::kHeadDim, kHalf = T::kHalf, kHeads = T::heads(kGroup);
+    constexpr int kPairs = (kHeads * kHalf + T::kThreads - 1) / T::kThreads;  // element pairs a thread merges at most
     constexpr bool kSplitP = tensor_core::is_bf16<Element>;
     __shared__ float smem_acc[T::kWarps][kHeads][kHalf + 1];  // +1: lanes of different heads, other banks
     __shared__ float smem_m[T::kWarps][kHeads], smem_l[T::kWarps][kHeads];
     __shared__ float2 smem_scores[T::kWarps][32];
-    extern __shared__ __align__(16) float merge_o[];  // [num_splits][kHeads][kD], then the log2-sum-exps
-    float* const merge_lse2 = merge_o + p.num_splits * kHeads * kD;  // [num_splits][kHeads]
+    extern __shared__ __align__(16) float merge_o[];  // [kMaxSplits][kHeads][kD], then the log2-sum-exps
+    float* const merge_lse2 = merge_o + T::kMaxSplits * kHeads * kD;  // [kMaxSplits][kHeads]
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     __shared__ uint64_t merge_bar;
 #endif
@@ -98,7 +101,7 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
     const int b = divide(sequence_head, p.unit_heads_magic, p.divisor_shifts >> 8);
     const int kv_head = sequence_head - b * p.kv_heads;
     const int g_begin = head_group * kHeads;
-    const int g_count = min(kHeads, p.group_size - g_begin);
+    const int g_count = kGroup != 0 ? kGroup : min(kHeads, p.group_size - g_begin);
     const int q_head0 = kv_head * p.group_size + g_begin;
 
     // Every load goes out before the length is known (rows clamp to the capacity, which is at least 1: launch).
@@ -208,9 +211,9 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
     }
 #endif
 #pragma unroll
-    for (int it = 0; it < T::kPairs; ++it) {
+    for (int it = 0; it < kPairs; ++it) {
         const int i = tid + it * T::kThreads;  // element pair i % (kD / 2) of head i / (kD / 2)
-        if (i >= g_count * (kD / 2)) break;
+        if (kGroup == 0 && i >= g_count * (kD / 2)) break;  // (kGroup 4: each thread exactly one pair)
         const int h = i / (kD / 2), d = 2 * (i % (kD / 2)), w0 = (d / kHalf) * T::kRowWarps, e = d % kHalf;
         float m_max = -INFINITY;
 #pragma unroll
@@ -252,24 +255,27 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
         mbarrier::arrive_expect_bytes(&merge_bar, (active_splits - 1) * g_count * (kD + 1) * (int)sizeof(float));
     mbarrier::wait_for_cluster(&merge_bar, 0);
 #pragma unroll
-    for (int it = 0; it < T::kPairs; ++it) {
+    for (int it = 0; it < kPairs; ++it) {
         const int i = tid + it * T::kThreads;
-        if (i >= g_count * (kD / 2)) break;
+        if (kGroup == 0 && i >= g_count * (kD / 2)) break;
         const int h = i / (kD / 2), d = 2 * (i % (kD / 2));
+        // Every slot is read and the ones past the active splits are selected away (they hold stale data, perhaps
+        // NaN): a branch a split here cost 0.17 us at batch 1 S = 256 in a probe (H200, 2026-11-29).
+        float lse2[T::kMaxSplits];
         float m_max = -INFINITY;
 #pragma unroll
-        for (int s = 0; s < T::kMaxSplits; ++s)
-            if (s < active_splits) m_max = fmaxf(m_max, merge_lse2[s * kHeads + h]);
+        for (int s = 0; s < T::kMaxSplits; ++s) {
+            lse2[s] = s < active_splits ? merge_lse2[s * kHeads + h] : -INFINITY;
+            m_max = fmaxf(m_max, lse2[s]);  // (split 0's is finite)
+        }
         float sum = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int s = 0; s < T::kMaxSplits; ++s) {
-            if (s < active_splits) {
-                const float w = exp2f(merge_lse2[s * kHeads + h] - m_max);  // (m_max: split 0's, finite)
-                const float2 part = *reinterpret_cast<const float2*>(merge_o + (s * kHeads + h) * kD + d);
-                sum += w;
-                o[0] += w * part.x;
-                o[1] += w * part.y;
-            }
+            const float w = exp2f(lse2[s] - m_max);  // (0 past the active splits)
+            const float2 part = *reinterpret_cast<const float2*>(merge_o + (s * kHeads + h) * kD + d);
+            sum += w;
+            o[0] += s < active_splits ? w * part.x : 0.f;
+            o[1] += s < active_splits ? w * part.y : 0.f;
         }
         const float inv_sum = 1.f / sum;
         o[0] *= inv_sum;
