@@ -196,6 +196,7 @@ def make_custom(inp, args):
     mod.set_warp_groups(args.warp_groups)  # (before default_num_splits, which follows it)
     mod.set_kv_head_pairs(args.kv_head_pairs)
     mod.set_narrow_tiles(not args.no_narrow_tiles)
+    mod.set_short_kernel(not args.no_short_kernel)  # (before default_num_splits, which follows it too)
     splits = args.num_splits
     note = f"num_splits={splits}"
     if splits == 0:
@@ -213,7 +214,7 @@ def make_custom(inp, args):
         note += ", bulk copies" + groups + (", workspace merge" if splits_used > 1 else "")
     else:
         if mod.uses_narrow_tiles(batch, q_heads, kv_heads, head_size, seq_n, splits_used):
-            groups = ", narrow tiles"
+            groups = ", short kernel" if head_size == 128 and not args.no_short_kernel else ", narrow tiles"
         note += groups + (", cluster merge" if mod.uses_cluster_merge(splits_used) else "")
     out = torch.empty_like(inp.q)
 
@@ -903,6 +904,9 @@ def parse_args(argv=None):
     p.add_argument("--no_narrow_tiles", action="store_true",
                    help="keep the custom kernel's standard tile at short lengths (by default a split of at most 32 "
                         "rows runs in narrow tiles of 8 rows a warp)")
+    p.add_argument("--no_short_kernel", action="store_true",
+                   help="run the custom kernel's narrow launches at head 128 in the general kernel instead of the "
+                        "short-launch kernel (csrc/flash_decode_short.cuh), for comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=100, help="timed launches; the median is reported")
     p.add_argument("--warmup", type=int, default=5, help="untimed launches before timing")
