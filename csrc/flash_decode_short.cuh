@@ -212,9 +212,10 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
 #endif
 #pragma unroll
     for (int it = 0; it < kPairs; ++it) {
-        const int i = tid + it * T::kThreads;  // element pair i % (kD / 2) of head i / (kD / 2)
-        if (kGroup == 0 && i >= g_count * (kD / 2)) break;  // (kGroup 4: each thread exactly one pair)
-        const int h = i / (kD / 2), d = 2 * (i % (kD / 2)), w0 = (d / kHalf) * T::kRowWarps, e = d % kHalf;
+        // element pair i % (kD / 2) of head i / (kD / 2) (unsigned: shifts and masks, no signed-division fix-ups)
+        const unsigned i = tid + it * T::kThreads;
+        if (kGroup == 0 && i >= (unsigned)g_count * (kD / 2)) break;  // (kGroup 4: each thread exactly one pair)
+        const unsigned h = i / (kD / 2), d = 2 * (i % (kD / 2)), w0 = (d / kHalf) * T::kRowWarps, e = d % kHalf;
         float m_max = -INFINITY;
 #pragma unroll
         for (int w = 0; w < T::kRowWarps; ++w) m_max = fmaxf(m_max, smem_m[w0 + w][h]);
@@ -239,6 +240,16 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
             merge_o[h * kD + d] = o[0];
             merge_o[h * kD + d + 1] = o[1];
             if (d == 0) merge_lse2[h] = lse2;
+            // The slots past the active splits get zero weight and zero data (the same threads read them below, the
+            // log2-sum-exps after the barrier), so that the merge reads all kMaxSplits slots without a branch or a
+            // select a split: a branch a split there cost 0.17 us at batch 1 S = 256 in a probe (H200, 2026-11-29).
+#pragma unroll
+            for (int s = 1; s < T::kMaxSplits; ++s) {
+                if (s >= active_splits) {
+                    *reinterpret_cast<float2*>(merge_o + (s * kHeads + h) * kD + d) = make_float2(0.f, 0.f);
+                    if (d == 0) merge_lse2[s * kHeads + h] = -INFINITY;
+                }
+            }
         } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
             mbarrier::store_async_vec<2>(first_o + 4 * ((split * kHeads + h) * kD + d), o, first_bar);
@@ -250,37 +261,38 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
 
     // ---- the first block merges the splits ----
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    __syncthreads();  // this block's own partial result
+    // (the output addresses before the wait: off the path from the last push to the store)
+    Element* out_at[kPairs];
+#pragma unroll
+    for (int it = 0; it < kPairs; ++it) {
+        const unsigned i = tid + it * T::kThreads;
+        out_at[it] = final_row(i / (kD / 2)) + 2 * (i % (kD / 2));
+    }
+    __syncthreads();  // this block's own partial result and the idle slots
     if (tid == 0)
         mbarrier::arrive_expect_bytes(&merge_bar, (active_splits - 1) * g_count * (kD + 1) * (int)sizeof(float));
     mbarrier::wait_for_cluster(&merge_bar, 0);
 #pragma unroll
     for (int it = 0; it < kPairs; ++it) {
-        const int i = tid + it * T::kThreads;
-        if (kGroup == 0 && i >= g_count * (kD / 2)) break;
-        const int h = i / (kD / 2), d = 2 * (i % (kD / 2));
-        // Every slot is read and the ones past the active splits are selected away (they hold stale data, perhaps
-        // NaN): a branch a split here cost 0.17 us at batch 1 S = 256 in a probe (H200, 2026-11-29).
-        float lse2[T::kMaxSplits];
+        const unsigned i = tid + it * T::kThreads;
+        if (kGroup == 0 && i >= (unsigned)g_count * (kD / 2)) break;
+        const unsigned h = i / (kD / 2), d = 2 * (i % (kD / 2));
         float m_max = -INFINITY;
 #pragma unroll
-        for (int s = 0; s < T::kMaxSplits; ++s) {
-            lse2[s] = s < active_splits ? merge_lse2[s * kHeads + h] : -INFINITY;
-            m_max = fmaxf(m_max, lse2[s]);  // (split 0's is finite)
-        }
+        for (int s = 0; s < T::kMaxSplits; ++s) m_max = fmaxf(m_max, merge_lse2[s * kHeads + h]);  // (split 0's: finite)
         float sum = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int s = 0; s < T::kMaxSplits; ++s) {
-            const float w = exp2f(lse2[s] - m_max);  // (0 past the active splits)
+            const float w = exp2f(merge_lse2[s * kHeads + h] - m_max);  // (0 for an idle slot)
             const float2 part = *reinterpret_cast<const float2*>(merge_o + (s * kHeads + h) * kD + d);
             sum += w;
-            o[0] += s < active_splits ? w * part.x : 0.f;
-            o[1] += s < active_splits ? w * part.y : 0.f;
+            o[0] += w * part.x;
+            o[1] += w * part.y;
         }
         const float inv_sum = 1.f / sum;
         o[0] *= inv_sum;
         o[1] *= inv_sum;
-        store_elements<Element, 2>(final_row(h) + d, o);
+        store_elements<Element, 2>(out_at[it], o);
         if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
     }
 #endif
