@@ -18,11 +18,13 @@
 //      adjacent elements of a head (at most two such pairs with eight heads), all loops unrolled over compile-time
 //      bounds. One split writes the output; otherwise each block pushes its normalized partial result and its
 //      log2-sum-exp into the first block's shared memory with 8-byte asynchronous stores counted on that block's
-//      mbarrier, and the first block merges the splits (at most 8, predicated) and writes the output.
+//      mbarrier, and the first block merges all 8 slots (the idle ones zero-weighted) and writes the output.
 // Why a kernel of its own: a standalone probe of this structure for batch 1, 32 / 8 heads, S = 256 (an H200,
 // 2026-11-29, docs/perf-notes.md, thirty-ninth session) took 5.82-5.92 us against 6.40 for the general kernel's
 // launch in the same rounds (the timing floor 3.84-3.87): the general block's runtime loops over heads, elements and
-// splits, and its zero-length and one-split branches, cost more than the data's round trip does here.
+// splits, and its zero-length and one-split branches, cost more than the data's round trip does here. This kernel
+// kept that lead once its merge lost its branch a split and a group of 4 got compile-time loop bounds (fortieth
+// session: 0.37-0.51 us faster than the general kernel at head 128 S = 97-256, 0.1-0.2 behind the probe).
 #pragma once
 
 #include <cuda_bf16.h>
