@@ -59,8 +59,8 @@ struct ShortTraits {
 static_assert(ShortTraits::kRows == kNarrowRowsPerBlockTile, "the narrow rule's tile");
 
 // kCluster: 2 to ShortTraits::kMaxSplits splits merged in one cluster (sm_90+); else one split.
-// kGroup: 4 serves exactly a group of 4 query heads (Llama 3 8B's and 1B's GQA) with every head loop's bound known;
-// 0 serves any group, up to kHeadsPerBlock heads a block (head_groups beyond).
+// kGroup: 4 serves exactly a group of 4 query heads (Llama 3 8B's GQA) with every head loop's bound known;
+// 0 serves any group (Llama 3.2 3B's 3), up to kHeadsPerBlock heads a block (head_groups beyond).
 template <typename Element, bool kCluster, int kGroup>
 __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_kernel(const __grid_constant__ Params p) {
     using T = ShortTraits;
