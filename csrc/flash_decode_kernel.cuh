@@ -146,6 +146,10 @@ using element::from_float;
 // yet (m == -inf) the reference point is 0, which makes every weight exp2(-inf) = 0.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
 
+// The optional lse output is the natural-log sum-exp of a query head's scores; the kernels keep it in the log2 domain
+// (their scores are scaled by log2 e): every writer converts through this.
+__device__ __forceinline__ float natural_lse(float log2_sum_exp) { return log2_sum_exp * 0.69314718055994531f; }
+
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // v[0 .. kVec) in one store, to base[index ..], where base is aligned to 16 bytes and index a multiple of kVec (1, 2
@@ -970,7 +974,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             const float lse2 = m_max + log2f(sum);
             if (active_splits == 1) {
                 store_elements<Element, kMergeVec>(final_row(h) + d, o);
-                if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
+                if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = natural_lse(lse2);
             } else if constexpr (kClusterMerge) {
                 const int o_index = (split * kHeads + h) * kHeadDim + d, lse_index = split * kHeads + h;
                 if (split == 0) {
@@ -1086,7 +1090,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         const float o4[4] = {o.x * inv_sum, o.y * inv_sum, o.z * inv_sum, o.w * inv_sum};
         store_elements<Element, 4>(final_row(h) + c, o4);
         if (c == 0 && p.lse != nullptr)
-            p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
+            p.lse[b * p.q_heads + q_head0 + h] = natural_lse(m_max + log2f(sum));
     }
 }
 

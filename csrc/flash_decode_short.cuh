@@ -33,7 +33,7 @@
 
 #include "element_convert.cuh"
 #include "flash_decode.h"
-#include "flash_decode_kernel.cuh"  // safe_ref, store_elements, word
+#include "flash_decode_kernel.cuh"  // safe_ref, natural_lse, store_elements, word
 #include "mbarrier.cuh"
 #include "programmatic_launch.cuh"
 #include "tensor_core.cuh"
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
         const float lse2 = merge_ref + log2f(sum);
         if (active_splits == 1) {
             store_elements<Element, 2>(final_row(h) + d, o);
-            if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = lse2 * 0.69314718055994531f;
+            if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = natural_lse(lse2);
         } else if (split == 0) {
             merge_o[h * kD + d] = o[0];
             merge_o[h * kD + d + 1] = o[1];
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_k
         o[0] *= inv_sum;
         o[1] *= inv_sum;
         store_elements<Element, 2>(out_at[it], o);
-        if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = (m_max + log2f(sum)) * 0.69314718055994531f;
+        if (d == 0 && p.lse != nullptr) p.lse[b * p.q_heads + q_head0 + h] = natural_lse(m_max + log2f(sum));
     }
 #endif
 }
