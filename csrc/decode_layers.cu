@@ -104,12 +104,10 @@ using mbarrier::shared_address;
 // first when L2 needs room (the cache rows and activations stay): 1% faster on an H100.
 __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     asm volatile(
         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
             "r"(shared_address(dst)),
-        "l"(src), "r"(bytes), "r"(shared_address(bar)), "l"(policy)
+        "l"(src), "r"(bytes), "r"(shared_address(bar)), "l"(mbarrier::evict_first_policy())
         : "memory");
 #endif
 }
