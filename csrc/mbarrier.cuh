@@ -84,9 +84,10 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
 // `map` describes (a CUtensorMap in kernel-parameter or global memory, built on the host) into this block's
 // shared memory at `dst` (aligned as the map's swizzle needs: 1024 bytes for 128-byte swizzle), and completes the
 // box's bytes on `bar` once they have landed. Elements outside the tensor arrive as zeros. The copied lines are
-// marked evict-first in L2: a launch reads each cache row once, and with the plain policy the long launches were
-// 0.2-0.7 us slower (H200, 2026-11-30: batch 1 head 64 S = 65536 / 131072 38.40 -> 38.22 / 68.67 -> 67.94, head 128
-// S = 65536 68.32 -> 67.65, batch 16 head 128 S = 2048 / 4096 36.42 -> 36.08 / 65.89 -> 65.55 us).
+// marked evict-first in L2: a launch reads each cache row once. With the plain policy the long and batch launches were
+// up to 0.7 us slower (two H200s, 2026-11-30, alternating rounds: 0.1-0.7 us in 15 of 21 pairs, level in the rest;
+// batch 1 head 64 S = 65536 38.40 -> 38.22 and 38.02 -> 37.76, head 128 S = 65536 68.32 -> 67.65 and 67.66 -> 67.28,
+// batch 64 head 128 S = 2048 125.95 -> 125.42 us; README.md, "Decode kernel on an H200").
 __device__ __forceinline__ void tensor_copy_4d(void* dst, const void* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile(
