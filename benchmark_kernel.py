@@ -214,7 +214,8 @@ def make_custom(inp, args):
         note += ", bulk copies" + groups + (", workspace merge" if splits_used > 1 else "")
     else:
         if mod.uses_narrow_tiles(batch, q_heads, kv_heads, head_size, seq_n, splits_used):
-            groups = ", short kernel" if head_size == 128 and not args.no_short_kernel else ", narrow tiles"
+            short = mod.uses_short_kernel(batch, q_heads, kv_heads, head_size, seq_n, splits_used)
+            groups = ", short kernel" if short else ", narrow tiles"
         note += groups + (", cluster merge" if mod.uses_cluster_merge(splits_used) else "")
     out = torch.empty_like(inp.q)
 

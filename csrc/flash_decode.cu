@@ -258,6 +258,12 @@ static cudaError_t launch_short_group(const Params& params, dim3 grid, cudaStrea
                                                  (unsigned)params.num_splits, params);
 }
 
+// Whether the short-launch kernel takes a narrow-tile launch of this head_dim and split count (the one rule for the
+// launch, default_num_splits and uses_short_kernel).
+static bool short_kernel_serves(int head_dim, int num_splits) {
+    return head_dim == ShortTraits::kHeadDim && short_kernel_enabled() && num_splits <= ShortTraits::kMaxSplits;
+}
+
 template <typename Element>
 static cudaError_t launch_short(const Params& params, dim3 grid, cudaStream_t stream) {
     return params.group_size == 4 ? launch_short_group<Element, 4>(params, grid, stream)
@@ -267,8 +273,7 @@ static cudaError_t launch_short(const Params& params, dim3 grid, cudaStream_t st
 template <typename Element, int kHeadDim>
 static cudaError_t launch_narrow(const Params& params, dim3 grid, cudaStream_t stream) {
     if constexpr (kHeadDim == ShortTraits::kHeadDim)
-        if (short_kernel_enabled() && params.num_splits <= ShortTraits::kMaxSplits)
-            return launch_short<Element>(params, grid, stream);
+        if (short_kernel_serves(kHeadDim, params.num_splits)) return launch_short<Element>(params, grid, stream);
     return params.num_splits > 1 ? launch_instance<Element, kHeadDim, false, true, 1, true, true>(params, grid, stream)
                                  : launch_instance<Element, kHeadDim, false, false, 1, true, true>(params, grid, stream);
 }
@@ -496,6 +501,11 @@ bool uses_narrow_tiles(int units, int num_splits, int head_dim, int seq_capacity
                             uses_warp_groups(units, num_splits, head_dim, seq_capacity));
 }
 
+bool uses_short_kernel(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads) {
+    return short_kernel_serves(head_dim, num_splits) &&
+           uses_narrow_tiles(units, num_splits, head_dim, seq_capacity, early_cache_reads);
+}
+
 bool uses_cluster_merge(int num_splits, bool early_cache_reads) {
     return cluster_merge_enabled() && num_splits >= 2 &&
            num_splits <= (early_cache_reads ? kMaxDecodeClusterSplits : kMaxClusterSplits) &&
@@ -533,8 +543,8 @@ int default_num_splits(int batch, int q_heads, int kv_heads, int head_dim, int m
     // 2026-11-29) was 0.5 us faster than the standard tile's 4 splits. (Batch 2 S = 256, 128 blocks, was not measured
     // with it: the narrow one-tile instance lost 0.5 us there.)
     const int narrow_tiles = (max_seqlen + kNarrowRowsPerBlockTile - 1) / kNarrowRowsPerBlockTile;
-    const bool short_kernel = head_dim == ShortTraits::kHeadDim && short_kernel_enabled() &&
-                              narrow_tiles <= ShortTraits::kMaxSplits && 2 * base_blocks * narrow_tiles <= info.num_sms;
+    const bool short_kernel =
+        short_kernel_serves(head_dim, narrow_tiles) && 2 * base_blocks * narrow_tiles <= info.num_sms;
     if (!early_cache_reads && (narrow_tiles == 1 || tiles == 2 || (short_kernel && tiles >= 3)) &&
         base_blocks * narrow_tiles <= info.num_sms &&
         narrow_tiles_for(narrow_tiles, max_seqlen, uses_bulk_pipeline(base_blocks, head_dim, max_seqlen),

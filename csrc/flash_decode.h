@@ -118,6 +118,8 @@ bool uses_narrow_tiles(int units, int num_splits, int head_dim, int seq_capacity
 // process-wide switch is on (the default); off, the narrow one-tile instance of flash_decode_kernel.cuh serves them.
 // default_num_splits gives head 128 narrow splits wherever they fit one cluster and half an SM count of blocks.
 bool& short_kernel_enabled();
+// units: batch x kv_heads x head_groups; on the current device
+bool uses_short_kernel(int units, int num_splits, int head_dim, int seq_capacity, bool early_cache_reads = false);
 
 // The bulk variant (flash_decode_kernel.cuh) streams the cache through shared memory with the tensor memory
 // accelerator; it serves plain launches (not early_cache_reads) on sm_90+, merging several splits through the

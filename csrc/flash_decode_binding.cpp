@@ -876,6 +876,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     def_launch_query(m, "uses_narrow_tiles", &flash_decode::uses_narrow_tiles,
                      "Whether a flash_decode launch of this shape and split count runs narrow tiles on the current "
                      "GPU.");
+    def_launch_query(m, "uses_short_kernel", &flash_decode::uses_short_kernel,
+                     "Whether a flash_decode launch of this shape and split count runs the short-launch kernel (its "
+                     "narrow tiles at head 128) on the current GPU.");
     def_mode_setter(m, "set_bulk_pipeline", &flash_decode::bulk_pipeline_mode,
                     "How flash_decode's plain launches stream the cache on sm_90+: 'auto' (the default) through shared "
                     "memory with the tensor memory accelerator (the bulk variant) for large launches, where it was "
