@@ -243,12 +243,13 @@ static cudaError_t launch_variant(const Params& params, dim3 grid, bool cluster_
 
 // The short-launch kernel (flash_decode_short.cuh): one split, or 2 to 8 merged in a cluster.
 template <typename Element, int kGroup>
-static cudaError_t launch_short_group(const Params& params, dim3 grid, cudaStream_t stream) {
+static cudaError_t launch_short_group(const Params& caller_params, dim3 grid, cudaStream_t stream) {
+    const ShortParams params = short_params(caller_params);
     using Traits = ShortTraits;
     if (params.num_splits == 1)
-        return programmatic_launch::launch(flash_decode_short_kernel<Element, false, kGroup>, grid, dim3(Traits::kThreads),
+        return programmatic_launch::launch(flash_decode_short_kernel<Element, kGroup>, grid, dim3(Traits::kThreads),
                                            0, stream, params);
-    auto* kernel = flash_decode_short_kernel<Element, true, kGroup>;
+    auto* kernel = flash_decode_short_cluster_kernel<Element, kGroup>;
     // (static shared memory and the merge buffer: past the 48 KB that needs no opt-in for kGroup 0)
     const size_t merge_bytes = Traits::merge_bytes(kGroup);
     static const cudaError_t opt_in =

@@ -140,6 +140,20 @@ __device__ __forceinline__ void store_async_vec(uint32_t address, const float (&
 #endif
 }
 
+// A kernel declared for cluster launches only (.explicitcluster in its PTX). Without it the compiler tests at run time
+// whether the launch has a cluster before every cluster barrier, and that test reads a word of the parameter bank's
+// driver part (c[0x0][0x140] on sm_90): one more cold constant-cache line before a block's first load, after the timing's
+// L2 flush. Such a kernel must be launched with a cluster dimension (programmatic_launch::launch_clustered). The
+// short-launch kernel's cluster instances (flash_decode_short.cuh) on an H200 (2026-11-30, nine alternating rounds, us):
+// batch 1 S = 97-256 0.03-0.08 faster, batch 2 S = 128 5.54 -> 5.47. The general kernel's cluster instances were level
+// with it (within 0.1 us either way at head 64 S = 256-2048, head 128 S = 512-1024: its code was rescheduled), and keep
+// the plain declaration.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define CLUSTER_LAUNCHES_ONLY __cluster_dims__()
+#else
+#define CLUSTER_LAUNCHES_ONLY  // (sm_80 has no clusters: such kernels are launched only on sm_90+)
+#endif
+
 // The cluster barrier: every thread of every block of the cluster arrives, then waits for all the others'
 // arrivals (.aligned: a warp executes these together, so a warp that branched reconverges first). Stores before
 // cluster_arrive(), to this block's or another's shared memory, are visible to every thread after its
