@@ -2,7 +2,9 @@
 replace (fresh random data, odd sizes, poisoned caches), and CUDA-graph generation against eager generation
 and transformers. Tolerances: the fused ops round where PyTorch rounds, so they differ from it only in rare
 elements (under 1%), where an fp32 sum order or a fast exp/rsqrt moves an intermediate by one bf16/fp16 ulp
-and the output by at most two (measured on an H100: 6 of 196608 RMSNorm outputs, 15 of 524288 SiLU ones)."""
+and the output by at most two (measured on an H100: 6 of 196608 RMSNorm outputs, 15 of 524288 SiLU ones).
+RMSNorm's differing elements come in whole classes that share one row's inv_rms, so its test asks instead that
+each one sits at a rounding tie of the float64 computation."""
 
 import pytest
 import torch
@@ -47,7 +49,23 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
     expected_h = x + residual if with_residual else x
     out, h = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
     assert torch.equal(h, expected_h)  # one rounding of one add: must be exact
-    assert_matches_rounding(out, norm(expected_h), dtype)
+    expected = norm(expected_h)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2 * ULP[dtype], atol=ULP[dtype] * 1e-2)
+    # Every element rounds where PyTorch rounds: h * inv_rms to the dtype, then weight * that (exact in fp32) to the
+    # dtype. Both compute inv_rms in fp32 (sum orders and rsqrt differ in its last bits), so an element may differ only
+    # where h * inv_rms lies within that error of a rounding tie. Such elements are not rare and independent: one
+    # inv_rms is shared by a row, and h takes few values (8 significant bits in bf16), so when inv_rms happens to put
+    # one mantissa's products on ties every element with that mantissa flips at once (an H200, 2026-11-30: 24 of a
+    # 2,048-element row, 1.2%, all of |h| = 1.375 x 2^k, where a bound of 1% on the share of differing elements
+    # failed; over 200 seeds such rows were otherwise 0-45 of 196,608 elements).
+    h64 = expected_h.double()
+    inv_rms = torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + norm.eps)
+    normalized = h64 * inv_rms
+    rel = 2e-6  # fp32 sum of squares over up to 9,000 elements, and rsqrt: well under this
+    near_tie = (normalized * (1 + rel)).float().to(dtype) != (normalized * (1 - rel)).float().to(dtype)
+    unexplained = (out != expected) & ~near_tie
+    assert not unexplained.any(), f"{unexplained.sum().item()} elements differ from PyTorch away from a rounding tie"
+    assert not out.isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
