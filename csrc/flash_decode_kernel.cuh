@@ -934,14 +934,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         __syncthreads();
 
         // ---- merge the warps; write the output (one split) or this split's partial result ----
-        uint32_t first_block_o = 0, first_block_lse = 0, first_block_bar = 0;  // (kClusterMerge, split > 0)
+        mbarrier::FirstBlockTargets first_block;  // (kClusterMerge, split > 0)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if (kClusterMerge && active_splits > 1) {
-            mbarrier::cluster_wait();
-            first_block_o = mbarrier::cluster_address(merge_o, 0);
-            first_block_lse = mbarrier::cluster_address(merge_lse2, 0);
-            first_block_bar = mbarrier::cluster_address(&merge_bar, 0);
-        }
+        if (kClusterMerge && active_splits > 1)
+            first_block = mbarrier::wait_for_first_block(merge_o, merge_lse2, &merge_bar);
 #endif
         // Each thread takes kMergeVec adjacent elements of one head, as many as one pass over a block of four query
         // heads (Llama 3's GQA group) needs: the warps' weights once for all of them, and one store of the output (of
@@ -981,8 +977,8 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     store_floats<kMergeVec>(merge_o, o_index, o);
                     if (d == 0) merge_lse2[lse_index] = lse2;
                 } else {
-                    mbarrier::store_async_vec<kMergeVec>(first_block_o + 4 * o_index, o, first_block_bar);
-                    if (d == 0) mbarrier::store_async(first_block_lse + 4 * lse_index, lse2, first_block_bar);
+                    mbarrier::store_async_vec<kMergeVec>(first_block.o + 4 * o_index, o, first_block.bar);
+                    if (d == 0) mbarrier::store_async(first_block.lse + 4 * lse_index, lse2, first_block.bar);
                 }
             } else {
                 const int64_t row = ((int64_t)b * p.q_heads + q_head0 + h) * p.num_splits + split;

@@ -62,9 +62,10 @@ static_assert(ShortTraits::kRows == kNarrowRowsPerBlockTile, "the narrow rule's 
 // The short-launch kernel's parameters: the fields of Params that it reads, ordered so that everything a block reads
 // before its cache loads (pointers, strides, the unit's divisors, the capacity) lies in the first 112 bytes, which on
 // sm_90 are the first two 64-byte lines of the kernel's parameter bank (0x210-0x27f). After the timing's L2 flush the
-// parameters are as cold as the code, and every line a block touches before its loads is a miss on that path: in Params'
-// order this kernel touched a third one (q's strides). Measured on an H200 (2026-11-30, nine alternating rounds, batch 1,
-// 32 / 8 heads, us): S = 256 6.10 -> 5.98, S = 128 5.92 -> 5.76, batch 2 S = 128 5.73 -> 5.54 (docs/perf-notes.md).
+// parameters are as cold as the code, and every line a block touches before its loads is a miss on that path: in
+// Params' order this kernel touched a third one (q's strides). Measured on an H200 (2026-11-30, nine alternating
+// rounds, batch 1, 32 / 8 heads, us): S = 256 6.10 -> 5.98, S = 128 5.92 -> 5.76, batch 2 S = 128 5.73 -> 5.54
+// (docs/perf-notes.md).
 struct ShortParams {
     const void* k;
     const void* v;
@@ -265,13 +266,8 @@ __device__ __forceinline__ void short_block(const ShortParams& p) {
     if (split >= active_splits) return;  // past the length: nobody waits for it
     __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint32_t first_o = 0, first_lse = 0, first_bar = 0;
-    if (kCluster && active_splits > 1) {
-        mbarrier::cluster_wait();
-        first_o = mbarrier::cluster_address(merge_o, 0);
-        first_lse = mbarrier::cluster_address(merge_lse2, 0);
-        first_bar = mbarrier::cluster_address(&merge_bar, 0);
-    }
+    mbarrier::FirstBlockTargets first;
+    if (kCluster && active_splits > 1) first = mbarrier::wait_for_first_block(merge_o, merge_lse2, &merge_bar);
 #endif
 #pragma unroll
     for (int it = 0; it < kPairs; ++it) {
@@ -315,8 +311,8 @@ __device__ __forceinline__ void short_block(const ShortParams& p) {
             }
         } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            mbarrier::store_async_vec<2>(first_o + 4 * ((split * kHeads + h) * kD + d), o, first_bar);
-            if (d == 0) mbarrier::store_async(first_lse + 4 * (split * kHeads + h), lse2, first_bar);
+            mbarrier::store_async_vec<2>(first.o + 4 * ((split * kHeads + h) * kD + d), o, first.bar);
+            if (d == 0) mbarrier::store_async(first.lse + 4 * (split * kHeads + h), lse2, first.bar);
 #endif
         }
     }
@@ -364,7 +360,8 @@ __device__ __forceinline__ void short_block(const ShortParams& p) {
 // The launched kernels: one split, and 2 to kMaxSplits merged in a cluster, the latter declared for cluster launches
 // only (CLUSTER_LAUNCHES_ONLY, mbarrier.cuh: no run-time test for a cluster, and one constant line less).
 template <typename Element, int kGroup>
-__global__ void __launch_bounds__(ShortTraits::kThreads, 1) flash_decode_short_kernel(const __grid_constant__ ShortParams p) {
+__global__ void __launch_bounds__(ShortTraits::kThreads, 1)
+    flash_decode_short_kernel(const __grid_constant__ ShortParams p) {
     short_block<Element, false, kGroup>(p);
 }
 

@@ -142,12 +142,12 @@ __device__ __forceinline__ void store_async_vec(uint32_t address, const float (&
 
 // A kernel declared for cluster launches only (.explicitcluster in its PTX). Without it the compiler tests at run time
 // whether the launch has a cluster before every cluster barrier, and that test reads a word of the parameter bank's
-// driver part (c[0x0][0x140] on sm_90): one more cold constant-cache line before a block's first load, after the timing's
-// L2 flush. Such a kernel must be launched with a cluster dimension (programmatic_launch::launch_clustered). The
-// short-launch kernel's cluster instances (flash_decode_short.cuh) on an H200 (2026-11-30, nine alternating rounds, us):
-// batch 1 S = 97-256 0.03-0.08 faster, batch 2 S = 128 5.54 -> 5.47. The general kernel's cluster instances were level
-// with it (within 0.1 us either way at head 64 S = 256-2048, head 128 S = 512-1024: its code was rescheduled), and keep
-// the plain declaration.
+// driver part (c[0x0][0x140] on sm_90): one more cold constant-cache line before a block's first load, after the
+// timing's L2 flush. Such a kernel must be launched with a cluster dimension (programmatic_launch::launch_clustered).
+// The short-launch kernel's cluster instances (flash_decode_short.cuh) on an H200 (2026-11-30, nine alternating rounds,
+// us): batch 1 S = 97-256 0.03-0.08 faster, batch 2 S = 128 5.54 -> 5.47. The general kernel's cluster instances were
+// level with it (within 0.1 us either way at head 64 S = 256-2048, head 128 S = 512-1024: its code was rescheduled),
+// and keep the plain declaration.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define CLUSTER_LAUNCHES_ONLY __cluster_dims__()
 #else
@@ -175,6 +175,21 @@ __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
+}
+
+// Where a cluster's blocks push their partial results (store_async): the shared::cluster addresses of the first block's
+// output rows, log-sum-exps and barrier. Waits at the cluster barrier first, which the first block reaches only after
+// initializing that barrier (fence_init_for_cluster, then cluster_arrive_relaxed).
+struct FirstBlockTargets {
+    uint32_t o = 0, lse = 0, bar = 0;
+};
+__device__ __forceinline__ FirstBlockTargets wait_for_first_block(const void* o, const void* lse, const uint64_t* bar) {
+    cluster_wait();
+    FirstBlockTargets targets;
+    targets.o = cluster_address(o, 0);
+    targets.lse = cluster_address(lse, 0);
+    targets.bar = cluster_address(bar, 0);
+    return targets;
 }
 
 __device__ __forceinline__ unsigned cluster_rank() {
