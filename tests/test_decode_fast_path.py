@@ -30,11 +30,17 @@ def ops():
     return module
 
 
-def assert_matches_rounding(ours, expected, dtype):
+def assert_matches_rounding(ours, expected, dtype, may_differ=None):
+    """Within 2 ulp everywhere, and equal to PyTorch's rounding but in under 1% of the elements or, where the caller
+    knows which elements may round the other way (may_differ, a mask), in none of the others."""
     assert not ours.isnan().any()
     torch.testing.assert_close(ours.float(), expected.float(), rtol=2 * ULP[dtype], atol=ULP[dtype] * 1e-2)
-    mismatched = (ours != expected).float().mean().item()
-    assert mismatched < 0.01, f"{mismatched:.2%} of elements differ from PyTorch's rounding"
+    if may_differ is None:
+        mismatched = (ours != expected).float().mean().item()
+        assert mismatched < 0.01, f"{mismatched:.2%} of elements differ from PyTorch's rounding"
+    else:
+        unexplained = (ours != expected) & ~may_differ
+        assert not unexplained.any(), f"{unexplained.sum().item()} elements differ from PyTorch's rounding elsewhere"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -49,8 +55,6 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
     expected_h = x + residual if with_residual else x
     out, h = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
     assert torch.equal(h, expected_h)  # one rounding of one add: must be exact
-    expected = norm(expected_h)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2 * ULP[dtype], atol=ULP[dtype] * 1e-2)
     # Every element rounds where PyTorch rounds: h * inv_rms to the dtype, then weight * that (exact in fp32) to the
     # dtype. Both compute inv_rms in fp32 (sum orders and rsqrt differ in its last bits), so an element may differ only
     # where h * inv_rms lies within that error of a rounding tie. Such elements are not rare and independent: one
@@ -63,9 +67,7 @@ def test_add_rmsnorm_matches_pytorch(ops, dtype, rows, dim, with_residual):
     normalized = h64 * inv_rms
     rel = 2e-6  # fp32 sum of squares over up to 9,000 elements, and rsqrt: well under this
     near_tie = (normalized * (1 + rel)).float().to(dtype) != (normalized * (1 - rel)).float().to(dtype)
-    unexplained = (out != expected) & ~near_tie
-    assert not unexplained.any(), f"{unexplained.sum().item()} elements differ from PyTorch away from a rounding tie"
-    assert not out.isnan().any()
+    assert_matches_rounding(out, norm(expected_h), dtype, may_differ=near_tie)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
