@@ -1,9 +1,15 @@
 // The K/V read bound (kv_read.h). Algorithm: grid (blocks_per_segment, 2 * batch); block (x, y) streams segment y
 // (sequence y / 2's K or V) in steps of kBlockStep bytes, taking every gridDim.x-th step; in a step each thread issues
 // kLoadsInFlight independent 16-byte loads (coalesced: load i of the block covers 4 KB after load i - 1's) before it
-// uses any of them, so every SM keeps tens of KB in flight as the attention kernels do. The checksum (XOR of all
-// 32-bit words) keeps the loads alive and makes the kernel testable: a plain XOR over the same bytes in PyTorch is
-// its reference (tests/test_kernel.py).
+// uses any of them, so every SM keeps 128 KB in flight. The checksum (XOR of all 32-bit words) keeps the loads alive
+// and makes the kernel testable: a plain XOR over the same bytes in PyTorch is its reference (tests/test_kernel.py).
+//
+// The loads all go out before the first XOR only where a thread may hold their 32 registers: at eight blocks an SM
+// (32 registers a thread) ptxas interleaved them with the XORs, three or four in flight (SASS, nvcc 13.0, sm_90), as
+// this kernel did until the forty-third session. Four blocks an SM with all eight in flight, against the old loop and
+// grid in a probe timed in the same rounds (an H200, 2026-11-30, nine alternating rounds, us): batch 1 head 64 S =
+// 32768 / 65536 / 131072 19.26 / 34.30 / 63.30 -> 18.82 / 33.90 / 62.66, head 128 S = 65536 64.24 -> 63.55
+// (docs/perf-notes.md, forty-third session).
 #include <algorithm>
 
 #include "element_convert.cuh"
@@ -15,9 +21,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kLoadsInFlight = 8;
 constexpr int64_t kBlockStep = (int64_t)kThreads * kLoadsInFlight * 16;  // 32 KB
-constexpr int kBlocksPerSm = 8;  // 2048 threads an SM: 256 KB of loads in flight at most
+constexpr int kBlocksPerSm = 4;  // (64 registers a thread: all of a step's loads issued before their use)
 
-__global__ void __launch_bounds__(kThreads) kv_read_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) kv_read_kernel(const Params p) {
     const int segment = blockIdx.y, b = segment / 2;
     const char* base = segment % 2 == 0 ? static_cast<const char*>(p.k) + b * p.k_batch_bytes
                                         : static_cast<const char*>(p.v) + b * p.v_batch_bytes;

@@ -22,7 +22,7 @@ struct Params {
 };
 
 // Blocks per (sequence, cache) segment: one per 32 KB step of a short segment (each thread's loads all in flight at
-// once), about eight blocks an SM over the whole grid for long ones.
+// once), about four blocks an SM over the whole grid for long ones.
 int blocks_per_segment(int batch, int64_t segment_bytes, int num_sms);
 
 // Launches the read (block_xor must hold 2 * batch * blocks_per_segment words); returns the launch error.
