@@ -21,7 +21,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kLoadsInFlight = 8;
 constexpr int64_t kBlockStep = (int64_t)kThreads * kLoadsInFlight * 16;  // 32 KB
-constexpr int kBlocksPerSm = 4;  // (64 registers a thread: all of a step's loads issued before their use)
+constexpr int kBlocksPerSm = 4;  // (up to 64 registers a thread: a step's loads all issued before their use)
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) kv_read_kernel(const Params p) {
     const int segment = blockIdx.y, b = segment / 2;
