@@ -266,22 +266,29 @@ void bulk(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t stages, int64_t
     check(cudaGetLastError());
 }
 
-// Clusters of `cluster` blocks with `stages` stages that the device runs at once (the attributes set once here).
-int64_t bulk_cluster_setup(int64_t stages, int64_t cluster) {
-    const int smem = (int)stages * kChunk;
-    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+// read_bulk_cluster's grid (8 clusters of `cluster` blocks) as a launch configuration; `attr` holds its cluster size.
+static cudaLaunchConfig_t cluster_config(int64_t stages, int64_t cluster, cudaStream_t stream,
+                                         cudaLaunchAttribute* attr) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)(8 * cluster));
     cfg.blockDim = dim3(32);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute a;
-    a.id = cudaLaunchAttributeClusterDimension;
-    a.val.clusterDim.x = (unsigned)cluster;
-    a.val.clusterDim.y = 1;
-    a.val.clusterDim.z = 1;
-    cfg.attrs = &a;
+    cfg.dynamicSmemBytes = (int)stages * kChunk;
+    cfg.stream = stream;
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = (unsigned)cluster;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
+    cfg.attrs = attr;
     cfg.numAttrs = 1;
+    return cfg;
+}
+
+// Clusters of `cluster` blocks with `stages` stages that the device runs at once (the attributes set once here).
+int64_t bulk_cluster_setup(int64_t stages, int64_t cluster) {
+    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)stages * kChunk));
+    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(stages, cluster, nullptr, &attr);
     int fit = 0;
     check(cudaOccupancyMaxActiveClusters(&fit, read_bulk_cluster, &cfg));
     return fit;
@@ -290,18 +297,8 @@ int64_t bulk_cluster_setup(int64_t stages, int64_t cluster) {
 void bulk_cluster(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t stages, int64_t cluster, torch::Tensor out) {
     TORCH_CHECK(stages >= 1 && stages <= kMaxStages && seg % kChunk == 0 && cluster >= 1 && cluster <= 16,
                 "bulk_cluster: 1..13 stages, 1..16 blocks a cluster, seg a multiple of 16 KB");
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(8 * cluster));
-    cfg.blockDim = dim3(32);
-    cfg.dynamicSmemBytes = (int)stages * kChunk;
-    cfg.stream = c10::cuda::getCurrentCUDAStream();
-    cudaLaunchAttribute a;
-    a.id = cudaLaunchAttributeClusterDimension;
-    a.val.clusterDim.x = (unsigned)cluster;
-    a.val.clusterDim.y = 1;
-    a.val.clusterDim.z = 1;
-    cfg.attrs = &a;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(stages, cluster, c10::cuda::getCurrentCUDAStream(), &attr);
     check(cudaLaunchKernelEx(&cfg, read_bulk_cluster, (const char*)k.data_ptr(), (const char*)v.data_ptr(), seg,
                              (int)stages, (uint32_t*)out.data_ptr()));
     check(cudaGetLastError());
