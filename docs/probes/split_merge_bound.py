@@ -230,25 +230,33 @@ void plain(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t loads, int64_t
     check(cudaGetLastError());
 }
 
+// The ring's largest size allowed for every bulk kernel, once: a launch or an occupancy query then needs no attribute
+// of its own (a query that set a smaller limit would fail a later launch with a larger ring).
+static void allow_largest_ring() {
+    static const bool done = [] {
+        const int smem = kMaxStages * kChunk;
+        check(cudaFuncSetAttribute(read_bulk<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        check(cudaFuncSetAttribute(read_bulk<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        check(cudaFuncSetAttribute(read_bulk<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        return true;
+    }();
+    (void)done;
+}
+
 template <int kMerge>
 static void launch_bulk(const char* kp, const char* vp, int64_t seg, int stages, int blocks, uint32_t* w, unsigned* t,
                         uint32_t* o, cudaStream_t s) {
-    static int set_for = 0;  // (the shared-memory opt-in once per size, outside the timed launches' path)
-    const int smem = stages * kChunk;
-    if (smem > set_for) {
-        check(cudaFuncSetAttribute(read_bulk<kMerge>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        set_for = smem;
-    }
-    read_bulk<kMerge><<<blocks, 32, smem, s>>>(kp, vp, seg, stages, w, t, o);
+    allow_largest_ring();
+    read_bulk<kMerge><<<blocks, 32, stages * kChunk, s>>>(kp, vp, seg, stages, w, t, o);
 }
 
-// Blocks of read_bulk (or read_bulk_cluster) with `stages` stages that an SM holds at once.
-int64_t bulk_blocks_an_sm(int64_t stages, bool cluster) {
-    const int smem = (int)stages * kChunk;
-    const void* fn = cluster ? (const void*)read_bulk_cluster : (const void*)read_bulk<0>;
-    check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+// Blocks of read_bulk with `stages` stages that an SM holds at once.
+int64_t bulk_blocks_an_sm(int64_t stages) {
+    allow_largest_ring();
     int blocks = 0;
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, 32, smem));
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, read_bulk<0>, 32, (int)stages * kChunk));
     return blocks;
 }
 
@@ -283,10 +291,9 @@ static cudaLaunchConfig_t cluster_config(int64_t stages, int64_t cluster, cudaSt
     return cfg;
 }
 
-// Clusters of `cluster` blocks with `stages` stages that the device runs at once (the attributes set once here).
+// Clusters of `cluster` blocks with `stages` stages that the device runs at once.
 int64_t bulk_cluster_setup(int64_t stages, int64_t cluster) {
-    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)stages * kChunk));
-    check(cudaFuncSetAttribute(read_bulk_cluster, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    allow_largest_ring();
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(stages, cluster, nullptr, &attr);
     int fit = 0;
@@ -308,7 +315,7 @@ void bulk_cluster(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t stages,
 CPP = """
 void plain(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t loads, int64_t min_blocks, int64_t blocks_per_seg,
            int64_t merge, torch::Tensor words, torch::Tensor tickets, torch::Tensor out);
-int64_t bulk_blocks_an_sm(int64_t stages, bool cluster);
+int64_t bulk_blocks_an_sm(int64_t stages);
 void bulk(torch::Tensor k, torch::Tensor v, int64_t seg, int64_t stages, int64_t blocks, int64_t merge,
           torch::Tensor words, torch::Tensor tickets, torch::Tensor out);
 int64_t bulk_cluster_setup(int64_t stages, int64_t cluster);
@@ -396,7 +403,7 @@ def make_variant(lb, name, k, v, seg, sms):
         launch = lambda: lb.plain(k, v, seg, a, b, per_segment, merge, words, tickets, out)  # noqa: E731
         return launch, (merged if merge else lambda: stored(words))
     if kind == "b":
-        held = lb.bulk_blocks_an_sm(a, False)
+        held = lb.bulk_blocks_an_sm(a)
         if held < b:
             raise ValueError(f"{name}: an SM holds {held} blocks of {a} x 16 KB, not {b}")
         words = torch.zeros(b * sms, dtype=torch.int32, device="cuda")
