@@ -6,7 +6,7 @@ Issue 3 asks for 90% of the copy bandwidth at S >= 65536; at batch 1 head 64 S =
 our kernel, kv_read (the benchmarks' bound), the one-element floor and cuDNN, kernels that compute nothing but read
 exactly the same bytes, alone and followed by a split merge stripped to its memory traffic:
 
-  pL_B   kv_read's loop: 256 threads, L 16-byte loads a thread a step (L = 4, 8, 16), __launch_bounds__(256, B) and B
+  pL_B   kv_read's loop (and its load, element::load_stream_16B from csrc/): 256 threads, L 16-byte loads a thread a step (L = 4, 8, 16), __launch_bounds__(256, B) and B
          blocks an SM (at B = 8, 32 registers a thread, ptxas interleaves the loads with their XORs: 3-4 in flight)
   bS_B   one warp a block, lane 0 keeps S 1-d bulk copies (cp.async.bulk) of 16 KB in flight, B blocks an SM
   cS_C   bS_B's ring in 8 clusters of C blocks (one per KV head at batch 1), merged through distributed shared memory:
@@ -42,12 +42,7 @@ CUDA = r"""
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
+#include "element_convert.cuh"  // (csrc/: kv_read's 16-byte streaming load)
 
 // The split merge's memory traffic with one word a split (see the module's docstring, "...u" / "...m"). The unit's
 // words are loaded all at once (a thread's loads into registers before the first XOR), so that the last block pays one
@@ -100,7 +95,7 @@ __global__ void __launch_bounds__(256, kMinBlocks)
 #pragma unroll
         for (int i = 0; i < kLoads; ++i) {
             const int64_t off = step + ((int64_t)i * 256 + threadIdx.x) * 16;
-            piece[i] = off < seg ? ld_stream(base + off) : make_uint4(0u, 0u, 0u, 0u);
+            piece[i] = off < seg ? element::load_stream_16B(base + off) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int i = 0; i < kLoads; ++i) acc ^= piece[i].x ^ piece[i].y ^ piece[i].z ^ piece[i].w;
@@ -339,7 +334,9 @@ def build():
     return cpp_extension.load_inline("split_merge_bound", CPP, cuda_sources=CUDA,
                                      functions=["plain", "bulk_blocks_an_sm", "bulk", "bulk_cluster_setup",
                                                 "bulk_cluster"],
-                                     extra_cuda_cflags=["-O3", "-std=c++17"], build_directory=build_dir, verbose=False)
+                                     extra_cuda_cflags=["-O3", "-std=c++17"],
+                                     extra_include_paths=[os.path.join(REPO, "csrc")], build_directory=build_dir,
+                                     verbose=False)
 
 
 def xor_of_words(*tensors):
