@@ -6,8 +6,9 @@ Issue 3 asks for 90% of the copy bandwidth at S >= 65536; at batch 1 head 64 S =
 our kernel, kv_read (the benchmarks' bound), the one-element floor and cuDNN, kernels that compute nothing but read
 exactly the same bytes, alone and followed by a split merge stripped to its memory traffic:
 
-  pL_B   kv_read's loop (and its load, element::load_stream_16B from csrc/): 256 threads, L 16-byte loads a thread a step (L = 4, 8, 16), __launch_bounds__(256, B) and B
-         blocks an SM (at B = 8, 32 registers a thread, ptxas interleaves the loads with their XORs: 3-4 in flight)
+  pL_B   kv_read's loop and load (element::load_stream_16B, csrc/): 256 threads, L 16-byte loads a thread a step (L =
+         4, 8, 16), __launch_bounds__(256, B) and B blocks an SM (at B = 8, 32 registers a thread, ptxas interleaves the
+         loads with their XORs: 3-4 in flight)
   bS_B   one warp a block, lane 0 keeps S 1-d bulk copies (cp.async.bulk) of 16 KB in flight, B blocks an SM
   cS_C   bS_B's ring in 8 clusters of C blocks (one per KV head at batch 1), merged through distributed shared memory:
          each block stores its word into the first block's shared memory, then a cluster barrier (release / acquire)
