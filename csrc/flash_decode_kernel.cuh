@@ -1032,18 +1032,25 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if (threadIdx.x == 0) *counter = 0;  // ready for the next launch; every block of this launch has arrived
     }
 
-    // Each thread merges four elements of one head over the splits in one pass, rescaling as the log-sum-exps rise
-    // (the splits' own online softmax, once more): every split's log-sum-exp and output are loaded together, one
-    // round trip to L2 for a workspace merge, where weights computed first took two. The workspace merge issues the
-    // loads of kMergeChunk splits before it uses the first: in a loop unrolled by 8, 16 splits took two round trips in
-    // series, and a count that is not a multiple of 8 one more per split of the rest (the compiler sank each load of
-    // the remainder behind its own exit test; hence the compiler barrier below). Measured on H200s (2026-11-29, four
-    // A/Bs in alternating rounds, us): batch 4 head 64 S = 16384 38.99 -> 38.27, 38.66 -> 38.18, 38.11 -> 37.47, 38.08
-    // -> 37.71; batch 1 head 64 S = 65536 39.04 -> 38.46, 38.78 -> 38.69, 38.24 -> 38.13, 38.22 -> 38.13. A cluster
-    // merge reads shared memory, where the chunk's predicated loads cost more than the round trips they save (head 64
-    // S = 2048 in 8 splits 8.37 -> 8.61): it keeps the loop. So do the KV-head pairs, which merge splits only when
-    // forced (their automatic rule takes one split), so that their code stays as it was (the chunk took their
-    // registers from 111 to 127).
+    // Each thread merges four elements of one head over the splits. Every split's log-sum-exp and output are loaded
+    // together, one round trip to L2 for a workspace merge, where weights computed first took two. The workspace merge
+    // issues the loads of kMergeChunk splits before it uses the first: in a loop unrolled by 8, 16 splits took two
+    // round trips in series, and a count that is not a multiple of 8 one more per split of the rest (the compiler sank
+    // each load of the remainder behind its own exit test; hence the compiler barrier below). Measured on H200s
+    // (2026-11-29, four A/Bs in alternating rounds, us): batch 4 head 64 S = 16384 38.99 -> 38.27, 38.66 -> 38.18,
+    // 38.11 -> 37.47, 38.08 -> 37.71; batch 1 head 64 S = 65536 39.04 -> 38.46, 38.78 -> 38.69, 38.24 -> 38.13, 38.22
+    // -> 38.13. It then takes a chunk in two passes: the chunk's largest log-sum-exp (a tree of maxima), then each
+    // split's weight against it, all independent, and one rescale of the running sums a chunk. The one-pass merge it
+    // replaced (the splits' online softmax once more) rescaled at every split, a chain of a max and two exp2 a split,
+    // 16 links at 16 splits after the data had arrived: two H200s (2026-11-30, nine alternating rounds each, us) had
+    // batch 1 head 64 S = 65536 37.66 -> 37.12 and 38.45 -> 37.94, S = 131072 67.30 -> 66.91 and 67.65 -> 67.31, head
+    // 128 S = 65536 67.20 -> 66.85 and 67.82 -> 67.31, head 64 S = 16384 15.68 -> 15.23 and 17.06 -> 16.54, head 128 S
+    // = 4096 12.82 -> 12.29 and 12.90 -> 12.50, batch 4 head 64 S = 16384 38.06 -> 37.97 and 36.86 -> 36.59
+    // (docs/perf-notes.md). A cluster merge reads shared memory, where the chunk's predicated loads cost more than the
+    // round trips they save (head 64 S = 2048 in 8 splits 8.37 -> 8.61), and where two passes (a max loop, then a
+    // weights loop) were level on one H200 (head 64 S = 256-4096, -0.10 to +0.06 us): it keeps the one-pass loop. So do
+    // the KV-head pairs, which merge splits only when forced (their automatic rule takes one split), so that their code
+    // stays as it was (the chunk took their registers from 111 to 127).
     constexpr int kVecPerHead = kHeadDim / 4;
     constexpr int kMergeChunk = 16;
     for (int i = merge_thread; i < g_count * kVecPerHead; i += kMergeThreads) {
@@ -1071,15 +1078,38 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #pragma unroll
                 for (int j = 0; j < kMergeChunk; ++j) {
                     const bool active = s0 + j < active_splits;
-                    lse2[j] = active ? partial_lse2(h, s0 + j) : 0.f;
+                    lse2[j] = active ? partial_lse2(h, s0 + j) : -INFINITY;  // (an idle slot weighs exp2(-inf) = 0)
                     part[j] = active ? partial_o4(src, h, s0 + j, c) : make_float4(0.f, 0.f, 0.f, 0.f);
                 }
                 asm volatile("" ::: "memory");  // (every load above is issued before the first result is used)
+                // The chunk's largest log-sum-exp by a tree of maxima, then its splits' weights against it, all
+                // independent: one rescale a chunk where the running one chained a max and two exp2 a split.
+                float top[kMergeChunk / 2];
+#pragma unroll
+                for (int j = 0; j < kMergeChunk / 2; ++j) top[j] = fmaxf(lse2[j], lse2[j + kMergeChunk / 2]);
+#pragma unroll
+                for (int half = kMergeChunk / 4; half > 0; half /= 2)
+#pragma unroll
+                    for (int j = 0; j < half; ++j) top[j] = fmaxf(top[j], top[j + half]);
+                const float m_new = fmaxf(m_max, top[0]), ref = safe_ref(m_new);  // (top[0] >= split s0's: finite)
+                const float rescale = exp2f(m_max - ref);
+                float chunk_sum = 0.f;
+                float4 chunk_o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
                 for (int j = 0; j < kMergeChunk; ++j) {
-                    if (s0 + j >= active_splits) break;
-                    add_split(lse2[j], part[j]);
+                    const float w = exp2f(lse2[j] - ref);
+                    chunk_sum += w;
+                    chunk_o.x = fmaf(w, part[j].x, chunk_o.x);
+                    chunk_o.y = fmaf(w, part[j].y, chunk_o.y);
+                    chunk_o.z = fmaf(w, part[j].z, chunk_o.z);
+                    chunk_o.w = fmaf(w, part[j].w, chunk_o.w);
                 }
+                sum = fmaf(sum, rescale, chunk_sum);
+                o.x = fmaf(o.x, rescale, chunk_o.x);
+                o.y = fmaf(o.y, rescale, chunk_o.y);
+                o.z = fmaf(o.z, rescale, chunk_o.z);
+                o.w = fmaf(o.w, rescale, chunk_o.w);
+                m_max = m_new;
             }
         }
         const float inv_sum = 1.f / sum;
