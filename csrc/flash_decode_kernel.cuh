@@ -27,8 +27,8 @@
 //      pushes its partial result into the first block's shared memory with asynchronous stores that count
 //      their bytes on that block's mbarrier, then leaves; the first block waits for the bytes and merges.
 //      Else each block writes its partial output and log-sum-exp to a float32 workspace, and the last block
-//      to finish (an acquire-release atomic ticket) merges all splits, in one pass over them, and resets the
-//      ticket counter.
+//      to finish (an acquire-release atomic ticket) merges all splits, their loads in one round trip and their
+//      weights in two passes a chunk of 16, and resets the ticket counter.
 //   The active splits are counted on the device from the actual length, so a CUDA graph captured once
 //   serves every step: short sequences use fewer splits, and splits past the end return at once.
 //
@@ -1132,7 +1132,7 @@ __global__ void __launch_bounds__(KernelTraits<Element, kHeadDim, kWarpGroups>::
 
 // The bulk variant in two warp groups runs one block an SM (uses_warp_groups), and says so: without the minimum of one
 // block, ptxas held the bf16 head-64 instance to 128 registers, and with the split merge's loads all in flight it then
-// spilled in the main loop; with it the four instances take 144-184 (no spills). On its own the bound was faster or
+// spilled in the main loop; with it the four instances take 144-185 (no spills). On its own the bound was faster or
 // within the rounds' spread (an H200, 2026-11-29, nine alternating rounds: batch 1 head 64 S = 32768 / 65536 24.29 ->
 // 24.03 / 39.04 -> 38.72 us, batch 4 S = 16384 38.99 -> 38.72, head 128 S = 65536 68.48 -> 68.58).
 template <typename Element, int kHeadDim>
