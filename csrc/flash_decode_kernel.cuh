@@ -276,8 +276,16 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     constexpr int kStageBoxBytes = Traits::kBoxBytes * kHeadsPerStage;
     __shared__ uint64_t bulk_k_full[kRingStages], bulk_v_full[kRingStages], bulk_empty[kRingStages];
     __shared__ uint64_t bulk_k_empty[kHeadPairs ? kRingStages : 1];
-    unsigned char* const bulk_ring = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(merge_buffer) + 1023) & ~static_cast<uintptr_t>(1023));
+    // (Offset from the array rather than rounded as an integer: the compiler then knows that the ring is shared memory
+    // and reads the fragments with LDS and 32-bit addresses. From the rounded generic pointer it read them with generic
+    // 64-bit loads, and recomputed their addresses at every tile, after each barrier's wait. With that, V's zeroing
+    // branch in bulk_read_v and the slot without a division, the bulk loop of the two-group head-64 instance went from
+    // 670 to 576 instructions a tile; two H200s, 2026-11-30, nine alternating rounds, us: batch 1 head 64 S = 65536
+    // 36.72 -> 36.29 and 37.30 -> 36.75, S = 16384 15.68 -> 14.54 and 15.90 -> 15.06, head 128 S = 65536 66.21 ->
+    // 65.86 and 66.66 -> 66.40, batch 64 head 64 S = 2048 (KV-head pairs) 65.31 -> 64.37 and 66.18 -> 65.14, S = 4096
+    // 123.04 -> 121.17 and 122.77 -> 121.01; batch 64 head 128 S = 2048 level; outputs bit-identical.)
+    unsigned char* const bulk_ring =
+        merge_buffer + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(merge_buffer)) & 1023u)) & 1023u);
 
     programmatic_launch::allow_next_kernel();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -456,12 +464,20 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #pragma unroll
         for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-            for (int i = 0; i < kVRows; ++i) {
-                const bool valid = v_row(tile, s, i) < end;
+            for (int i = 0; i < kVRows; ++i)
 #pragma unroll
-                for (int c = 0; c < kVChunks; ++c)
-                    vt[s][i][c] = valid ? stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g) : make_uint4(0u, 0u, 0u, 0u);
-            }
+                for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g);
+        // Zeroed after the reads, in a branch that only a sequence's last tile takes: with a select a row (a read only
+        // where the row is valid) ptxas computed each row's address after V's wait, behind its own branch.
+        if (step_row0(tile, 0) + Traits::kRowsPerWarpTile > end) {
+#pragma unroll
+            for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+                for (int i = 0; i < kVRows; ++i)
+                    if (v_row(tile, s, i) >= end)
+#pragma unroll
+                        for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+        }
     };
     uint4 k_next[kSteps][kKGroups][kKChunks], v_next[kSteps][kVRows][kVChunks];
     // The block's second tile, where it is read before the length (plain launches) or the wait (early_cache_reads);
@@ -659,11 +675,14 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     if (block_start < end) {  // (block_start: a block-wide condition, __syncthreads below)
         // Head g's running max and (this lane's part of the) sum; O's C fragments: acc[n][j] is head g at element
         // 64(n / 8) + 8(2t + j) + n % 8, and with a bf16 cache at head 64 acc[n][2 + j] the same element's share from
-        // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 and the bulk
-        // variant add that share after each mma instead: 16-32 registers fewer, which the bf16 head-128 decode-step
-        // instance on sm_80 and the head-64 bulk instance need to stay free of spills.)
+        // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 adds that share
+        // after each mma instead: 32 registers fewer, which the bf16 head-128 decode-step instance on sm_80 needs to stay
+        // free of spills; a head-128 warp's tile has one mma an output tile, so the fold is not between two mma. The
+        // head-64 bulk instances folded too until their stage reads became LDS (bulk_ring): now 135 -> 145 registers in
+        // two groups, 105 -> 119 in the KV-head pairs (their bound 128), and in one A/B (an H200, 2026-11-30) level to
+        // 0.3 us faster at the bf16 head-64 shapes: batch 64 S = 2048 65.14 -> 64.86, batch 1 S = 131072 66.11 -> 65.98.)
         constexpr bool kSplitP = tensor_core::is_bf16<Element>;
-        constexpr int kAccParts = kSplitP && kHeadDim == 64 && !kBulk ? 4 : 2;
+        constexpr int kAccParts = kSplitP && kHeadDim == 64 ? 4 : 2;
         float m = -INFINITY, l = 0.f;
         float acc[kOutTiles][kAccParts];
 #pragma unroll
@@ -826,8 +845,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             const int stages = maps.stages;
             int n = 0;
             for (int tile = start; tile < end; tile += tile_stride, ++n) {
-                const int slot = ring0 + (stages == 1 ? 0 : n % stages);
-                const unsigned parity = (stages == 1 ? n : n / stages) & 1;
+                // (stages is 1 or 2: with n % stages and n / stages the loop divided by a runtime value at every tile)
+                static_assert(Traits::kMaxBulkStages == 2, "a ring of one or two stages");
+                const int slot = ring0 + (stages == 1 ? 0 : n & 1);
+                const unsigned parity = (stages == 1 ? n : n >> 1) & 1;
                 uint4 k_cur[kSteps][kKGroups][kKChunks], v_cur[kSteps][kVRows][kVChunks];
                 float sc[kSteps][kVRows];
                 mbarrier::wait(&bulk_k_full[slot], parity);
@@ -863,7 +884,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     const int refill = start + next * tile_stride;
                     if (ring_filler && n != 1 && refill < end) {
                         const int refill_slot = ring0 + next % 2;
-                        mbarrier::wait(&bulk_empty[refill_slot], ((next - 2) / 2) & 1);
+                        mbarrier::wait(&bulk_empty[refill_slot], ((next - 2) >> 1) & 1);
                         bulk_issue(refill_slot, refill);
                     }
                 } else {
