@@ -679,8 +679,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         // after each mma instead: 32 registers fewer, which the bf16 head-128 decode-step instance on sm_80 needs to stay
         // free of spills; a head-128 warp's tile has one mma an output tile, so the fold is not between two mma. The
         // head-64 bulk instances folded too until their stage reads became LDS (bulk_ring): now 135 -> 145 registers in
-        // two groups, 105 -> 119 in the KV-head pairs (their bound 128), and in one A/B (an H200, 2026-11-30) level to
-        // 0.3 us faster at the bf16 head-64 shapes: batch 64 S = 2048 65.14 -> 64.86, batch 1 S = 131072 66.11 -> 65.98.)
+        // two groups, 105 -> 119 in the KV-head pairs (their bound 128), and level within the spread of two A/Bs on
+        // H200s (2026-11-30): -0.28 to +0.18 us at the bf16 head-64 shapes, -0.1 on average, where instances whose code
+        // had not changed moved by up to 0.44 between the two builds.)
         constexpr bool kSplitP = tensor_core::is_bf16<Element>;
         constexpr int kAccParts = kSplitP && kHeadDim == 64 ? 4 : 2;
         float m = -INFINITY, l = 0.f;
