@@ -841,7 +841,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             // `stages` tiles ahead), compute. K and V land on barriers of their own, and KV-head pairs take K's fragments
             // into the scores before they wait for V's: the pair instances run two blocks an SM, in at most 128 registers
             // a thread (with one barrier for both, the compiler read V's fragments early and the fp16 instance needed
-            // 146; now bf16 115, fp16 120. Split barriers alone, at every other instance, measured level on an H100,
+            // 146; now bf16 119, fp16 116. Split barriers alone, at every other instance, measured level on an H100,
             // 2026-11-28).
             const int stages = maps.stages;
             int n = 0;
