@@ -421,6 +421,20 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             }
         }
     };
+    // V's rows at or past `end` zeroed: a tile loaded before the length was known, or a stage, holds whatever the cache
+    // holds there, and 0 x NaN would poison P V. (A warp's rows all before the end, as in every tile but a sequence's
+    // last: none to zero, and no select a register, 32-64 a lane, between the data's arrival and the first mma; an H200,
+    // 2026-11-29: level to 0.2 us faster, head 128 S = 512 / 1024 7.42 / 8.26 -> 7.23 / 8.06.)
+    auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
+        if (step_row0(tile, 0) + Traits::kRowsPerWarpTile <= end) return;
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+            for (int i = 0; i < kVRows; ++i)
+                if (v_row(tile, s, i) >= end)
+#pragma unroll
+                    for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+    };
     // kBulk: the ring's filler copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half,
     // V's in its second; with KV-head pairs each box holds both heads, from the pair's first; each half alone where
     // only one is asked for); rows past the cache's capacity arrive as zeros.
@@ -467,17 +481,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             for (int i = 0; i < kVRows; ++i)
 #pragma unroll
                 for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g);
-        // Zeroed after the reads, in a branch that only a sequence's last tile takes: with a select a row (a read only
-        // where the row is valid) ptxas computed each row's address after V's wait, behind its own branch.
-        if (step_row0(tile, 0) + Traits::kRowsPerWarpTile > end) {
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s)
-#pragma unroll
-                for (int i = 0; i < kVRows; ++i)
-                    if (v_row(tile, s, i) >= end)
-#pragma unroll
-                        for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
-        }
+        // (zeroed after the reads: with a select a row, a read only where the row is valid, ptxas computed each row's
+        // address after V's wait, behind its own branch)
+        zero_v_past_end(tile, vt);
     };
     uint4 k_next[kSteps][kKGroups][kKChunks], v_next[kSteps][kVRows][kVChunks];
     // The block's second tile, where it is read before the length (plain launches) or the wait (early_cache_reads);
@@ -618,19 +624,6 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
         if (two_tiles) load_tile(start + tile_stride, k_second, v_second);
         load_q();
         set_rows(__ldg(p.seqlens + b));
-        auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
-            // (a warp's rows all before the end, as in every tile but a sequence's last: none to zero, and no select a
-            // register, 32-64 a lane, between the data's arrival and the first mma; an H200, 2026-11-29: level to 0.2
-            // us faster, head 128 S = 512 / 1024 7.42 / 8.26 -> 7.23 / 8.06)
-            if (step_row0(tile, 0) + Traits::kRowsPerWarpTile <= end) return;
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s)
-#pragma unroll
-                for (int i = 0; i < kVRows; ++i)
-                    if (v_row(tile, s, i) >= end)
-#pragma unroll
-                        for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
-        };
         if (start < end) {
             first_tile_loaded = true;
             zero_v_past_end(start, v_next);
