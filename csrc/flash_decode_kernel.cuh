@@ -13,6 +13,8 @@
 //          chunk; head_dim is summed over, so this permutation of it, applied to q as well, is harmless.
 //        - P V: lane (g, t) loads four rows v_row(t, 0..3) of the 16 at elements 8g..8g+7 of every 64-element
 //          chunk and pairs equal elements of two rows with byte permutes (B wants two rows in one register).
+//          The bulk variant with one head a stage (below) reads V from shared memory with ldmatrix.trans instead,
+//          which hands each lane its B fragments directly (n-tile n is then elements 8n..8n+7).
 //        - The 8-row groups of S are chosen so that the scores lane (g, t) gets back from S (C fragment) are
 //          head g's for exactly the rows whose V it holds: they are already P's A fragment for P V (as in
 //          FlashAttention-2). Which 16 rows a step's lanes take is otherwise free (row_in_step below); the
@@ -189,21 +191,24 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 
 // The row of a 16-row step that P V's lane (., t) holds as its i-th (0..3); every row once. Any permutation would
 // do (step 2 above): loads from memory take rows 4t..4t+3. The bulk variant's reads from its swizzled stage
-// (16-byte column c of row r stored at c ^ r % 8) take another order, in which the 8 lanes of a quarter warp read
-// 8 different columns, so no shared-memory bank conflicts: K's rows of lanes g and g + 1 differ in bit 2, V's rows
-// of t = 0..3 in bits 1 and 2. (The register-pipeline instances keep 4t + i: the other order's arithmetic costs the
-// bf16 head-128 decode-step instance an 8-byte spill at its 255 registers.)
-//
-// In a KV-head pair's stage the rows of the two heads alternate (stage row 2r + head), so the swizzle sees bits 0-1 of
-// r in its bits 1-2: there lanes g and g + 1 take rows that differ in bit 1, and the rows of t = 0..3 differ in bits 0
-// and 1 (StageRows::kHeadPair).
+// (16-byte column c of row r stored at c ^ r % 8) take another order, in which no read has a shared-memory bank
+// conflict:
+//   - one head a stage (StageRows::kOneHead): row 8(i / 2) + 4(i % 2) + t. K's rows of lanes g and g + 1 differ in
+//     bit 2, so the 8 lanes of a quarter warp read 8 different columns; V comes by ldmatrix.trans (P V's k rows 0-7 of
+//     a B fragment are rows 4j + t of the step, 8-15 rows 8 + 4j + t, j = 0, 1: eight different rows mod 8);
+//   - KV-head pairs (StageRows::kHeadPair): the rows of the two heads alternate in the stage (stage row 2r + head), so
+//     the swizzle sees bits 0-1 of r in its bits 1-2, and eight rows of one head cannot all fall in different columns
+//     (no ldmatrix there): lanes g and g + 1 take rows that differ in bit 1, and the rows of t = 0..3 differ in bits 0
+//     and 1, so each lane's 16-byte V reads (and K's) meet no conflict.
+// (The register-pipeline instances keep 4t + i: another order's arithmetic cost the bf16 head-128 decode-step instance
+// an 8-byte spill at its 255 registers.)
 //
 // A narrow step (8 rows) has one 8-row group in S and P V's k of 8 (mma m16n8k8, whose B fragment b0 is B[2t, 2t+1][g]):
 // lane (., t) holds rows 2t and 2t + 1, and S's column n is row n (StageRows::kNarrow).
 enum class StageRows { kRegisters, kOneHead, kHeadPair, kNarrow };
 template <StageRows kOrder>
 __device__ __forceinline__ int row_in_step(int t, int i) {
-    if constexpr (kOrder == StageRows::kOneHead) return 8 * (i & 1) + ((2 * t + (i >> 1)) ^ (4 * (i & 1)));
+    if constexpr (kOrder == StageRows::kOneHead) return 8 * (i >> 1) + 4 * (i & 1) + t;
     if constexpr (kOrder == StageRows::kHeadPair) return 4 * i + (t ^ (2 * (i & 1)));
     if constexpr (kOrder == StageRows::kNarrow) return 2 * t + i;
     return 4 * t + i;
@@ -398,6 +403,16 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     constexpr StageRows kRowOrder = kNarrow ? StageRows::kNarrow
                                     : !kBulk ? StageRows::kRegisters
                                     : kHeadPairs ? StageRows::kHeadPair : StageRows::kOneHead;
+    // V's B fragments straight from ldmatrix.trans (one head a stage): vt[s][q % kVRows][q / kVRows] then holds n-tiles
+    // 2q and 2q + 1 (b0, b1 of each) instead of 16-byte pieces of four rows, which P V paired with 32 byte permutes a
+    // tile (8 LDS.128 and 32 PRMT -> 8 LDSM a warp's tile; the two-group bulk loop at bf16 head 64 546 -> 485
+    // instructions, head 128 592 -> 547; registers within 2 either way, no spills on sm_80 / sm_90). An H200,
+    // 2026-11-30, nine alternating rounds, us: batch 1 head 64 S = 16384 / 32768 / 65536 / 131072 14.75 / 22.06 /
+    // 36.64 / 66.45 -> 14.59 / 21.63 / 36.48 / 65.90, fp16 S = 65536 37.10 -> 36.80, head 128 S = 8192 / 65536 15.20 /
+    // 66.62 -> 15.01 / 66.29, batch 16 head 128 S = 4096 65.06 -> 64.80, batch 64 head 128 S = 2048 124.90 -> 124.42;
+    // the KV-head pairs (unchanged code) 65.06 / 65.20.
+    constexpr bool kVTransposed = kRowOrder == StageRows::kOneHead;
+    static_assert(!kVTransposed || kOutTiles / 2 == kVRows * kVChunks, "a lane's V registers: two n-tiles a uint4");
     auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kRowOrder>(g >> 1, 2 * nt + (g & 1)); };
     auto v_row = [&](int tile, int s, int i) { return step_row0(tile, s) + row_in_step<kRowOrder>(t, i); };
 
@@ -428,12 +443,26 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     auto zero_v_past_end = [&](int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
         if (step_row0(tile, 0) + Traits::kRowsPerWarpTile <= end) return;
 #pragma unroll
-        for (int s = 0; s < kSteps; ++s)
+        for (int s = 0; s < kSteps; ++s) {
+            if constexpr (kVTransposed) {
+                // b0 holds the lane's rows 0 and 1 (low and high half), b1 its rows 2 and 3
+                auto keep = [&](int i) { return v_row(tile, s, i) < end ? 0xffffu : 0u; };
+                const uint32_t keep_b0 = keep(0) | keep(1) << 16, keep_b1 = keep(2) | keep(3) << 16;
 #pragma unroll
-            for (int i = 0; i < kVRows; ++i)
-                if (v_row(tile, s, i) >= end)
+                for (int i = 0; i < kVRows; ++i)
 #pragma unroll
-                    for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+                    for (int c = 0; c < kVChunks; ++c) {
+                        uint4& u = vt[s][i][c];
+                        u = make_uint4(u.x & keep_b0, u.y & keep_b1, u.z & keep_b0, u.w & keep_b1);
+                    }
+            } else {
+#pragma unroll
+                for (int i = 0; i < kVRows; ++i)
+                    if (v_row(tile, s, i) >= end)
+#pragma unroll
+                        for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
     };
     // kBulk: the ring's filler copies the tile starting at row `tile` into stage `slot` (K's boxes in its first half,
     // V's in its second; with KV-head pairs each box holds both heads, from the pair's first; each half alone where
@@ -458,11 +487,13 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // piece p of a row r (elements 8p..8p+7) is in box p / 8, row r (KV-head pairs: box row 2r + the group's head), at
     // column (p % 8) ^ (box row % 8) (the swizzle). V rows past the length are zeroed: the stage holds whatever the
     // cache holds there.
-    auto stage_piece = [&](const unsigned char* stage, int row, int p16) {
+    auto stage_piece_address = [&](const unsigned char* stage, int row, int p16) {
         constexpr int kRowBytes = Traits::kBoxColumns * (int)sizeof(Element);
         const int box_row = kHeadPairs ? 2 * row + warp_group : row;
-        return *reinterpret_cast<const uint4*>(stage + (p16 / 8) * kStageBoxBytes + box_row * kRowBytes +
-                                               (((p16 % 8) ^ (box_row % 8)) << 4));
+        return stage + (p16 / 8) * kStageBoxBytes + box_row * kRowBytes + (((p16 % 8) ^ (box_row % 8)) << 4);
+    };
+    auto stage_piece = [&](const unsigned char* stage, int row, int p16) {
+        return *reinterpret_cast<const uint4*>(stage_piece_address(stage, row, p16));
     };
     auto bulk_read_k = [&](int slot, int tile, uint4 (&kt)[kSteps][kKGroups][kKChunks]) {
         const unsigned char* k_stage = bulk_ring + slot * kStageBytes;
@@ -475,12 +506,27 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     };
     auto bulk_read_v = [&](int slot, int tile, uint4 (&vt)[kSteps][kVRows][kVChunks]) {
         const unsigned char* v_stage = bulk_ring + slot * kStageBytes + kStageBytes / 2;
+        if constexpr (kVTransposed) {
+            // lane 8m + r gives row r of matrix m: P V's k rows 0-7 (m even) or 8-15 (m odd) of n-tile 2q + m / 2
+            const int m = lane / 8, r = lane % 8;
+            const int row = row_in_step<kRowOrder>(r / 2, 2 * (m % 2) + r % 2);
 #pragma unroll
-        for (int s = 0; s < kSteps; ++s)
+            for (int s = 0; s < kSteps; ++s)
 #pragma unroll
-            for (int i = 0; i < kVRows; ++i)
+                for (int q = 0; q < kOutTiles / 2; ++q) {
+                    const unsigned char* piece =
+                        stage_piece_address(v_stage, step_row0(tile, s) - tile + row, 2 * q + m / 2);
+                    vt[s][q % kVRows][q / kVRows] = tensor_core::load_matrices_x4_transposed(
+                        static_cast<uint32_t>(__cvta_generic_to_shared(piece)));
+                }
+        } else {
 #pragma unroll
-                for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g);
+            for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+                for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+                    for (int c = 0; c < kVChunks; ++c) vt[s][i][c] = stage_piece(v_stage, v_row(tile, s, i) - tile, 8 * c + g);
+        }
         // (zeroed after the reads: with a select a row, a read only where the row is valid, ptxas computed each row's
         // address after V's wait, behind its own branch)
         zero_v_past_end(tile, vt);
@@ -667,14 +713,16 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 
     if (block_start < end) {  // (block_start: a block-wide condition, __syncthreads below)
         // Head g's running max and (this lane's part of the) sum; O's C fragments: acc[n][j] is head g at element
-        // 64(n / 8) + 8(2t + j) + n % 8, and with a bf16 cache at head 64 acc[n][2 + j] the same element's share from
-        // P's rounding error (rows 8..15 of the mma, see accumulate), added in at the end. (Head 128 adds that share
-        // after each mma instead: 32 registers fewer, which the bf16 head-128 decode-step instance on sm_80 needs to stay
-        // free of spills; a head-128 warp's tile has one mma an output tile, so the fold is not between two mma. The
-        // head-64 bulk instances folded too until their stage reads became LDS (bulk_ring): now 135 -> 145 registers in
-        // two groups, 105 -> 119 in the KV-head pairs (their bound 128), and level within the spread of two A/Bs on
-        // H200s (2026-11-30): -0.28 to +0.18 us at the bf16 head-64 shapes, -0.1 on average, where instances whose code
-        // had not changed moved by up to 0.44 between the two builds.)
+        // 64(n / 8) + 8(2t + j) + n % 8 (V's B fragments by byte permutes of 16-byte row pieces: n-tile n is every
+        // eighth element) or 8n + 2t + j (kVTransposed: n-tile n is ldmatrix's 8 contiguous columns), and with a bf16
+        // cache at head 64 acc[n][2 + j] the same element's share from P's rounding error (rows 8..15 of the mma, see
+        // accumulate), added in at the end. (Head 128 adds that share after each mma instead: 32 registers fewer, which
+        // the bf16 head-128 decode-step instance on sm_80 needs to stay free of spills; a head-128 warp's tile has one
+        // mma an output tile, so the fold is not between two mma. The head-64 bulk instances folded too until their
+        // stage reads became LDS (bulk_ring): now 135 -> 145 registers in two groups, 105 -> 119 in the KV-head pairs
+        // (their bound 128), and level within the spread of two A/Bs on H200s (2026-11-30): -0.28 to +0.18 us at the
+        // bf16 head-64 shapes, -0.1 on average, where instances whose code had not changed moved by up to 0.44 between
+        // the two builds.)
         constexpr bool kSplitP = tensor_core::is_bf16<Element>;
         constexpr int kAccParts = kSplitP && kHeadDim == 64 ? 4 : 2;
         float m = -INFINITY, l = 0.f;
@@ -796,8 +844,15 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     for (int n = 0; n < kOutTiles; ++n) {
                         const int c = n / 8, e = n % 8;  // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
                         const bool high = e % 2;
-                        const uint32_t b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
-                        const uint32_t b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
+                        uint32_t b0, b1;
+                        if constexpr (kVTransposed) {
+                            const uint4& pair = v_cur[s][(n / 2) % kVRows][(n / 2) / kVRows];
+                            b0 = word(pair, 2 * (n % 2));
+                            b1 = word(pair, 2 * (n % 2) + 1);
+                        } else {
+                            b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
+                            b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
+                        }
                         if constexpr (kAccParts == 4)
                             tensor_core::mma_16x8x16<Element>(acc[n], a0, a0_lo, a2, a2_lo, b0, b1);
                         else if constexpr (kSplitP)
@@ -940,7 +995,10 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 #pragma unroll
             for (int n = 0; n < kOutTiles; ++n)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) smem_acc[warp][g][64 * (n / 8) + 8 * (2 * t + j) + n % 8] = acc[n][j];
+                for (int j = 0; j < 2; ++j) {
+                    const int element = kVTransposed ? 8 * n + 2 * t + j : 64 * (n / 8) + 8 * (2 * t + j) + n % 8;
+                    smem_acc[warp][g][element] = acc[n][j];
+                }
             if (t == 0) {
                 smem_m[warp][g] = m;
                 smem_l[warp][g] = l;
