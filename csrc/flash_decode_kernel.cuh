@@ -257,7 +257,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // length's load: docs/perf-notes.md).
     constexpr bool kPlainRegisters = !kBulk && !kEarlyReads;
 
-    __shared__ float smem_acc[kWarps][kHeads][kHeadDim + 1];  // +1: lanes of different heads, other banks
+    // +1: the lanes of different heads in other banks (2-way conflicts where n-tile n is every eighth element, 4-way
+    // where it is 8 contiguous ones, kVTransposed below: a store a lane and n-tile, once a block)
+    __shared__ float smem_acc[kWarps][kHeads][kHeadDim + 1];
     __shared__ float smem_m[kWarps][kHeads];
     __shared__ float smem_l[kWarps][kHeads];
     __shared__ int smem_is_last;
@@ -410,7 +412,9 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
     // 2026-11-30, nine alternating rounds, us: batch 1 head 64 S = 16384 / 32768 / 65536 / 131072 14.75 / 22.06 /
     // 36.64 / 66.45 -> 14.59 / 21.63 / 36.48 / 65.90, fp16 S = 65536 37.10 -> 36.80, head 128 S = 8192 / 65536 15.20 /
     // 66.62 -> 15.01 / 66.29, batch 16 head 128 S = 4096 65.06 -> 64.80, batch 64 head 128 S = 2048 124.90 -> 124.42;
-    // the KV-head pairs (unchanged code) 65.06 / 65.20.
+    // the KV-head pairs (unchanged code) 65.06 / 65.20. On a second H200 0.11-0.48 faster at 8 of those 11 shapes and
+    // 0.03-0.08 slower at three (S = 32768 21.92 -> 21.98, fp16 37.06 -> 37.09, batch 4 head 64 S = 16384 36.42 ->
+    // 36.50), the pairs 65.25 / 65.49: a gain of about the builds' spread (docs/perf-notes.md, forty-sixth session).
     constexpr bool kVTransposed = kRowOrder == StageRows::kOneHead;
     static_assert(!kVTransposed || kOutTiles / 2 == kVRows * kVChunks, "a lane's V registers: two n-tiles a uint4");
     auto k_row = [&](int tile, int s, int nt) { return step_row0(tile, s) + row_in_step<kRowOrder>(g >> 1, 2 * nt + (g & 1)); };
@@ -483,10 +487,11 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
             if (v_half) copy_half(&maps.v, &bulk_v_full[slot], stage + kStageBytes / 2);
         }
     };
-    // kBulk: this lane's fragments of the tile in stage `slot`, the pieces load_tile loads from memory. The 16-byte
-    // piece p of a row r (elements 8p..8p+7) is in box p / 8, row r (KV-head pairs: box row 2r + the group's head), at
-    // column (p % 8) ^ (box row % 8) (the swizzle). V rows past the length are zeroed: the stage holds whatever the
-    // cache holds there.
+    // kBulk: this lane's fragments of the tile in stage `slot`: the pieces load_tile loads from memory, but for V's in
+    // the one-head instances (kVTransposed: ldmatrix's B fragments instead). The 16-byte piece p of a row r (elements
+    // 8p..8p+7) is in box p / 8, row r (KV-head pairs: box row 2r + the group's head), at column
+    // (p % 8) ^ (box row % 8) (the swizzle). V rows past the length are zeroed: the stage holds whatever the cache
+    // holds there.
     auto stage_piece_address = [&](const unsigned char* stage, int row, int p16) {
         constexpr int kRowBytes = Traits::kBoxColumns * (int)sizeof(Element);
         const int box_row = kHeadPairs ? 2 * row + warp_group : row;
@@ -734,7 +739,7 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
 
         // A tile of rows from registers, in phases: S, the online softmax's rescale, O += P V. Two tiles already in
         // registers (a decode step's splits, flash_decode.cu) share one rescale, and their products overlap.
-        // S = Q K^T; sc[s][i] is head g's score for row 4t + i of step s (log2 domain), -inf past the end.
+        // S = Q K^T; sc[s][i] is head g's score for row row_in_step(t, i) of step s (log2 domain), -inf past the end.
         auto scores = [&](int tile, const uint4 (&k_cur)[kSteps][kKGroups][kKChunks], float (&sc)[kSteps][kVRows]) {
 #pragma unroll
             for (int s = 0; s < kSteps; ++s) {
@@ -842,14 +847,15 @@ __device__ __forceinline__ void flash_decode_block(const Params& p,
                     }
 #pragma unroll
                     for (int n = 0; n < kOutTiles; ++n) {
-                        const int c = n / 8, e = n % 8;  // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
-                        const bool high = e % 2;
                         uint32_t b0, b1;
                         if constexpr (kVTransposed) {
                             const uint4& pair = v_cur[s][(n / 2) % kVRows][(n / 2) / kVRows];
                             b0 = word(pair, 2 * (n % 2));
                             b1 = word(pair, 2 * (n % 2) + 1);
                         } else {
+                            // element 64c + 8g + e of the lane's rows v_row(., ., 0..3)
+                            const int c = n / 8, e = n % 8;
+                            const bool high = e % 2;
                             b0 = tensor_core::pair_halves(word(v_cur[s][0][c], e / 2), word(v_cur[s][1][c], e / 2), high);
                             b1 = tensor_core::pair_halves(word(v_cur[s][2][c], e / 2), word(v_cur[s][3][c], e / 2), high);
                         }

@@ -114,9 +114,10 @@ __device__ __forceinline__ void mma_16x8x8_fold_rows(float& c0, float& c1, uint3
 #undef TENSOR_CORE_MMA_K8
 
 // ldmatrix.x4.trans: four 8 x 8 matrices of 16-bit elements from shared memory, lanes 8m..8m+7 giving the addresses of
-// matrix m's rows (16 contiguous bytes each, anywhere). Lane 4g + t receives in register m elements [2t][g] and
-// [2t + 1][g] of matrix m: with the stored rows as k and the columns as n, an mma B fragment's register (b0 or b1)
-// without a byte permute. The reads are ordered after the barrier waits before it ("memory").
+// matrix m's rows (16 contiguous bytes each, 16-byte aligned, anywhere in shared memory). Lane 4g + t receives in
+// register m elements [2t][g] and [2t + 1][g] of matrix m: with the stored rows as k and the columns as n, an mma B
+// fragment's register (b0 or b1) without a byte permute. The reads are ordered after the barrier waits before it
+// ("memory").
 __device__ __forceinline__ uint4 load_matrices_x4_transposed(uint32_t shared_address) {
     uint4 r = make_uint4(0u, 0u, 0u, 0u);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
