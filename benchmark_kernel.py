@@ -443,6 +443,17 @@ class Timer:
                 gc.enable()
         return [start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends)]
 
+    def alternating_medians(self, fns, rounds):
+        """{name: the median of its rounds' medians}: the zero-argument launches of `fns` (warmed up by the caller)
+        timed in `rounds` rounds of self.iters launches each, every round in the reverse order of the one before, as
+        run_impls orders --rounds (for the probes in docs/probes, whose launches need no records)."""
+        names = list(fns)
+        medians = {name: [] for name in names}
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                medians[name].append(statistics.median(self.time_us(fns[name])))
+        return {name: statistics.median(m) for name, m in medians.items()}
+
     def measure_ceilings(self):
         """Copy bandwidth (read + write bytes / time) and the floor of this timing method."""
         nbytes = (1 << 30) if self.cuda else (64 << 20)

@@ -115,3 +115,36 @@ def test_help_shows_ncu_command():
     for flag in ("--use_ncu", "--dont_flush_gpu_cache", "--dirty_flush", "--use_pytorch_kernel", "--compare",
                  "--sweep"):
         assert flag in out
+
+
+def test_timer_alternating_medians_reverses_every_other_round():
+    sys.path.insert(0, REPO)
+    import benchmark_kernel
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timer = benchmark_kernel.Timer("cpu", iters=2, warmup=0, flush=False)
+    medians = timer.alternating_medians(fns, rounds=3)
+    assert calls == ["a", "a", "b", "b", "c", "c", "c", "c", "b", "b", "a", "a", "a", "a", "b", "b", "c", "c"]
+    assert list(medians) == ["a", "b", "c"] and all(t >= 0 for t in medians.values())
+
+
+def test_kernel_breakdown_probe_edits_still_apply(tmp_path):
+    """docs/probes/kernel_breakdown.py edits copies of csrc/ at fixed lines: each must still be there, once, and the
+    edited copy must keep everything else."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_breakdown",
+                                                  os.path.join(REPO, "docs", "probes", "kernel_breakdown.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    with open(os.path.join(REPO, "csrc", probe.KERNEL_FILE)) as f:
+        original = f.read()
+    assert set(probe.ABLATIONS) == {"no_split_merge", "no_epilogue"}
+    for name, (anchor, insertion) in probe.ABLATIONS.items():
+        tree = probe.ablation_tree(name, root=str(tmp_path))
+        with open(os.path.join(tree, "csrc", probe.KERNEL_FILE)) as f:
+            edited = f.read()
+        assert original.count(anchor) == 1
+        assert edited == original.replace(anchor, anchor + insertion)
+        assert sorted(os.listdir(os.path.join(tree, "csrc"))) == sorted(os.listdir(os.path.join(REPO, "csrc")))

@@ -29,7 +29,6 @@ a spin, CUDA events), every implementation in alternating rounds of --iters laun
 import argparse
 import os
 import re
-import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -413,6 +412,37 @@ def make_variant(lb, name, k, v, seg, sms):
     return (lambda: lb.bulk_cluster(k, v, seg, a, b, out)), None
 
 
+def flushed_timer(iters):
+    """benchmark_kernel.py's Timer (L2 flushed by a read before every timed launch) with the copy bandwidth and the
+    one-element floor measured; prints them."""
+    import benchmark_kernel as bk
+    timer = bk.Timer("cuda", iters, 3, flush=True)
+    timer.measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {timer.copy_gbps / 1e3:.3f} TB/s, floor {timer.floor_us:.2f} us",
+          flush=True)
+    return timer
+
+
+def time_shape(timer, fns, rounds, spec, need90):
+    """The row (spec, need90, {name: us}) of one shape, printed: every zero-argument launch of `fns` warmed up, then
+    timed in alternating rounds (Timer.alternating_medians). need90: the time 90% of the copy bandwidth allows."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    row = timer.alternating_medians(fns, rounds)
+    print(f"  90% needs {need90:.2f} us; " + " ".join(f"{n} {t:.2f}" for n, t in row.items()), flush=True)
+    return spec, need90, row
+
+
+def print_table(table):
+    """time_shape's rows as a markdown table."""
+    names = list(table[0][2])
+    print("\n| shape | 90% needs | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    for spec, need90, row in table:
+        print(f"| {spec} | {need90:.2f} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -440,10 +470,7 @@ def main(argv=None):
     import benchmark_kernel as bk
     ours = bk.load_custom_module()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    timer = bk.Timer("cuda", args.iters, 3, flush=True)
-    timer.measure_ceilings()
-    print(f"{torch.cuda.get_device_name()}: copy {timer.copy_gbps / 1e3:.3f} TB/s, floor {timer.floor_us:.2f} us",
-          flush=True)
+    timer = flushed_timer(args.iters)
     table = []
     for batch, head_dim, seq in shapes:
         spec = f"{batch}:{head_dim}:{seq}"
@@ -471,25 +498,10 @@ def main(argv=None):
                 fns[name] = fn
         except (ValueError, RuntimeError) as exc:
             sys.exit(f"split_merge_bound.py: {exc}")
-        names = list(fns)
-        for name in names:
-            for _ in range(3):
-                fns[name]()
-        torch.cuda.synchronize()
-        medians = {name: [] for name in names}
-        for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                medians[name].append(statistics.median(timer.time_us(fns[name])))
-        row = {name: statistics.median(m) for name, m in medians.items()}
-        need90 = 2 * seg / (0.9 * timer.copy_gbps * 1e3)
-        table.append((spec, need90, row))
-        print(f"  90% needs {need90:.2f} us; " + " ".join(f"{n} {t:.2f}" for n, t in row.items()), flush=True)
+        table.append(time_shape(timer, fns, args.rounds, spec, 2 * seg / (0.9 * timer.copy_gbps * 1e3)))
         del inp, fns, k, v
         torch.cuda.empty_cache()
-    names = list(table[0][2])
-    print("\n| shape | 90% needs | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for spec, need90, row in table:
-        print(f"| {spec} | {need90:.2f} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
+    print_table(table)
 
 
 if __name__ == "__main__":
