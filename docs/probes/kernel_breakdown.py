@@ -20,11 +20,13 @@ sources and flags; an edit that no longer applies (the kernel changed) stops the
 benchmark_kernel.py's Timer (L2 flushed by a read, a spin, CUDA events), every implementation in alternating rounds of
 --iters launches, the median of the rounds' medians.
 
-  python3 docs/probes/kernel_breakdown.py                                   # README, "Where the H200 stands"
+  python3 docs/probes/kernel_breakdown.py          # README, "Where the kernel's time goes there" (H200 results)
   python3 docs/probes/kernel_breakdown.py --shapes 1:64:131072,1:128:65536 --rounds 5
 """
 import argparse
 import dataclasses
+import glob
+import hashlib
 import os
 import re
 import shutil
@@ -63,34 +65,45 @@ BUILD_ROOT = os.path.join(REPO, "build", "kernel_breakdown")
 
 
 def ablation_tree(name, root=BUILD_ROOT):
-    """A fresh copy of csrc/ with the ablation's edit, under root/name; its path."""
+    """csrc/ with the ablation's edit, in root/<name>_<digest of the edited sources>, written once: its build is reused
+    exactly while nothing changes (a copy keeps old file times, which ninja alone would trust); its path."""
     anchor, insertion = ABLATIONS[name]
-    tree = os.path.join(root, name)
-    csrc = os.path.join(tree, "csrc")
-    shutil.rmtree(csrc, ignore_errors=True)
-    shutil.copytree(os.path.join(REPO, "csrc"), csrc)
-    path = os.path.join(csrc, KERNEL_FILE)
-    with open(path) as f:
-        text = f.read()
+    source_dir = os.path.join(REPO, "csrc")
+    files = {}
+    for entry in sorted(os.listdir(source_dir)):
+        if os.path.isfile(os.path.join(source_dir, entry)):
+            with open(os.path.join(source_dir, entry), "rb") as f:
+                files[entry] = f.read()
+    text = files[KERNEL_FILE].decode()
     if text.count(anchor) != 1:
         sys.exit(f"kernel_breakdown.py: the {name} edit no longer applies: csrc/{KERNEL_FILE} has the line\n  "
                  f"{anchor.strip()}\n{text.count(anchor)} times, not once; update ABLATIONS to the kernel")
-    with open(path, "w") as f:
-        f.write(text.replace(anchor, anchor + insertion))
+    files[KERNEL_FILE] = text.replace(anchor, anchor + insertion).encode()
+    digest = hashlib.sha1(b"".join(n.encode() + b"\0" + c + b"\0" for n, c in files.items())).hexdigest()[:12]
+    tree = os.path.join(root, f"{name}_{digest}")
+    csrc = os.path.join(tree, "csrc")
+    if not os.path.isdir(csrc):
+        for old in glob.glob(os.path.join(root, f"{name}_*")):  # (older sources' trees and builds)
+            shutil.rmtree(old, ignore_errors=True)
+        staging = csrc + ".partial"
+        os.makedirs(staging)
+        for entry, content in files.items():
+            with open(os.path.join(staging, entry), "wb") as f:
+                f.write(content)
+        os.rename(staging, csrc)
     return tree
 
 
-def build_ablation(name):
-    """The ablation's module (built, or reused while its tree is unchanged)."""
+def build_ablation(tree):
+    """The module built from an ablation_tree (or reused)."""
     import load_custom_kernels
     from torch.utils import cpp_extension
     major, minor = torch.cuda.get_device_capability()
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    tree = os.path.join(BUILD_ROOT, name)
     build_dir = os.path.join(tree, "build")
     os.makedirs(build_dir, exist_ok=True)
     csrc = os.path.join(tree, "csrc")
-    module = cpp_extension.load(name=f"kernel_breakdown_{name}",
+    module = cpp_extension.load(name=f"kernel_breakdown_{os.path.basename(tree)}",
                                 sources=[os.path.join(csrc, s) for s in load_custom_kernels.SOURCES],
                                 extra_cflags=["-O3"], extra_cuda_cflags=load_custom_kernels.NVCC_FLAGS,
                                 extra_include_paths=[csrc], build_directory=build_dir, verbose=False)
@@ -100,13 +113,12 @@ def build_ablation(name):
 
 def build_ablations():
     """Every ablation's module, the builds run side by side in child processes (each is the whole extension)."""
-    for name in ABLATIONS:
-        ablation_tree(name)
-    children = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--build-ablation", name])
-                for name in ABLATIONS]
-    if any(child.wait() != 0 for child in children):
+    trees = {name: ablation_tree(name) for name in ABLATIONS}
+    children = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--build-ablation", tree])
+                for tree in trees.values()]
+    if any([child.wait() != 0 for child in children]):  # (a list: every child waited for)
         sys.exit("kernel_breakdown.py: building an ablation failed (its compiler output is above)")
-    return {name: build_ablation(name) for name in ABLATIONS}
+    return {name: build_ablation(tree) for name, tree in trees.items()}
 
 
 def head_major(inp):
@@ -131,7 +143,7 @@ def main(argv=None):
                              "in one head a block")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--build-ablation", help=argparse.SUPPRESS)  # (a child process of build_ablations)
+    parser.add_argument("--build-ablation", help=argparse.SUPPRESS)  # (a tree, in a child of build_ablations)
     args = parser.parse_args(argv)
     if args.build_ablation:
         build_ablation(args.build_ablation)
@@ -152,6 +164,9 @@ def main(argv=None):
                 batch, 32, 8, head_dim, seq, splits):
             sys.exit(f"kernel_breakdown.py: {batch}:{head_dim}:{seq} does not run the bulk variant in one head a "
                      "block, which the ablations edit")
+        if seq <= (splits - 1) * (128 if head_dim == 64 else 64):  # (the bulk variant's tile rows)
+            sys.exit(f"kernel_breakdown.py: at {batch}:{head_dim}:{seq} some of the {splits} splits have no tile: in "
+                     "no_epilogue those blocks would still take the merge's ticket, and nobody would reset it")
     ablations = build_ablations()
     timer = flushed_timer(args.iters)
     table = []
