@@ -141,8 +141,8 @@ def test_timer_alternating_medians_reverses_every_other_round():
 
 
 def test_kernel_breakdown_probe_edits_still_apply(tmp_path):
-    """docs/probes/kernel_breakdown.py edits copies of csrc/ at fixed lines: each must still be there once, the names its
-    inserted code uses must still exist in the kernel, and the copy must hold the rest of csrc/ unchanged."""
+    """docs/probes/kernel_breakdown.py edits copies of csrc/ at fixed lines: each must still be there once, the names
+    its inserted code uses must still exist in the kernel, and the copy must hold the rest of csrc/ unchanged."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("kernel_breakdown",
@@ -160,8 +160,11 @@ def test_kernel_breakdown_probe_edits_still_apply(tmp_path):
     for name, (anchor, insertion) in probe.ABLATIONS.items():
         assert original.count(anchor) == 1, name
         tree = probe.ablation_tree(name, root=str(tmp_path))
-        assert probe.ablation_tree(name, root=str(tmp_path)) == tree  # (reused while csrc/ is unchanged)
         copied = os.path.join(tree, "csrc")
+        written = os.stat(os.path.join(copied, probe.KERNEL_FILE)).st_mtime_ns
+        # reused while csrc/ is unchanged: the same tree, its files not written again (their builds stay valid)
+        assert probe.ablation_tree(name, root=str(tmp_path)) == tree
+        assert os.stat(os.path.join(copied, probe.KERNEL_FILE)).st_mtime_ns == written
         assert sorted(os.listdir(copied)) == sorted(os.listdir(csrc))
         for entry in os.listdir(csrc):
             with open(os.path.join(copied, entry)) as f, open(os.path.join(csrc, entry)) as g:

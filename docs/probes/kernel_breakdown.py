@@ -83,7 +83,8 @@ def ablation_tree(name, root=BUILD_ROOT):
     tree = os.path.join(root, f"{name}_{digest}")
     csrc = os.path.join(tree, "csrc")
     if not os.path.isdir(csrc):
-        for old in glob.glob(os.path.join(root, f"{name}_*")):  # (older sources' trees and builds)
+        # (this ablation's trees of older sources, with their builds: exactly <name>_ and 12 hex digits)
+        for old in glob.glob(os.path.join(glob.escape(root), f"{glob.escape(name)}_{'[0-9a-f]' * 12}")):
             shutil.rmtree(old, ignore_errors=True)
         staging = csrc + ".partial"
         os.makedirs(staging)
