@@ -83,26 +83,33 @@ def build_dir(arch: str | None = None) -> Path:
     return BUILD_ROOT / f"{EXTENSION_NAME}_{_build_key(arch, NVCC_FLAGS)}"
 
 
-def build_kernels(verbose: bool = False):
-    """Compile (or reuse) the extension and import it; raises KernelBuildError with the reason."""
-    arch = _check_environment()
+def compile_extension(name: str, csrc_dir: Path, directory: Path, arch: str | None = None, verbose: bool = False):
+    """SOURCES from csrc_dir compiled (or reused) with the project's flags into `directory` for this GPU only, and
+    imported as module `name` (`directory` must exist). build_kernels builds csrc/ this way;
+    docs/probes/kernel_breakdown.py edited copies of it. arch: the GPU's compute capability (_check_environment's,
+    asked for here if not given)."""
     from torch.utils import cpp_extension
 
     # Build for this GPU only: one architecture keeps the JIT build short and uses the chip's own code.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch or _check_environment()
+    return cpp_extension.load(
+        name=name,
+        sources=[str(csrc_dir / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=NVCC_FLAGS + (["-Xptxas", "-v"] if verbose else []),
+        extra_include_paths=[str(csrc_dir)],
+        build_directory=str(directory),
+        verbose=verbose,
+    )
+
+
+def build_kernels(verbose: bool = False):
+    """Compile (or reuse) the extension and import it; raises KernelBuildError with the reason."""
+    arch = _check_environment()
     directory = build_dir(arch)
     directory.mkdir(parents=True, exist_ok=True)
-    cuda_flags = NVCC_FLAGS + (["-Xptxas", "-v"] if verbose else [])
-    try:
-        return cpp_extension.load(
-            name=directory.name,  # the module name carries the digest too
-            sources=[str(CSRC_DIR / s) for s in SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=cuda_flags,
-            extra_include_paths=[str(CSRC_DIR)],
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+    try:  # (the module name carries the digest too)
+        return compile_extension(directory.name, CSRC_DIR, directory, arch=arch, verbose=verbose)
     except Exception as e:  # the compiler's own output is in the exception text
         raise KernelBuildError(
             f"building the kernel in {directory} failed: {e}\n"

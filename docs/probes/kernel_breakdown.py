@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -96,18 +97,12 @@ def ablation_tree(name, root=BUILD_ROOT):
 
 
 def build_ablation(tree):
-    """The module built from an ablation_tree (or reused)."""
+    """The module built from an ablation_tree (or reused), as load_custom_kernels.py builds csrc/."""
     import load_custom_kernels
-    from torch.utils import cpp_extension
-    major, minor = torch.cuda.get_device_capability()
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    build_dir = os.path.join(tree, "build")
-    os.makedirs(build_dir, exist_ok=True)
-    csrc = os.path.join(tree, "csrc")
-    module = cpp_extension.load(name=f"kernel_breakdown_{os.path.basename(tree)}",
-                                sources=[os.path.join(csrc, s) for s in load_custom_kernels.SOURCES],
-                                extra_cflags=["-O3"], extra_cuda_cflags=load_custom_kernels.NVCC_FLAGS,
-                                extra_include_paths=[csrc], build_directory=build_dir, verbose=False)
+    build_dir = Path(tree, "build")
+    build_dir.mkdir(exist_ok=True)
+    module = load_custom_kernels.compile_extension(f"kernel_breakdown_{os.path.basename(tree)}", Path(tree, "csrc"),
+                                                   build_dir)
     module.set_programmatic_launch(False)  # (as benchmark_kernel.py times ours)
     return module
 
